@@ -1,0 +1,84 @@
+"""What the CLI shows a person: one-line errors, the progress bar, the end-of-run summary."""
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from imagemill.errors import UserError
+
+console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run_reporting_errors(action: Callable[[], T]) -> T:
+    """Run `action`; a UserError becomes one red line and its exit code."""
+    try:
+        return action()
+    except UserError as exc:
+        fail(str(exc), exc.exit_code)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} img/s" if speed else "– img/s", style="cyan")
+
+
+@contextmanager
+def progress_bar(description: str, *, disable: bool = False) -> Iterator[tuple[Progress, int]]:
+    """A bar of images done / total (total grows while the source is still being listed)."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=disable,
+        speed_estimate_period=10.0,
+    )
+    with progress:
+        yield progress, progress.add_task(description, total=None)
+
+
+def summary_table(
+    title: str, outcomes: Counter[str], elapsed_s: float, extra: dict[str, str] | None = None
+) -> Table:
+    """Annotated, failed by error kind, elapsed and images/s."""
+    done = sum(outcomes.values())
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("annotated", f"{outcomes.get('annotated', 0):,}")
+    failed = {kind: n for kind, n in outcomes.items() if kind != "annotated"}
+    table.add_row("failed", f"{sum(failed.values()):,}")
+    for kind, count in sorted(failed.items()):
+        table.add_row(f"  {kind}", f"{count:,}")
+    table.add_row("elapsed", f"{elapsed_s:,.1f} s")
+    table.add_row("images/s", f"{done / elapsed_s:,.1f}" if elapsed_s > 0 else "–")
+    for key, value in (extra or {}).items():
+        table.add_row(key, value)
+    return table

@@ -1,0 +1,52 @@
+"""`imagemill models download`: fetch the configured models for machines without internet."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from imagemill.cli.annotate import ALL_TASKS, tasks_option
+from imagemill.cli.display import console, fail
+from imagemill.schemas import Task
+from imagemill.settings import Settings, get_settings
+
+app = typer.Typer(help="Manage the models imagemill runs.", no_args_is_help=True)
+
+ENV_NAMES = {
+    Task.CAPTION: "IMAGEMILL_CAPTION_MODEL",
+    Task.MODERATION: "IMAGEMILL_MODERATION_MODEL",
+    Task.TAGS: "IMAGEMILL_TAGS_MODEL",
+}
+
+
+def configured_model(settings: Settings, task: Task) -> str:
+    return {Task.CAPTION: settings.caption_model, Task.MODERATION: settings.moderation_model, Task.TAGS: settings.tags_model}[task]
+
+
+@app.command("download")
+def download(
+    to: Annotated[Path | None, typer.Option(help="Save each model in DIR/<name> (default: the Hugging Face cache).")] = None,
+    tasks: Annotated[str, typer.Option(help="Whose models to fetch.")] = ALL_TASKS,
+) -> None:
+    """Download the configured models (IMAGEMILL_*_MODEL) from the Hugging Face hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    settings = get_settings()
+    exports = []
+    for task in tasks_option(tasks):
+        name = configured_model(settings, task)
+        if Path(name).is_dir():
+            console.print(f"{task}: {name} is a local directory already; nothing to fetch")
+            continue
+        target = to / name.replace("/", "--") if to else None
+        console.print(f"{task}: fetching {name}…")
+        try:
+            path = snapshot_download(name, revision=settings.model_revision, local_dir=target)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            fail(f"cannot download {name}: {reason}", code=1)
+        exports.append(f"export {ENV_NAMES[task]}={path}")
+    if exports:
+        console.print("Models ready. To use these copies on a machine without internet:")
+        typer.echo("\n".join(exports))

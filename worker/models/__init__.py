@@ -1,0 +1,26 @@
+"""The model runners, one per task, loaded once per process on one device and dtype."""
+
+from imagemill.errors import ModelLoadError
+from imagemill.schemas import Task
+from imagemill.settings import Settings
+from worker.models.caption import CaptionRunner
+from worker.models.device import resolve_device, resolve_dtype
+from worker.models.moderation import ModerationRunner
+from worker.models.runner import Runner
+from worker.models.tags import TagsRunner
+
+RUNNERS: dict[Task, type[Runner]] = {
+    Task.CAPTION: CaptionRunner,
+    Task.MODERATION: ModerationRunner,
+    Task.TAGS: TagsRunner,
+}
+
+
+def load_runners(settings: Settings, tasks: tuple[Task, ...]) -> list[Runner]:
+    """Load the model of every task asked for, in task order; ModelLoadError if one cannot load."""
+    try:
+        device = resolve_device(settings.device)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"IMAGEMILL_DEVICE={settings.device!r}: {exc}") from None
+    dtype = resolve_dtype(settings.dtype, device)
+    return [RUNNERS[task](settings, device, dtype) for task in tasks]

@@ -1,0 +1,51 @@
+"""Captioning: an image-to-text model (BLIP by default) run with batched, bounded `generate`."""
+
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from imagemill.schemas import Caption, Task
+from imagemill.settings import Settings
+from worker.models.runner import (
+    Runner,
+    load_options,
+    load_pretrained,
+    model_id,
+    processor_min_side,
+)
+
+
+class CaptionRunner(Runner):
+    task = Task.CAPTION
+
+    def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
+        name, revision = settings.caption_model, settings.model_revision
+        self.processor = load_pretrained(self.task, AutoProcessor, name, revision)
+        model = load_pretrained(
+            self.task, AutoModelForImageTextToText, name, revision, **load_options(dtype)
+        )
+        self.model = model.to(device).eval()
+        super().__init__(model_id(name, self.model), device, dtype)
+        self.max_new_tokens = settings.caption_max_new_tokens
+        self.num_beams = settings.caption_num_beams
+
+    @property
+    def min_side(self) -> int:
+        return processor_min_side(self.processor.image_processor)
+
+    def options(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
+
+    @torch.inference_mode()
+    def run(self, images: list[Image.Image]) -> list[Caption]:
+        pixels = self.pixel_values(self.processor.image_processor, images)
+        tokens = self.model.generate(
+            pixel_values=pixels, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams
+        )
+        texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
+        return [
+            Caption(text=text.strip(), model=self.model_id.name, revision=self.model_id.revision)
+            for text in texts
+        ]

@@ -1,0 +1,53 @@
+"""Moderation: an image classifier whose every label score is recorded; `flagged` by thresholds."""
+
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from imagemill.errors import ModelLoadError
+from imagemill.schemas import Moderation, Task
+from imagemill.settings import Settings
+from worker.models.runner import Runner, load_options, load_pretrained, model_id, processor_min_side
+
+
+class ModerationRunner(Runner):
+    task = Task.MODERATION
+
+    def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
+        name, revision = settings.moderation_model, settings.model_revision
+        self.processor = load_pretrained(self.task, AutoImageProcessor, name, revision)
+        model = load_pretrained(
+            self.task, AutoModelForImageClassification, name, revision, **load_options(dtype)
+        )
+        self.model = model.to(device).eval()
+        super().__init__(model_id(name, self.model), device, dtype)
+        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.thresholds = settings.moderation_thresholds
+        unknown = sorted(set(self.thresholds) - set(self.labels))
+        if unknown:
+            raise ModelLoadError(
+                f"IMAGEMILL_MODERATION_THRESHOLDS names {unknown}, but {name!r} has labels {self.labels}"
+            )
+        self.multi_label = self.model.config.problem_type == "multi_label_classification"
+
+    @property
+    def min_side(self) -> int:
+        return processor_min_side(self.processor)
+
+    def options(self) -> dict[str, Any]:
+        return {"thresholds": dict(sorted(self.thresholds.items()))}
+
+    @torch.inference_mode()
+    def run(self, images: list[Image.Image]) -> list[Moderation]:
+        logits = self.model(pixel_values=self.pixel_values(self.processor, images)).logits.float()
+        probs = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+        return [self._judge(row) for row in probs.cpu().tolist()]
+
+    def _judge(self, row: list[float]) -> Moderation:
+        scores = {label: round(score, 6) for label, score in zip(self.labels, row, strict=True)}
+        flagged = any(scores[label] >= limit for label, limit in self.thresholds.items())
+        return Moderation(
+            flagged=flagged, scores=scores, model=self.model_id.name, revision=self.model_id.revision
+        )

@@ -1,0 +1,104 @@
+"""What every model runner is: one task, one loaded model, a batch of pictures in, outputs out.
+
+Also the shared loading path, so every runner names its model and revision the same way.
+"""
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from imagemill.errors import ModelLoadError
+from imagemill.schemas import Caption, Moderation, Tags, Task
+
+TaskOutput = Caption | Moderation | Tags
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """A model as the record names it: hub id or directory, and the exact weights' revision."""
+
+    name: str
+    revision: str | None
+
+
+class Runner(ABC):
+    """A loaded model for one task; `run` is called with decoded RGB pictures."""
+
+    task: Task
+
+    def __init__(self, model_id: ModelId, device: torch.device, dtype: torch.dtype) -> None:
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+
+    @property
+    @abstractmethod
+    def min_side(self) -> int:
+        """The shortest image side (pixels) this model's preprocessing needs, for reduced decode."""
+
+    @abstractmethod
+    def options(self) -> dict[str, Any]:
+        """Settings that change this runner's outputs; they enter the pipeline signature."""
+
+    @abstractmethod
+    def run(self, images: list[Image.Image]) -> list[TaskOutput]:
+        """One output per picture, in order."""
+
+    def pixel_values(self, image_processor: Any, images: list[Image.Image]) -> torch.Tensor:
+        batch = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return batch.to(self.device, dtype=self.dtype, non_blocking=True)
+
+
+def load_pretrained(task: Task, loader: Any, name: str, revision: str | None, **kwargs: Any) -> Any:
+    """`loader.from_pretrained`, with any failure turned into one clear ModelLoadError."""
+    try:
+        return loader.from_pretrained(name, revision=revision, **kwargs)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad models
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if Path(name).is_dir() else "; run `imagemill models download` or point it at a local directory"
+        raise ModelLoadError(f"cannot load the {task} model {name!r}: {reason}{hint}") from exc
+
+
+def model_id(name: str, model: torch.nn.Module) -> ModelId:
+    """Name the weights: the hub commit where known, else a hash of the local weight files."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return ModelId(name, commit)
+    return ModelId(name, weights_hash(Path(name)) if Path(name).is_dir() else None)
+
+
+def weights_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def processor_min_side(image_processor: Any) -> int:
+    """The pixels a Hugging Face image processor resizes to: its crop or its target size."""
+    for attr in ("crop_size", "size"):
+        size = getattr(image_processor, attr, None)
+        if not size:
+            continue
+        if isinstance(size, int):
+            return size
+        size = dict(size)
+        if "shortest_edge" in size:
+            return int(size["shortest_edge"])
+        if "height" in size and "width" in size:
+            return max(int(size["height"]), int(size["width"]))
+    return 224
+
+
+def load_options(dtype: torch.dtype) -> dict[str, Any]:
+    """Keyword arguments every `from_pretrained` of a model gets."""
+    return {"dtype": dtype}
