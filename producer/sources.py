@@ -77,6 +77,7 @@ class S3Source:
     bucket: str
     prefix: str
     client: BaseClient = field(repr=False)
+    page_size: int = 1000
 
     def __str__(self) -> str:
         return s3_uri(self.bucket, self.prefix)
@@ -84,7 +85,9 @@ class S3Source:
     def refs(self) -> Iterator[ImageRef]:
         paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for page in paginator.paginate(
+                Bucket=self.bucket, Prefix=self.prefix, PaginationConfig={"PageSize": self.page_size}
+            ):
                 for obj in page.get("Contents", []):
                     key = obj["Key"]
                     if key.endswith("/") or not is_image_name(key):

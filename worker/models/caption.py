@@ -27,7 +27,7 @@ class CaptionRunner(Runner):
             self.task, AutoModelForImageTextToText, name, revision, **load_options(dtype)
         )
         self.model = model.to(device).eval()
-        super().__init__(model_id(name, self.model), device, dtype)
+        super().__init__(model_id(name, revision), device, dtype)
         self.max_new_tokens = settings.caption_max_new_tokens
         self.num_beams = settings.caption_num_beams
 

@@ -22,7 +22,7 @@ class ModerationRunner(Runner):
             self.task, AutoModelForImageClassification, name, revision, **load_options(dtype)
         )
         self.model = model.to(device).eval()
-        super().__init__(model_id(name, self.model), device, dtype)
+        super().__init__(model_id(name, revision), device, dtype)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.thresholds = settings.moderation_thresholds
         unknown = sorted(set(self.thresholds) - set(self.labels))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from PIL import Image
 
 from imagemill.errors import ModelLoadError
@@ -57,6 +58,7 @@ class Runner(ABC):
 
 def load_pretrained(task: Task, loader: Any, name: str, revision: str | None, **kwargs: Any) -> Any:
     """`loader.from_pretrained`, with any failure turned into one clear ModelLoadError."""
+    transformers.utils.logging.disable_progress_bar()
     try:
         return loader.from_pretrained(name, revision=revision, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad models
@@ -65,12 +67,21 @@ def load_pretrained(task: Task, loader: Any, name: str, revision: str | None, **
         raise ModelLoadError(f"cannot load the {task} model {name!r}: {reason}{hint}") from exc
 
 
-def model_id(name: str, model: torch.nn.Module) -> ModelId:
-    """Name the weights: the hub commit where known, else a hash of the local weight files."""
-    commit = getattr(model.config, "_commit_hash", None)
-    if commit:
-        return ModelId(name, commit)
-    return ModelId(name, weights_hash(Path(name)) if Path(name).is_dir() else None)
+def model_id(name: str, revision: str | None) -> ModelId:
+    """Name the weights: a hash of a local directory's weight files, else the hub commit."""
+    if Path(name).is_dir():
+        return ModelId(name, weights_hash(Path(name)))
+    return ModelId(name, hub_commit(name, revision))
+
+
+def hub_commit(name: str, revision: str | None) -> str | None:
+    """The commit a hub id resolves to in the local cache (its snapshot folder is named by it)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=True)).name
+    except Exception:  # not cached as a snapshot: the record says the revision is unknown
+        return revision
 
 
 def weights_hash(folder: Path) -> str:

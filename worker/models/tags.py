@@ -24,7 +24,7 @@ class TagsRunner(Runner):
         self.processor = load_pretrained(self.task, AutoProcessor, name, revision)
         model = load_pretrained(self.task, AutoModel, name, revision, **load_options(dtype))
         self.model = model.to(device).eval()
-        super().__init__(model_id(name, self.model), device, dtype)
+        super().__init__(model_id(name, revision), device, dtype)
         self.vocabulary = _vocabulary(settings)
         self.prompt = settings.tags_prompt
         self.top_k = min(settings.tags_top_k, len(self.vocabulary))

@@ -1,0 +1,5 @@
+"""`python -m imagemill` runs the CLI."""
+
+from imagemill.cli import app
+
+app()

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny models, test images, an S3 server, and the environment that ties them."""
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.images import Case, write_mixed
+from tests.fixtures.s3 import moto_server, s3_client
+from tests.fixtures.tiny_models import build_tiny_models
+
+# tests never reach the hub, and never read a developer's real AWS credentials
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ.pop("AWS_PROFILE", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def model_env(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """IMAGEMILL_* settings pointing at the tiny models; returned for subprocesses too."""
+    env = {
+        "IMAGEMILL_CAPTION_MODEL": str(tiny_models["caption"]),
+        "IMAGEMILL_MODERATION_MODEL": str(tiny_models["moderation"]),
+        "IMAGEMILL_TAGS_MODEL": str(tiny_models["tags"]),
+        "IMAGEMILL_TAGS_THRESHOLD": "0",
+        "IMAGEMILL_CAPTION_MAX_NEW_TOKENS": "6",
+        "IMAGEMILL_BATCH_SIZE": "4",
+        "IMAGEMILL_DEVICE": "cpu",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("IMAGEMILL_S3_ENDPOINT_URL", s3_endpoint)
+    return s3_endpoint
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client(s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> tuple[Path, list[Case]]:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    return folder, write_mixed(folder)

@@ -1,0 +1,73 @@
+"""Decoding: every mode to RGB, limits enforced, broken files named by the right error kind."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from imagemill.errors import ErrorKind, ImageError
+from tests.fixtures.images import mixed_cases, photo_jpeg
+from worker.decode import decode, to_rgb
+
+LIMIT = 64_000_000
+
+
+@pytest.mark.parametrize("case", mixed_cases(), ids=lambda c: c.name)
+def test_each_mixed_case_decodes_or_fails_with_its_kind(case) -> None:
+    if case.expected_error:
+        with pytest.raises(ImageError) as raised:
+            decode(case.data, max_pixels=LIMIT, min_side=64)
+        assert raised.value.kind == ErrorKind(case.expected_error)
+        assert raised.value.message
+    else:
+        decoded = decode(case.data, max_pixels=LIMIT, min_side=64)
+        assert decoded.image.mode == "RGB"
+        assert (decoded.width, decoded.height) == case.expected_size
+
+
+def test_jpeg_is_drafted_to_reduced_size_but_reports_full_size() -> None:
+    decoded = decode(photo_jpeg(1280, 960), max_pixels=LIMIT, min_side=224)
+    assert (decoded.width, decoded.height) == (1280, 960)
+    assert min(decoded.image.size) >= 224
+    assert decoded.image.size[0] < 1280
+
+
+def test_without_min_side_the_picture_keeps_full_resolution() -> None:
+    decoded = decode(photo_jpeg(640, 480), max_pixels=LIMIT)
+    assert decoded.image.size == (640, 480)
+
+
+def test_pixel_limit_is_configurable_and_checked_before_decoding() -> None:
+    with pytest.raises(ImageError) as raised:
+        decode(photo_jpeg(640, 480), max_pixels=640 * 480 - 1)
+    assert raised.value.kind == ErrorKind.TOO_LARGE
+    assert "IMAGEMILL_MAX_IMAGE_PIXELS" in raised.value.message
+
+
+def test_transparent_pixels_are_composited_on_white() -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    la = Image.new("LA", (4, 4), (0, 255))
+    assert to_rgb(la).getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
+    grey = Image.frombytes("I;16", (2, 1), (32768).to_bytes(2, "little") * 2)
+    value = to_rgb(grey).getpixel((0, 0))
+    assert 120 <= value[0] <= 135 and value[0] == value[1] == value[2]
+
+
+def test_cmyk_becomes_rgb() -> None:
+    buffer = io.BytesIO()
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(buffer, "JPEG")
+    decoded = decode(buffer.getvalue(), max_pixels=LIMIT)
+    red, green, blue = decoded.image.getpixel((4, 4))
+    assert decoded.image.mode == "RGB" and red > 200 and green < 60 and blue < 60
+
+
+def test_animation_uses_its_first_frame() -> None:
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    red, _, blue = decode(buffer.getvalue(), max_pixels=LIMIT).image.getpixel((4, 4))
+    assert red > 200 and blue < 60

@@ -1,0 +1,129 @@
+"""Model runners on tiny real checkpoints: thresholds, top-k, signatures, failure isolation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from imagemill.errors import ErrorKind, ModelLoadError
+from imagemill.schemas import ImageRef, Task
+from imagemill.settings import Settings
+from imagemill.storage import file_uri
+from tests.fixtures.images import photo_image
+from worker.engine import Engine
+from worker.models import load_runners
+from worker.models.device import resolve_device, resolve_dtype
+from worker.models.runner import weights_hash
+
+
+def settings_for(models: dict[str, Path], **overrides) -> Settings:
+    base = dict(
+        caption_model=str(models["caption"]),
+        moderation_model=str(models["moderation"]),
+        tags_model=str(models["tags"]),
+        device="cpu",
+        caption_max_new_tokens=5,
+        batch_size=4,
+    )
+    return Settings(**{**base, **overrides})
+
+
+def pictures(n: int = 3) -> list[Image.Image]:
+    return [photo_image(96, 64, seed=i) for i in range(n)]
+
+
+def test_moderation_records_every_label_and_flags_by_threshold(tiny_models) -> None:
+    never, = load_runners(settings_for(tiny_models, moderation_thresholds={"nsfw": 1.01}), (Task.MODERATION,))
+    always, = load_runners(settings_for(tiny_models, moderation_thresholds={"nsfw": 0.0}), (Task.MODERATION,))
+    for result in never.run(pictures()):
+        assert set(result.scores) == {"normal", "nsfw"}
+        assert sum(result.scores.values()) == pytest.approx(1.0, abs=1e-4)
+        assert not result.flagged
+    assert all(result.flagged for result in always.run(pictures()))
+
+
+def test_thresholds_must_name_a_label_the_model_has(tiny_models) -> None:
+    with pytest.raises(ModelLoadError, match="porn"):
+        load_runners(settings_for(tiny_models, moderation_thresholds={"porn": 0.5}), (Task.MODERATION,))
+
+
+@pytest.mark.parametrize("model", ["tags", "tags_siglip"])
+def test_tags_are_top_k_above_threshold_in_score_order(tiny_models, model: str) -> None:
+    settings = settings_for(tiny_models, tags_model=str(tiny_models[model]), tags_top_k=4, tags_threshold=0.0)
+    runner, = load_runners(settings, (Task.TAGS,))
+    vocabulary = settings.vocabulary
+    for result in runner.run(pictures()):
+        scores = [label.score for label in result.labels]
+        assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+        assert all(label.tag in vocabulary for label in result.labels)
+    strict, = load_runners(settings.model_copy(update={"tags_threshold": 1.0}), (Task.TAGS,))
+    assert all(result.labels == [] for result in strict.run(pictures()))
+
+
+def test_tag_text_embeddings_are_computed_once_per_vocabulary(tiny_models, tmp_path: Path) -> None:
+    vocabulary = tmp_path / "tags.txt"
+    vocabulary.write_text("dog\ncat\n\n# comment\ndog\nbeach\n")
+    runner, = load_runners(settings_for(tiny_models, tags_vocabulary=vocabulary), (Task.TAGS,))
+    assert runner.vocabulary == ["dog", "cat", "beach"]
+    assert runner.text_embeddings.shape[0] == 3
+    assert torch.allclose(runner.text_embeddings.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_captions_are_batched_and_bounded(tiny_models) -> None:
+    runner, = load_runners(settings_for(tiny_models, caption_max_new_tokens=3), (Task.CAPTION,))
+    results = runner.run(pictures(5))
+    assert len(results) == 5
+    assert all(0 < len(result.text.split()) <= 3 for result in results)
+
+
+def test_the_revision_of_a_local_model_is_a_hash_of_its_weights(tiny_models, tmp_path: Path) -> None:
+    runner, = load_runners(settings_for(tiny_models), (Task.MODERATION,))
+    assert runner.model_id.revision == weights_hash(tiny_models["moderation"])
+    assert runner.model_id.revision.startswith("sha256:")
+    assert weights_hash(tiny_models["caption"]) != runner.model_id.revision
+
+
+def test_signature_changes_with_outputs_settings_not_with_batch_size(tiny_models) -> None:
+    tasks = (Task.MODERATION, Task.TAGS)
+    base = Engine(settings_for(tiny_models), tasks).signature
+    assert Engine(settings_for(tiny_models, batch_size=9), tasks).signature == base
+    assert Engine(settings_for(tiny_models, moderation_thresholds={"nsfw": 0.9}), tasks).signature != base
+    assert Engine(settings_for(tiny_models, tags_top_k=2), tasks).signature != base
+    assert Engine(settings_for(tiny_models), (Task.MODERATION,)).signature != base
+
+
+def test_one_image_that_breaks_a_model_fails_alone(tiny_models, tmp_path: Path) -> None:
+    widths = [160, 170, 180, 190]
+    for width in widths:
+        photo_image(width, 120, seed=width).save(tmp_path / f"{width}.jpg")
+    engine = Engine(settings_for(tiny_models), (Task.MODERATION,))
+    runner = engine.runners[0]
+    real_run = runner.run
+
+    def fragile(images: list[Image.Image]):
+        # stands in for a model that crashes on one input (the 180 px wide picture)
+        if any(image.width == 180 for image in images):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real_run(images)
+
+    runner.run = fragile
+    refs = [ImageRef(uri=file_uri(tmp_path / f"{width}.jpg")) for width in widths]
+    records = list(engine.annotate(refs))
+    kinds = [r.error.kind if r.error else None for r in records]
+    assert kinds == [None, None, ErrorKind.MODEL_FAILED, None]
+    assert "device-side assert" in records[2].error.message
+    assert [r.moderation is not None for r in records] == [True, True, False, True]
+
+
+def test_auto_device_is_cpu_without_a_gpu_and_dtype_follows_the_device() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tiny_models) -> None:
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        load_runners(settings_for(tiny_models, device="cuda"), (Task.MODERATION,))

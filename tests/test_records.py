@@ -1,0 +1,61 @@
+"""The record schema and its files: only asked tasks appear, JSONL and Parquet round-trip."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imagemill.errors import ErrorKind, UserError
+from imagemill.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, TagScore, Task, parse_tasks
+from imagemill.stores import open_writer
+from imagemill.stores.files import read_records
+
+
+def full_record() -> Record:
+    return Record(
+        uri="s3://bucket/a b/ü.jpg",
+        etag="abc",
+        bytes=123,
+        image=ImageInfo(width=640, height=480, format="JPEG"),
+        caption=Caption(text="a dog", model="m1", revision="r1"),
+        moderation=Moderation(flagged=False, scores={"nsfw": 0.01, "normal": 0.99}, model="m2"),
+        tags=Tags(labels=[TagScore(tag="dog", score=0.31)], model="m3"),
+        signature="sig",
+    )
+
+
+def error_record() -> Record:
+    return Record(uri="file:///x.jpg", error=RecordError(kind=ErrorKind.TRUNCATED, message="cut"), signature="sig")
+
+
+def test_tasks_not_asked_for_are_absent_and_error_is_null() -> None:
+    data = json.loads(Record(uri="file:///a.jpg", caption=Caption(text="hi", model="m"), signature="s").model_dump_json())
+    assert "caption" in data and "moderation" not in data and "tags" not in data
+    assert data["error"] is None
+    assert data["processed_at"].endswith("Z")
+
+
+def test_error_record_names_its_kind() -> None:
+    data = json.loads(error_record().model_dump_json())
+    assert data["error"] == {"kind": "truncated", "message": "cut"}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_writers_round_trip_every_field(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"out{suffix}"
+    records = [full_record(), error_record()]
+    writer = open_writer(str(path))
+    writer.write(records)
+    writer.close()
+    assert read_records(path) == records
+
+
+def test_writer_refuses_an_unknown_suffix(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=".jsonl or .parquet"):
+        open_writer(str(tmp_path / "out.csv"))
+
+
+def test_parse_tasks_orders_and_rejects() -> None:
+    assert parse_tasks("tags,caption") == (Task.CAPTION, Task.TAGS)
+    with pytest.raises(ValueError, match="unknown task ocr"):
+        parse_tasks("caption,ocr")

@@ -1,0 +1,97 @@
+"""Sources: folders, S3 prefixes and manifests list image references lazily and completely."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from imagemill.errors import SourceError
+from imagemill.settings import Settings
+from imagemill.storage import file_uri
+from producer.sources import DirectorySource, ManifestSource, S3Source, open_source
+from tests.fixtures.s3 import s3_client
+
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_directory_lists_images_recursively_with_any_case_extension(tmp_path: Path) -> None:
+    wanted = [touch(tmp_path / "a.jpg"), touch(tmp_path / "sub/b.PNG"), touch(tmp_path / "sub/deep/c.JpEg")]
+    touch(tmp_path / "notes.txt")
+    touch(tmp_path / "sub/.DS_Store")
+    uris = [ref.uri for ref in DirectorySource(tmp_path).refs()]
+    assert sorted(uris) == sorted(file_uri(p) for p in wanted)
+
+
+def test_directory_refs_carry_size_and_a_stable_etag(tmp_path: Path) -> None:
+    touch(tmp_path / "a.jpg", b"12345")
+    first = next(DirectorySource(tmp_path).refs())
+    again = next(DirectorySource(tmp_path).refs())
+    assert first.size == 5 and first.etag and first.etag == again.etag
+
+
+def test_symlink_loops_are_listed_once_and_terminate(tmp_path: Path) -> None:
+    touch(tmp_path / "a/photo.jpg")
+    os.symlink(tmp_path, tmp_path / "a/loop")
+    os.symlink(tmp_path / "a", tmp_path / "a/self")
+    uris = [ref.uri for ref in DirectorySource(tmp_path).refs()]
+    assert uris == [file_uri(tmp_path / "a/photo.jpg")]
+
+
+def test_directory_listing_is_lazy(tmp_path: Path) -> None:
+    for i in range(50):
+        touch(tmp_path / f"d{i:02}/x.jpg")
+    refs = DirectorySource(tmp_path).refs()
+    assert next(refs).uri.endswith("d00/x.jpg")  # a generator: the first comes before the rest
+
+
+def test_manifests_mix_local_paths_and_s3_uris(tmp_path: Path) -> None:
+    touch(tmp_path / "local.jpg")
+    lines = ["local.jpg", "s3://bucket/key with space.jpg", file_uri(tmp_path / "local.jpg")]
+    (tmp_path / "m.txt").write_text("# comment\n" + "\n".join(lines) + "\n\n")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"uri": u, "note": 1}) for u in lines))
+    (tmp_path / "m.csv").write_text("id,uri\n" + "\n".join(f'{i},"{u}"' for i, u in enumerate(lines)))
+    expected = [file_uri(tmp_path / "local.jpg"), "s3://bucket/key with space.jpg", file_uri(tmp_path / "local.jpg")]
+    for name in ("m.txt", "m.jsonl", "m.csv"):
+        assert [r.uri for r in ManifestSource(tmp_path / name).refs()] == expected, name
+
+
+def test_manifest_errors_name_the_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"uri": "a.jpg"}\n{not json}\n')
+    with pytest.raises(SourceError, match=r"bad.jsonl:2"):
+        list(ManifestSource(tmp_path / "bad.jsonl").refs())
+    (tmp_path / "bad.csv").write_text("path\na.jpg\n")
+    with pytest.raises(SourceError, match="no 'uri' column"):
+        list(ManifestSource(tmp_path / "bad.csv").refs())
+
+
+def test_open_source_explains_what_is_wrong(tmp_path: Path) -> None:
+    settings = Settings()
+    with pytest.raises(SourceError, match="does not exist"):
+        open_source(str(tmp_path / "missing"), settings)
+    touch(tmp_path / "photo.jpg")
+    with pytest.raises(SourceError, match="not a manifest"):
+        open_source(str(tmp_path / "photo.jpg"), settings)
+    with pytest.raises(SourceError, match="no bucket"):
+        open_source("s3://", settings)
+
+
+def test_s3_prefix_is_paged_and_filtered(s3_endpoint: str, bucket: str) -> None:
+    client = s3_client(s3_endpoint)
+    keys = [f"in/{i:03}.jpg" for i in range(7)] + ["in/odd key ü %20 ../x.JPG"]
+    for key in keys + ["in/readme.md", "in/folder/", "out/1.jpg"]:
+        client.put_object(Bucket=bucket, Key=key, Body=b"data")
+    source = S3Source(bucket, "in/", client, page_size=3)
+    refs = list(source.refs())
+    assert sorted(r.uri for r in refs) == sorted(f"s3://{bucket}/{k}" for k in keys)
+    assert all(r.size == 4 and r.etag for r in refs)
+
+
+def test_missing_bucket_is_a_source_error(s3_endpoint: str) -> None:
+    source = S3Source("no-such-bucket-here", "", s3_client(s3_endpoint))
+    with pytest.raises(SourceError, match="NoSuchBucket"):
+        list(source.refs())
