@@ -53,6 +53,24 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_max_attempts: int = Field(default=8, ge=1, le=50)
 
+    # distributed mode
+    broker_url: str = "redis://localhost:6379/0"
+    redis_url: str | None = Field(default=None, description="Job registry; defaults to the broker")
+    queue: str = "imagemill"
+    routes: dict[str, str] = Field(
+        default_factory=dict, description='task -> queue, e.g. {"caption": "imagemill-caption"}'
+    )
+    visibility_timeout: int = Field(default=3600, ge=10, description="seconds; above the longest chunk")
+    soft_shutdown_timeout: float = Field(default=60.0, ge=0)
+    chunk_size: int = Field(default=128, ge=1, le=10_000)
+    queue_high_water: int = Field(default=200, ge=1, description="chunks queued before submit waits")
+    task_max_retries: int = Field(default=5, ge=0)
+    sink: str | None = Field(default=None, description="Where workers write records")
+
+    @property
+    def registry_url(self) -> str:
+        return self.redis_url or self.broker_url
+
     @cached_property
     def vocabulary(self) -> list[str]:
         """The tag vocabulary: one tag per line, blank lines and `#` comments ignored."""

@@ -1,24 +1,37 @@
-"""Results stores: where records go. Each store writes batches of records idempotently.
+"""Results stores: where records go, side by side behind one interface.
 
-Files (JSONL, Parquet) here; databases and object storage sit beside them behind one interface.
+Files (JSONL, Parquet), PostgreSQL, and one object per chunk on S3; every write is idempotent by
+record key (uri, etag, signature) or by chunk name, so a redelivered chunk replaces itself.
 """
 
 from collections.abc import Sequence
 from typing import Protocol
 
+from imagemill.errors import UserError
 from imagemill.schemas import Record
 
 
 class RecordWriter(Protocol):
-    """A destination for records; `close` makes everything written durable."""
+    """A destination for records. `chunk` names the unit of work (e.g. `job/000042`): writing
+    the same chunk again must leave one copy of each record. `close` makes everything durable."""
 
-    def write(self, records: Sequence[Record]) -> None: ...
+    def write(self, records: Sequence[Record], chunk: str) -> None: ...
 
     def close(self) -> None: ...
 
 
 def open_writer(target: str) -> RecordWriter:
-    """Pick the writer for `--out`: by suffix, `.jsonl` or `.parquet`."""
+    """The writer for a sink URL or `--out` path: postgresql://…, s3://bucket/prefix/, *.jsonl, *.parquet."""
+    if target.startswith(("postgresql://", "postgres://")):
+        from imagemill.stores.postgres import PostgresStore
+
+        return PostgresStore(target)
+    if target.startswith("s3://"):
+        from imagemill.stores.objects import ObjectStoreSink
+
+        return ObjectStoreSink.from_url(target)
+    if "://" in target:
+        raise UserError(f"sink {target}: expected postgresql://…, s3://bucket/prefix/ or a .jsonl/.parquet path")
     from imagemill.stores.files import open_file_writer
 
     return open_file_writer(target)

@@ -39,12 +39,14 @@ SUFFIXES = (".jsonl", ".parquet")
 
 
 class JsonlWriter:
-    """Appends one JSON object per record and flushes per batch, so a crash keeps what was done."""
+    """Appends one JSON object per record and flushes per batch, so a crash keeps what was done.
+
+    A streaming file for one local run: chunks are appended, not replaced."""
 
     def __init__(self, path: Path) -> None:
         self._handle: IO[str] = path.open("w", encoding="utf-8")
 
-    def write(self, records: Sequence[Record]) -> None:
+    def write(self, records: Sequence[Record], chunk: str = "") -> None:
         self._handle.writelines(record.model_dump_json() + "\n" for record in records)
         self._handle.flush()
 
@@ -60,7 +62,7 @@ class ParquetWriter:
         self._buffer: list[dict] = []
         self._row_group = row_group
 
-    def write(self, records: Sequence[Record]) -> None:
+    def write(self, records: Sequence[Record], chunk: str = "") -> None:
         self._buffer.extend(parquet_row(record) for record in records)
         if len(self._buffer) >= self._row_group:
             self._flush()
@@ -105,3 +107,15 @@ def open_file_writer(target: str) -> JsonlWriter | ParquetWriter:
     if path.suffix.lower() == ".parquet":
         return ParquetWriter(path)
     return JsonlWriter(path)
+
+
+def encode_records(records: Sequence[Record], fmt: str) -> bytes:
+    """A whole chunk of records as one JSONL or Parquet document (for one-object-per-chunk sinks)."""
+    if fmt == "jsonl":
+        return "".join(record.model_dump_json() + "\n" for record in records).encode()
+    if fmt == "parquet":
+        sink = pa.BufferOutputStream()
+        table = pa.Table.from_pylist([parquet_row(r) for r in records], schema=PARQUET_SCHEMA)
+        pq.write_table(table, sink, compression="zstd")
+        return sink.getvalue().to_pybytes()
+    raise ValueError(f"unknown record format {fmt!r}; expected jsonl or parquet")
