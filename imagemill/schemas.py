@@ -118,3 +118,17 @@ class Record(BaseModel):
     def key(self) -> tuple[str, str | None, str]:
         """The idempotency key: writing the same key twice leaves one record."""
         return (self.uri, self.etag, self.signature)
+
+
+MAX_CHUNK_REFS = 10_000
+
+
+class ChunkMessage(BaseModel):
+    """What a chunk task carries through the broker: references only, never image bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    chunk_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}/[0-9]{1,12}$")
+    tasks: tuple[Task, ...] = Field(min_length=1, max_length=len(Task))
+    refs: list[ImageRef] = Field(min_length=1, max_length=MAX_CHUNK_REFS)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.images import Case, write_mixed
+from tests.fixtures.redis import RedisServer
 from tests.fixtures.s3 import moto_server, s3_client
 from tests.fixtures.tiny_models import build_tiny_models
 
@@ -66,3 +67,18 @@ def mixed_folder(tmp_path: Path) -> tuple[Path, list[Case]]:
     folder = tmp_path / "photos"
     folder.mkdir()
     return folder, write_mixed(folder)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server for the whole run (the machine's shared one is never touched)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """A clean database on the private server for one test."""
+    redis_server.client().flushall()
+    yield redis_server.url

@@ -5,7 +5,7 @@ Faults the user can fix print one line and exit non-zero; tracebacks are for bug
 
 import typer
 
-from imagemill.cli import annotate, models
+from imagemill.cli import annotate, jobs, models, worker
 
 app = typer.Typer(
     name="imagemill",
@@ -16,3 +16,8 @@ app = typer.Typer(
 )
 app.command("annotate")(annotate.annotate)
 app.add_typer(models.app, name="models")
+app.command("submit")(jobs.submit)
+app.command("status")(jobs.status)
+app.command("jobs")(jobs.jobs)
+app.command("cancel")(jobs.cancel)
+app.command("worker")(worker.worker)

@@ -119,3 +119,17 @@ def encode_records(records: Sequence[Record], fmt: str) -> bytes:
         pq.write_table(table, sink, compression="zstd")
         return sink.getvalue().to_pybytes()
     raise ValueError(f"unknown record format {fmt!r}; expected jsonl or parquet")
+
+
+def decode_records(data: bytes, fmt: str) -> list[Record]:
+    """The inverse of `encode_records`: one JSONL or Parquet document back into records."""
+    if fmt == "jsonl":
+        return [Record.model_validate_json(line) for line in data.splitlines() if line.strip()]
+    if fmt == "parquet":
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+        for row in rows:
+            # Parquet has no dict type: the map column comes back as (key, value) pairs
+            if row.get("moderation"):
+                row["moderation"]["scores"] = dict(row["moderation"]["scores"])
+        return [Record.model_validate(row) for row in rows]
+    raise ValueError(f"unknown record format {fmt!r}; expected jsonl or parquet")

@@ -1,0 +1,158 @@
+"""Distributed mode's commands: `submit`, `status`, `jobs`, `cancel`.
+
+`submit` enqueues a job for the workers; the others read and steer the job registry in Redis.
+"""
+
+import threading
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from imagemill.cli.annotate import ALL_TASKS, tasks_option
+from imagemill.cli.display import console, fail, progress_bar, run_reporting_errors
+from imagemill.errors import UserError
+from imagemill.jobs import Job, JobRegistry, JobState
+from imagemill.redaction import redact_url
+from imagemill.settings import Settings, get_settings
+
+POLL_S = 0.5
+
+
+def registry_for(settings: Settings) -> JobRegistry:
+    return JobRegistry(settings.registry_url)
+
+
+def submit(
+    source: Annotated[str, typer.Argument(help="A folder, s3://bucket/prefix, or a manifest.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderation, tags.")] = ALL_TASKS,
+    sink: Annotated[str | None, typer.Option(help="postgresql://…, s3://bucket/prefix/ [IMAGEMILL_SINK].")] = None,
+    chunk_size: Annotated[int | None, typer.Option(min=1, help="Images per chunk [IMAGEMILL_CHUNK_SIZE].")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
+) -> None:
+    """Enqueue a job for the workers; prints its id at once."""
+    chosen = tasks_option(tasks)
+    settings = get_settings()
+    if chunk_size:
+        settings = settings.model_copy(update={"chunk_size": chunk_size})
+    target = sink or settings.sink
+    if not target:
+        fail("no sink: pass --sink postgresql://… or s3://bucket/prefix/, or set IMAGEMILL_SINK")
+    run_reporting_errors(lambda: _submit(source, chosen, target, settings, wait))
+
+
+def _submit(source_spec: str, tasks, sink: str, settings: Settings, wait: bool) -> None:
+    from imagemill.stores import open_writer
+    from producer.sources import open_source
+    from producer.submit import Submission
+
+    open_writer(sink).close()  # a bad sink URL fails here, before anything is queued
+    submission = Submission(open_source(source_spec, settings), tasks, sink, settings, registry_for(settings))
+    job = submission.register()
+    console.print(f"job [bold]{job.id}[/] submitted ({', '.join(tasks)} → {redact_url(sink)})", highlight=False)
+    typer.echo(job.id)
+    if not wait:
+        chunks = submission.run()
+        console.print(f"enqueued {chunks} chunks; follow with: imagemill status {job.id}", highlight=False)
+        return
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            submission.run()
+        except BaseException as exc:  # shown by the main thread after the bar ends
+            errors.append(exc)
+
+    producer = threading.Thread(target=produce, name="imagemill-producer", daemon=True)
+    producer.start()
+    final = follow(submission.registry, job.id)
+    producer.join(timeout=5)
+    if errors:
+        raise errors[0]
+    console.print(job_table(final))
+    if final.state != JobState.DONE:
+        raise typer.Exit(1)
+
+
+def follow(registry: JobRegistry, job_id: str) -> Job:
+    """A live bar of images processed / queued until the job leaves `running`."""
+    with progress_bar(f"job {job_id}") as (progress, bar):
+        while True:
+            job = registry.get(job_id)
+            total = job.queued if job.listing_done else None
+            progress.update(bar, completed=job.processed, total=total)
+            if job.state != JobState.RUNNING:
+                progress.update(bar, completed=job.processed, total=job.queued)
+                return job
+            time.sleep(POLL_S)
+
+
+def status(job_id: Annotated[str, typer.Argument(help="The id `submit` printed.")]) -> None:
+    """Totals, rate, ETA and state of one job."""
+    job = _get_job(job_id)
+    console.print(job_table(job))
+
+
+def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")] = 20) -> None:
+    """The most recent jobs, newest first."""
+    registry = run_reporting_errors(lambda: _connected(registry_for(get_settings())))
+    table = Table("job", "state", "tasks", "source", "processed", "queued", "failed", "created")
+    for job in registry.recent(limit):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+        table.add_row(job.id, job.state, ",".join(job.tasks), job.source, f"{job.processed:,}", f"{job.queued:,}", f"{job.failed:,}", created)
+    console.print(table)
+
+
+def cancel(job_id: Annotated[str, typer.Argument(help="The job to stop.")]) -> None:
+    """Stop a job: chunks not yet started are dropped; running ones finish."""
+    registry = registry_for(get_settings())
+    job = _get_job(job_id, registry)
+    if not registry.cancel(job_id):
+        fail(f"job {job_id} is {job.state}, not running")
+    console.print(f"job {job_id} cancelled after {job.processed:,} of {job.queued:,} images")
+
+
+def _connected(registry: JobRegistry) -> JobRegistry:
+    import redis
+
+    try:
+        registry.redis.ping()
+    except redis.RedisError as exc:
+        raise UserError(f"cannot reach Redis at {redact_url(get_settings().registry_url)}: {exc}") from None
+    return registry
+
+
+def _get_job(job_id: str, registry: JobRegistry | None = None) -> Job:
+    registry = run_reporting_errors(lambda: _connected(registry or registry_for(get_settings())))
+    job = registry.get(job_id)
+    if job is None:
+        fail(f"no job {job_id} (see `imagemill jobs`)")
+    return job
+
+
+def job_table(job: Job) -> Table:
+    table = Table(title=f"job {job.id}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = {
+        "state": job.state.value + (f" ({job.error})" if job.error else ""),
+        "source": job.source,
+        "tasks": ", ".join(job.tasks),
+        "sink": redact_url(job.sink),
+        "signature": job.signature or "–",
+        "listed": f"{job.listed:,}" + ("" if job.listing_done else " (listing…)"),
+        "queued": f"{job.queued:,}",
+        "skipped": f"{job.skipped:,}",
+        "annotated": f"{job.annotated:,}",
+        "failed": f"{job.failed:,}",
+    }
+    rows |= {f"  {kind}": f"{n:,}" for kind, n in sorted(job.failed_by_kind.items())}
+    rows |= {
+        "chunks": f"{job.chunks_done:,} done, {job.chunks_cancelled:,} cancelled, {job.chunks_total or job.chunks_queued:,} total",
+        "rate": f"{job.rate:,.1f} images/s" if job.rate else "–",
+        "eta": f"{job.eta_s:,.0f} s" if job.eta_s is not None else "–",
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    return table

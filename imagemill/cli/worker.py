@@ -1,0 +1,27 @@
+"""`imagemill worker --gpus all|0,2|cpu`: one pinned Celery worker process per GPU, supervised."""
+
+import logging
+from typing import Annotated
+
+import typer
+
+from imagemill.cli.display import fail
+from imagemill.settings import get_settings
+
+
+def worker(
+    gpus: Annotated[str, typer.Option(help="all, cpu, or GPU indices such as 0,2.")] = "all",
+    queues: Annotated[str | None, typer.Option(help="Comma-separated queues [default: IMAGEMILL_QUEUE and routed queues].")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run annotation workers: one Celery worker process per GPU, restarted if it dies."""
+    from worker.supervisor import Supervisor, plan_slots
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s imagemill.worker: %(message)s")
+    settings = get_settings()
+    try:
+        slots = plan_slots(gpus)
+    except ValueError as exc:
+        fail(str(exc))
+    chosen = [q.strip() for q in queues.split(",") if q.strip()] if queues else sorted({settings.queue, *settings.routes.values()})
+    raise typer.Exit(Supervisor(slots=slots, queues=chosen, loglevel=loglevel).run())

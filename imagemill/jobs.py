@@ -1,0 +1,216 @@
+"""The job registry in Redis: what each job is, its state, and counters exact under concurrency.
+
+Chunk completion is recorded once per chunk id (a Lua script), so a redelivered chunk never
+counts twice; the job turns `done` when the producer has finished and every chunk is accounted for.
+"""
+
+import time
+import uuid
+from collections.abc import Mapping
+from enum import StrEnum
+
+import redis
+from pydantic import BaseModel
+
+from imagemill.schemas import Task
+
+PREFIX = "imagemill"
+JOBS_INDEX = f"{PREFIX}:jobs"
+FAILED_PREFIX = "failed:"
+
+
+class JobState(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+# the job is done when listing has ended and every chunk is done or cancelled
+_FINISH = """
+local function finish(job, now)
+  local f = redis.call('HMGET', job, 'state', 'listing_done', 'chunks_total', 'chunks_done', 'chunks_cancelled')
+  if f[1] == 'running' and f[2] == '1'
+     and tonumber(f[4] or 0) + tonumber(f[5] or 0) >= tonumber(f[3] or 0) then
+    redis.call('HSET', job, 'state', 'done', 'finished_at', now)
+  end
+end
+"""
+
+# KEYS: job hash, set of finished chunks. ARGV: chunk id, now, then field/increment pairs.
+_CHUNK_DONE = _FINISH + """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
+finish(KEYS[1], ARGV[2])
+return 1
+"""
+
+_END_LISTING = _FINISH + """
+redis.call('HSET', KEYS[1], 'listing_done', '1', 'chunks_total', ARGV[2], 'updated_at', ARGV[1])
+finish(KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class Job(BaseModel):
+    """A job as `status` shows it."""
+
+    id: str
+    source: str
+    tasks: tuple[Task, ...]
+    sink: str
+    queue: str
+    state: JobState
+    signature: str | None = None
+    error: str | None = None
+    created_at: float
+    started_at: float | None = None
+    updated_at: float | None = None
+    finished_at: float | None = None
+    listing_done: bool = False
+    listed: int = 0
+    queued: int = 0
+    skipped: int = 0
+    annotated: int = 0
+    failed: int = 0
+    failed_by_kind: dict[str, int] = {}
+    chunks_total: int = 0
+    chunks_queued: int = 0
+    chunks_done: int = 0
+    chunks_cancelled: int = 0
+
+    @property
+    def processed(self) -> int:
+        return self.annotated + self.failed
+
+    @property
+    def rate(self) -> float | None:
+        """Images per second since the first chunk started."""
+        if not self.started_at or not self.processed:
+            return None
+        end = self.finished_at or time.time()
+        return self.processed / max(end - self.started_at, 1e-6)
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.state != JobState.RUNNING or not self.rate:
+            return None
+        return max(self.queued - self.processed, 0) / self.rate
+
+    @classmethod
+    def from_hash(cls, data: Mapping[str, str]) -> "Job":
+        fields = {k: v for k, v in data.items() if not k.startswith(FAILED_PREFIX) and v != ""}
+        fields["tasks"] = tuple(t for t in fields.get("tasks", "").split(",") if t)
+        fields["listing_done"] = fields.get("listing_done") == "1"
+        fields["failed_by_kind"] = {
+            k[len(FAILED_PREFIX) :]: int(v) for k, v in data.items() if k.startswith(FAILED_PREFIX) and int(v)
+        }
+        return cls.model_validate(fields)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class JobRegistry:
+    """Jobs and their counters, kept in Redis where producers, workers and `status` all see them."""
+
+    def __init__(self, url: str) -> None:
+        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        self._chunk_done = self.redis.register_script(_CHUNK_DONE)
+        self._end_listing = self.redis.register_script(_END_LISTING)
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return f"{PREFIX}:job:{job_id}"
+
+    def create(self, job_id: str, source: str, tasks: tuple[Task, ...], sink: str, queue: str) -> Job:
+        now = time.time()
+        fields = {
+            "id": job_id,
+            "source": source,
+            "tasks": ",".join(tasks),
+            "sink": sink,
+            "queue": queue,
+            "state": JobState.RUNNING.value,
+            "created_at": now,
+            "updated_at": now,
+        }
+        pipe = self.redis.pipeline()
+        pipe.hset(self.key(job_id), mapping=fields)
+        pipe.zadd(JOBS_INDEX, {job_id: now})
+        pipe.execute()
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job | None:
+        data = self.redis.hgetall(self.key(job_id))
+        return Job.from_hash(data) if data else None
+
+    def recent(self, limit: int = 20) -> list[Job]:
+        ids = self.redis.zrevrange(JOBS_INDEX, 0, limit - 1)
+        return [job for job in map(self.get, ids) if job]
+
+    def state(self, job_id: str) -> JobState | None:
+        value = self.redis.hget(self.key(job_id), "state")
+        return JobState(value) if value else None
+
+    def add_queued(self, job_id: str, listed: int, queued: int, skipped: int = 0) -> None:
+        pipe = self.redis.pipeline()
+        key = self.key(job_id)
+        pipe.hincrby(key, "listed", listed)
+        pipe.hincrby(key, "queued", queued)
+        pipe.hincrby(key, "skipped", skipped)
+        pipe.hincrby(key, "chunks_queued", 1 if queued else 0)
+        pipe.hset(key, "updated_at", time.time())
+        pipe.execute()
+
+    def end_listing(self, job_id: str, chunks_total: int) -> None:
+        self._end_listing(keys=[self.key(job_id)], args=[time.time(), chunks_total])
+
+    def chunk_started(self, job_id: str, signature: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(self.key(job_id), "started_at", time.time())
+        pipe.hsetnx(self.key(job_id), "signature", signature)
+        pipe.execute()
+
+    def chunk_done(self, job_id: str, chunk_id: str, outcomes: Mapping[str, int]) -> bool:
+        """Count a finished chunk once; False when it had been counted already (a redelivery)."""
+        increments: list[str | int] = ["chunks_done", 1]
+        for outcome, count in outcomes.items():
+            if outcome == "annotated":
+                increments += ["annotated", count]
+            else:
+                increments += ["failed", count, FAILED_PREFIX + outcome, count]
+        args = [chunk_id, time.time(), *increments]
+        return bool(self._chunk_done(keys=[self.key(job_id), self.key(job_id) + ":chunks"], args=args))
+
+    def chunk_cancelled(self, job_id: str, chunk_id: str) -> bool:
+        args = [chunk_id, time.time(), "chunks_cancelled", 1]
+        return bool(self._chunk_done(keys=[self.key(job_id), self.key(job_id) + ":chunks"], args=args))
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop a running job: chunks not yet started are dropped. False if it was not running."""
+        return self._transition(job_id, JobState.CANCELLED)
+
+    def fail(self, job_id: str, error: str) -> bool:
+        self.redis.hset(self.key(job_id), "error", error)
+        return self._transition(job_id, JobState.FAILED)
+
+    def _transition(self, job_id: str, state: JobState) -> bool:
+        key = self.key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    if pipe.hget(key, "state") != JobState.RUNNING.value:
+                        return False
+                    pipe.multi()
+                    pipe.hset(key, mapping={"state": state.value, "finished_at": time.time()})
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def close(self) -> None:
+        self.redis.close()

@@ -1,0 +1,10 @@
+"""The Celery app of the worker service: `celery -A worker worker -Q imagemill` finds `app` here.
+
+Configured from IMAGEMILL_* settings (`imagemill.broker`); the chunk task lives in `worker.tasks`.
+"""
+
+from imagemill.broker import make_celery
+from imagemill.settings import get_settings
+
+app = make_celery(get_settings())
+app.conf.include = ["worker.tasks"]

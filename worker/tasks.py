@@ -1,0 +1,53 @@
+"""The Celery chunk task: a thin wrapper that validates the message and calls `run_chunk`.
+
+Transient faults (database, storage, Redis) are retried by Celery with backoff and jitter.
+"""
+
+import logging
+from typing import Any
+
+import psycopg
+import redis
+from botocore.exceptions import BotoCoreError, ClientError
+from celery import Task as CeleryTask
+from celery.exceptions import Reject
+from celery.signals import worker_process_shutdown
+from pydantic import ValidationError
+
+from imagemill.broker import CHUNK_TASK
+from imagemill.schemas import ChunkMessage
+from imagemill.settings import get_settings
+from worker.celery import app
+from worker.chunks import run_chunk
+from worker.runtime import runtime
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError, BotoCoreError, ClientError, OSError)
+
+
+@app.task(
+    name=CHUNK_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=2,
+    retry_backoff_max=120,
+    retry_jitter=True,
+    max_retries=get_settings().task_max_retries,
+)
+def annotate_chunk(self: CeleryTask, message: Any) -> dict[str, Any]:
+    try:
+        chunk = ChunkMessage.model_validate(message)
+    except ValidationError as exc:
+        log.error("rejected a malformed chunk message (task id %s): %s", self.request.id, exc.errors()[:3])
+        raise Reject(f"malformed chunk message: {exc.error_count()} errors", requeue=False) from None
+    result = run_chunk(chunk, runtime())
+    log.info("chunk %s: %s %s", result.chunk_id, result.outcome, result.counts)
+    return {"chunk_id": result.chunk_id, "outcome": result.outcome, "counts": result.counts}
+
+
+@worker_process_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    runtime().close()
