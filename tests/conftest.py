@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.images import Case, write_mixed
+from tests.fixtures.postgres import admin_url, fresh_database
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.s3 import moto_server, s3_client
 from tests.fixtures.tiny_models import build_tiny_models
@@ -82,3 +83,10 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     """A clean database on the private server for one test."""
     redis_server.client().flushall()
     yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh database on the test PostgreSQL server for the whole run, dropped afterwards."""
+    with fresh_database(admin_url()) as url:
+        yield url

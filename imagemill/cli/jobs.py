@@ -47,7 +47,9 @@ def _submit(source_spec: str, tasks, sink: str, settings: Settings, wait: bool) 
     from producer.sources import open_source
     from producer.submit import Submission
 
-    open_writer(sink).close()  # a bad sink URL fails here, before anything is queued
+    writer = open_writer(sink)
+    writer.check()  # a bad or unreachable sink fails here, before anything is queued
+    writer.close()
     submission = Submission(open_source(source_spec, settings), tasks, sink, settings, registry_for(settings))
     job = submission.register()
     console.print(f"job [bold]{job.id}[/] submitted ({', '.join(tasks)} → {redact_url(sink)})", highlight=False)

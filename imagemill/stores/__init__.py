@@ -17,11 +17,15 @@ class RecordWriter(Protocol):
 
     def write(self, records: Sequence[Record], chunk: str) -> None: ...
 
+    def check(self) -> None:
+        """Reach the destination now; UserError saying why it cannot be used."""
+
     def close(self) -> None: ...
 
 
 def open_writer(target: str) -> RecordWriter:
-    """The writer for a sink URL or `--out` path: postgresql://…, s3://bucket/prefix/, *.jsonl, *.parquet."""
+    """The writer for a sink URL or `--out` path: postgresql://…, s3://bucket/prefix/,
+    file:///shared/dir/ (one file per chunk), or a *.jsonl / *.parquet file (local mode)."""
     if target.startswith(("postgresql://", "postgres://")):
         from imagemill.stores.postgres import PostgresStore
 
@@ -30,8 +34,12 @@ def open_writer(target: str) -> RecordWriter:
         from imagemill.stores.objects import ObjectStoreSink
 
         return ObjectStoreSink.from_url(target)
+    if target.startswith("file://"):
+        from imagemill.stores.objects import DirectorySink
+
+        return DirectorySink.from_url(target)
     if "://" in target:
-        raise UserError(f"sink {target}: expected postgresql://…, s3://bucket/prefix/ or a .jsonl/.parquet path")
+        raise UserError(f"sink {target}: expected postgresql://…, s3://bucket/prefix/, file:///dir/ or a .jsonl/.parquet path")
     from imagemill.stores.files import open_file_writer
 
     return open_file_writer(target)

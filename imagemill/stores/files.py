@@ -50,6 +50,9 @@ class JsonlWriter:
         self._handle.writelines(record.model_dump_json() + "\n" for record in records)
         self._handle.flush()
 
+    def check(self) -> None:
+        """Opened when made: nothing more to check."""
+
     def close(self) -> None:
         self._handle.close()
 
@@ -71,6 +74,9 @@ class ParquetWriter:
         if self._buffer:
             self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=PARQUET_SCHEMA))
             self._buffer = []
+
+    def check(self) -> None:
+        """Opened when made: nothing more to check."""
 
     def close(self) -> None:
         self._flush()

@@ -1,0 +1,206 @@
+"""Chunk sinks: one S3 object or one file per chunk, replaced (never duplicated) on redelivery."""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from imagemill.errors import ErrorKind, UserError
+from imagemill.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, TagScore
+from imagemill.settings import Settings
+from imagemill.stores.objects import DirectorySink, ObjectStoreSink, chunk_object_name
+from tests.fixtures.s3 import s3_client
+
+
+def record(uri: str, caption: str = "a dog") -> Record:
+    return Record(
+        uri=uri,
+        etag="abc",
+        bytes=123,
+        image=ImageInfo(width=640, height=480, format="JPEG"),
+        caption=Caption(text=caption, model="m1", revision="r1"),
+        moderation=Moderation(flagged=False, scores={"nsfw": 0.01, "normal": 0.99}, model="m2"),
+        tags=Tags(labels=[TagScore(tag="dog", score=0.31)], model="m3"),
+        signature="sig",
+        job_id="job-abc",
+    )
+
+
+def error_record() -> Record:
+    return Record(uri="file:///x.jpg", error=RecordError(kind=ErrorKind.TRUNCATED, message="cut"), signature="sig")
+
+
+def sink(endpoint: str, url: str) -> ObjectStoreSink:
+    return ObjectStoreSink.from_url(url, Settings(s3_endpoint_url=endpoint))
+
+
+def all_keys(endpoint: str, bucket: str) -> list[str]:
+    listing = s3_client(endpoint).list_objects_v2(Bucket=bucket)
+    return [entry["Key"] for entry in listing.get("Contents", [])]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_writing_the_same_chunk_twice_leaves_one_object_with_the_second_version(
+    s3_endpoint: str, bucket: str, fmt: str
+) -> None:
+    out = sink(s3_endpoint, f"s3://{bucket}/out/?format={fmt}")
+    out.write([record("s3://in/1.jpg", "first"), record("s3://in/2.jpg", "first")], "job-abc/000001")
+    second = [record("s3://in/1.jpg", "second")]
+    out.write(second, "job-abc/000001")
+    assert all_keys(s3_endpoint, bucket) == [f"out/job-abc/000001.{fmt}"]
+    assert out.read_all() == second
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_jsonl_and_parquet_round_trip_equal_records(s3_endpoint: str, bucket: str, fmt: str) -> None:
+    out = sink(s3_endpoint, f"s3://{bucket}/out/?format={fmt}")
+    first, second = [record("s3://in/1.jpg"), error_record()], [record("s3://in/3.jpg", "a cat")]
+    out.write(first, "job-abc/000001")
+    out.write(second, "job-abc/000002")
+    out.close()
+    assert out.read_all() == first + second
+    assert out.read_all("job-abc/000002") == second
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content_type"), [("jsonl", "application/x-ndjson"), ("parquet", "application/vnd.apache.parquet")]
+)
+def test_objects_carry_the_content_type_of_their_format(
+    s3_endpoint: str, bucket: str, fmt: str, content_type: str
+) -> None:
+    sink(s3_endpoint, f"s3://{bucket}/out?format={fmt}").write([record("s3://in/1.jpg")], "c")
+    head = s3_client(s3_endpoint).head_object(Bucket=bucket, Key=f"out/c.{fmt}")
+    assert head["ContentType"] == content_type
+
+
+def test_an_empty_chunk_still_writes_an_object(s3_endpoint: str, bucket: str) -> None:
+    out = sink(s3_endpoint, f"s3://{bucket}/out/?format=parquet")
+    out.write([], "job-abc/000007")
+    assert all_keys(s3_endpoint, bucket) == ["out/job-abc/000007.parquet"]
+    assert out.read_all() == []
+
+
+def test_the_object_key_is_deterministic_and_contains_the_chunk_name(s3_endpoint: str, bucket: str) -> None:
+    url = f"s3://{bucket}/results/run1/"
+    assert sink(s3_endpoint, url).key_for("job-abc/000042") == "results/run1/job-abc/000042.jsonl"
+    assert sink(s3_endpoint, url).key_for("job-abc/000042") == sink(s3_endpoint, url).key_for("job-abc/000042")
+    sink(s3_endpoint, url).write([record("s3://in/1.jpg")], "job-abc/000042")
+    assert all_keys(s3_endpoint, bucket) == ["results/run1/job-abc/000042.jsonl"]
+
+
+@pytest.mark.parametrize("url", ["s3://{b}/out", "s3://{b}/out/"])
+def test_prefixes_with_and_without_trailing_slash_are_equivalent(s3_endpoint: str, bucket: str, url: str) -> None:
+    out = sink(s3_endpoint, url.format(b=bucket))
+    out.write([record("s3://in/1.jpg")], "c1")
+    assert all_keys(s3_endpoint, bucket) == ["out/c1.jsonl"]
+    assert out.prefix == "out/"
+
+
+def test_a_bucket_without_prefix_writes_at_its_root(s3_endpoint: str, bucket: str) -> None:
+    sink(s3_endpoint, f"s3://{bucket}").write([record("s3://in/1.jpg")], "c1")
+    assert all_keys(s3_endpoint, bucket) == ["c1.jsonl"]
+
+
+def test_read_all_skips_objects_that_are_not_chunks(s3_endpoint: str, bucket: str) -> None:
+    out, records = sink(s3_endpoint, f"s3://{bucket}/out/"), [record("s3://in/1.jpg")]
+    out.write(records, "c1")
+    s3_client(s3_endpoint).put_object(Bucket=bucket, Key="out/_SUCCESS", Body=b"")
+    assert out.read_all() == records
+
+
+def test_read_all_pages_through_more_than_a_thousand_objects(s3_endpoint: str, bucket: str) -> None:
+    client = s3_client(s3_endpoint)
+    body = record("s3://in/1.jpg").model_dump_json().encode() + b"\n"
+    with ThreadPoolExecutor(16) as pool:  # only to make the setup quick; the listing is what is tested
+        list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"out/c{i:05d}.jsonl", Body=body), range(1005)))
+    assert len(sink(s3_endpoint, f"s3://{bucket}/out/").read_all()) == 1005
+
+
+@pytest.mark.parametrize("chunk", ["../escape", "a/../../b", "..", "/abs", "", "a//b", "./a", "a/"])
+def test_a_chunk_name_that_could_escape_the_prefix_is_refused(s3_endpoint: str, bucket: str, chunk: str) -> None:
+    with pytest.raises(ValueError, match="chunk name"):
+        sink(s3_endpoint, f"s3://{bucket}/out/").write([record("s3://in/1.jpg")], chunk)
+    assert all_keys(s3_endpoint, bucket) == []
+
+
+def test_a_chunk_name_with_dots_inside_a_segment_is_fine() -> None:
+    assert chunk_object_name("job-1.2/000042..x", "jsonl") == "job-1.2/000042..x.jsonl"
+
+
+@pytest.mark.parametrize("url", ["s3://b/out/?format=csv", "s3://b/out/?fmt=jsonl", "s3:///out/"])
+def test_a_bad_sink_url_is_a_user_error(url: str) -> None:
+    with pytest.raises(UserError):
+        ObjectStoreSink.from_url(url)
+
+
+def test_write_errors_propagate_for_the_task_to_retry(s3_endpoint: str) -> None:
+    out = sink(s3_endpoint, "s3://no-such-bucket-imagemill/out/")
+    with pytest.raises(Exception, match="NoSuchBucket"):
+        out.write([record("s3://in/1.jpg")], "c1")
+
+
+# the directory sink: the same names on a shared volume
+
+
+def files_under(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_the_directory_sink_replaces_a_rewritten_chunk_and_round_trips(tmp_path: Path, fmt: str) -> None:
+    out = DirectorySink.from_url(f"{tmp_path.as_uri()}/?format={fmt}")
+    out.write([record("s3://in/1.jpg", "first"), error_record()], "job-abc/000001")
+    second = [record("s3://in/1.jpg", "second"), error_record()]
+    out.write(second, "job-abc/000001")
+    out.close()
+    assert files_under(tmp_path) == [f"job-abc/000001.{fmt}"]
+    assert out.read_all() == second
+
+
+def test_the_directory_sink_never_leaves_a_partial_file(tmp_path: Path) -> None:
+    out = DirectorySink(tmp_path, "jsonl")
+    records = [record(f"s3://in/{i}.jpg") for i in range(500)]
+    for i in range(5):
+        out.write(records, f"job-abc/{i:06d}")
+    # no temporary files remain, and every chunk file holds its whole chunk
+    assert files_under(tmp_path) == [f"job-abc/{i:06d}.jsonl" for i in range(5)]
+    for i in range(5):
+        content = (tmp_path / f"job-abc/{i:06d}.jsonl").read_bytes()
+        assert content.endswith(b"\n") and content.count(b"\n") == 500
+    assert out.read_all() == records * 5
+
+
+def test_a_failed_directory_write_leaves_the_old_file_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, old = DirectorySink(tmp_path, "jsonl"), [record("s3://in/1.jpg", "old")]
+    out.write(old, "c1")
+
+    def fail(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        out.write([record("s3://in/1.jpg", "new")], "c1")
+    assert files_under(tmp_path) == ["c1.jsonl"]
+    assert out.read_all() == old
+
+
+def test_directory_sink_files_are_readable_by_others(tmp_path: Path) -> None:
+    out = DirectorySink(tmp_path, "jsonl")
+    out.write([], "c1")
+    assert (tmp_path / "c1.jsonl").stat().st_mode & 0o044 == 0o044
+
+
+def test_the_directory_sink_refuses_an_escaping_chunk_name(tmp_path: Path) -> None:
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    with pytest.raises(ValueError, match="chunk name"):
+        DirectorySink(inner, "jsonl").write([record("s3://in/1.jpg")], "../escape")
+    assert files_under(tmp_path) == []
+
+
+def test_the_directory_sink_needs_an_existing_directory(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        DirectorySink.from_url((tmp_path / "missing").as_uri() + "/")
