@@ -165,9 +165,6 @@ class DirectorySink:
     def check(self) -> None:
         """Checked when made: the directory exists."""
 
-    def check(self) -> None:
-        """Checked when made: the directory exists."""
-
     def close(self) -> None:
         """Nothing to do: each `write` is fsynced before it returns."""
 
