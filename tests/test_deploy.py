@@ -1,0 +1,805 @@
+"""The deployment files agree with the code.
+
+docker-compose.yml, deploy/*.Dockerfile, deploy/redis/redis.conf and deploy/k8s/*.yaml are
+parsed (nothing is built or started, except a throwaway redis-server that checks redis.conf)
+and checked against what the code actually has: the settings, the CLI's commands and options,
+the Celery app that `celery -A worker` finds, the default queue, the shutdown timeouts.
+"""
+
+import fnmatch
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import typer.main
+import yaml
+
+from imagemill.cli import app as cli_app
+from imagemill.settings import Settings
+from worker.supervisor import Slot, celery_argv, plan_slots
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE = ROOT / "docker-compose.yml"
+REDIS_CONF = DEPLOY / "redis" / "redis.conf"
+WORKER_DOCKERFILE = DEPLOY / "worker.Dockerfile"
+PRODUCER_DOCKERFILE = DEPLOY / "producer.Dockerfile"
+
+SETTING_NAMES = {f"IMAGEMILL_{name.upper()}" for name in Settings.model_fields}
+# a setting's name: IMAGEMILL_ and at least one more word character (not `IMAGEMILL_*_MODEL`)
+SETTING_RE = re.compile(r"\bIMAGEMILL_[A-Z0-9]+(?:_[A-Z0-9]+)*\b")
+NON_ROOT_UID = 10001
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def k8s_objects() -> list[dict]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
+    return docs
+
+
+def k8s_object(kind: str, name: str | None = None) -> dict:
+    found = [o for o in k8s_objects() if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''} in deploy/k8s, found {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_yaml(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict) -> dict:
+    return compose["services"]
+
+
+_VAR = re.compile(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose interpolation with an empty shell: `${X:-default}` -> default, `$$` -> `$`."""
+    env = env or {}
+
+    def sub(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(3)
+        return env.get(name) or (match.group(2) or "")
+
+    return _VAR.sub(sub, value)
+
+
+def env_of(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: interpolate(str(value)) for key, value in env.items()}
+
+
+def argv_of(command: str | list) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def compose_seconds(value: str | int) -> float:
+    """A compose duration ('10m', '1m30s', '90s') in seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not a duration: {value!r}"
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def redis_conf(path: Path = REDIS_CONF) -> dict[str, str]:
+    """Directive -> value (last one wins, as in Redis); quotes stripped."""
+    conf = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        conf[key.lower()] = value.strip().strip('"')
+    return conf
+
+
+def configmap_data() -> dict[str, str]:
+    return k8s_object("ConfigMap")["data"]
+
+
+def secret_data(name: str) -> dict[str, str]:
+    return k8s_object("Secret", name)["stringData"]
+
+
+def configured(field: str) -> str:
+    """A setting as the ConfigMap sets it, else its default."""
+    value = configmap_data().get(f"IMAGEMILL_{field.upper()}")
+    return value if value is not None else Settings.model_fields[field].default
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+def dockerfile_stages(path: Path) -> list[list[tuple[str, str]]]:
+    """Instructions (NAME, rest) per stage, continuation lines joined, comments dropped."""
+    text = path.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    logical = re.sub(r"\\\n", " ", "\n".join(lines))
+    stages: list[list[tuple[str, str]]] = [[]]
+    for line in logical.splitlines():
+        if not line.strip():
+            continue
+        name, _, rest = line.strip().partition(" ")
+        name = name.upper()
+        if name == "FROM":
+            stages.append([])
+        stages[-1].append((name, rest.strip()))
+    return stages
+
+
+def global_args(path: Path) -> dict[str, str]:
+    return dict(rest.split("=", 1) for name, rest in dockerfile_stages(path)[0] if name == "ARG" and "=" in rest)
+
+
+def final_stage(path: Path) -> list[tuple[str, str]]:
+    return dockerfile_stages(path)[-1]
+
+
+def exec_form(rest: str) -> list[str]:
+    value = json.loads(rest)
+    assert isinstance(value, list), f"use the exec (JSON) form: {rest}"
+    return value
+
+
+def dockerignore_patterns() -> list[str]:
+    path = ROOT / ".dockerignore"
+    return [
+        line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+
+def dockerignored(relpath: str, patterns: list[str]) -> bool:
+    """Roughly Docker's rules: a path is out when its last matching pattern (it or a parent
+    directory) is not a `!` exception."""
+    parts = Path(relpath).parts
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern.lstrip("!").strip("/")
+        for i in range(1, len(parts) + 1):
+            prefix = parts[:i]
+            if pat.startswith("**/"):
+                hit = any(fnmatch.fnmatchcase("/".join(prefix[j:]), pat[3:]) for j in range(len(prefix)))
+            else:
+                hit = fnmatch.fnmatchcase("/".join(prefix), pat)
+            if hit:
+                ignored = not negate
+                break
+    return ignored
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def is_group(command: object) -> bool:
+    return isinstance(getattr(command, "commands", None), dict)
+
+
+def parse_cli(argv: list[str]):
+    """Parse an `imagemill ...` command line with the real Typer app, as the shell would run it;
+    fails on an unknown command, an unknown option, a bad value or a missing argument.
+    Returns the click context (its `params`), or None for `--help`.
+
+    (Typer's click may be the `click` package or a copy vendored inside typer: classes are
+    recognised by shape and name, not imported.)"""
+    assert argv and argv[0] == "imagemill", f"not an imagemill command: {argv}"
+    command = typer.main.get_command(cli_app)
+    args = list(argv[1:])
+    path = ["imagemill"]
+    while is_group(command) and args and not args[0].startswith("-"):
+        name = args.pop(0)
+        assert name in command.commands, f"`{' '.join(path)} {name}`: no such command (has {sorted(command.commands)})"
+        command = command.commands[name]
+        path.append(name)
+    try:
+        ctx = command.make_context(" ".join(path), args)
+    except Exception as exc:
+        kinds = {cls.__name__ for cls in type(exc).__mro__}
+        if "UsageError" in kinds:
+            pytest.fail(f"`{' '.join(argv)}`: {exc.format_message()}")
+        if "Exit" in kinds:  # --help
+            assert getattr(exc, "exit_code", 0) == 0, f"`{' '.join(argv)}` exits {exc.exit_code}"
+            return None
+        raise
+    assert not is_group(command), f"`{' '.join(argv)}` names no command"
+    return ctx
+
+
+def deployed_commands() -> list[tuple[str, list[str]]]:
+    services = load_yaml(COMPOSE)["services"]
+    found = [
+        (f"compose {name}", argv_of(service["command"]))
+        for name, service in services.items()
+        if name in {"worker", "worker-cpu", "producer"}
+    ]
+    for path in (WORKER_DOCKERFILE, PRODUCER_DOCKERFILE):
+        cmds = [rest for name, rest in final_stage(path) if name == "CMD"]
+        found.append((f"{path.name} CMD", exec_form(cmds[-1])))
+    for obj in k8s_objects():
+        if obj["kind"] in {"Deployment", "Job"}:
+            for container in obj["spec"]["template"]["spec"]["containers"]:
+                found.append((f"k8s {obj['metadata']['name']}", [*container.get("command", []), *container.get("args", [])]))
+    return found
+
+
+# =========================================================================== settings
+
+
+def files_naming_settings() -> list[Path]:
+    return [
+        COMPOSE,
+        ROOT / ".env.example",
+        ROOT / "README.md",
+        DEPLOY / "README.md",
+        *sorted(DEPLOY.glob("*.Dockerfile")),
+        *sorted(K8S.glob("*.yaml")),
+    ]
+
+
+@pytest.mark.parametrize("path", files_naming_settings(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_imagemill_variable_is_a_setting(path: Path) -> None:
+    names = set(SETTING_RE.findall(path.read_text(encoding="utf-8")))
+    unknown = sorted(names - SETTING_NAMES)
+    assert not unknown, f"{path.relative_to(ROOT)} names settings imagemill does not have: {unknown}"
+
+
+def test_the_deployment_files_do_name_settings() -> None:
+    """The check above is not vacuous: the main files do set IMAGEMILL_* variables."""
+    for path in (COMPOSE, K8S / "configmap.yaml", K8S / "secret.example.yaml"):
+        assert SETTING_RE.findall(path.read_text(encoding="utf-8")), path
+
+
+def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for key in list(os.environ):
+        if key.startswith("IMAGEMILL_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
+def test_configmap_and_secret_values_validate(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {**configmap_data(), **secret_data("imagemill-secrets")}
+    settings = _settings_from(env, monkeypatch)
+    assert settings.queue == env["IMAGEMILL_QUEUE"]
+    assert settings.broker_url.startswith(("redis://", "rediss://"))
+    assert settings.sink and settings.sink.startswith("postgresql://")
+    assert settings.visibility_timeout > settings.soft_shutdown_timeout
+
+
+@pytest.mark.parametrize("service", ["worker", "worker-cpu", "producer"])
+def test_compose_environment_validates(services: dict, service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = env_of(services[service])
+    settings = _settings_from({k: v for k, v in env.items() if k.startswith("IMAGEMILL_")}, monkeypatch)
+    assert settings.sink and settings.sink.startswith("postgresql://")
+    assert settings.s3_endpoint_url == "http://minio:9000"
+
+
+# =========================================================================== compose
+
+
+def test_compose_has_the_services(services: dict) -> None:
+    assert {"redis", "minio", "minio-init", "postgres", "worker", "worker-cpu", "producer"} <= set(services)
+    assert services["redis"]["image"].split(":")[0] == "redis" and services["redis"]["image"].startswith("redis:7")
+    assert services["postgres"]["image"] == "postgres:16"
+    assert services["producer"]["profiles"] == ["tools"]
+    assert services["worker-cpu"]["profiles"] == ["cpu"]
+    assert "profiles" not in services["worker"]
+
+
+def test_compose_services_that_are_waited_on_have_healthchecks(services: dict) -> None:
+    for name, service in services.items():
+        for dependency, spec in (service.get("depends_on") or {}).items():
+            assert dependency in services, f"{name} depends on unknown service {dependency}"
+            if spec.get("condition") == "service_healthy":
+                assert services[dependency].get("healthcheck"), f"{name} waits for {dependency} to be healthy; it has no healthcheck"
+    for name in ("worker", "producer"):
+        deps = services[name]["depends_on"]
+        assert deps["redis"]["condition"] == "service_healthy"
+        assert deps["postgres"]["condition"] == "service_healthy"
+        assert deps["minio-init"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_redis_runs_the_durable_config(services: dict) -> None:
+    redis = services["redis"]
+    argv = argv_of(redis["command"])
+    command_line = " ".join(argv)
+    mounts = {}
+    for volume in redis["volumes"]:
+        source, target, *_ = volume.split(":")
+        mounts[target] = source
+    conf_targets = [target for target, source in mounts.items() if Path(ROOT, source).resolve() == REDIS_CONF.resolve()]
+    assert conf_targets, "deploy/redis/redis.conf is not mounted into the redis service"
+    assert f"redis-server {conf_targets[0]}" in command_line, "redis-server is not started with the mounted config"
+    assert "/data" in mounts and not mounts["/data"].startswith("."), "Redis data must be on a named volume"
+    # no command-line override undoes the file
+    for flag in ("--appendonly", "--maxmemory-policy", "--appendfsync", "--save"):
+        assert flag not in command_line, f"{flag} on the command line overrides redis.conf"
+
+    conf = redis_conf()
+    assert conf["appendonly"] == "yes"
+    assert conf["appendfsync"] == "everysec"
+    assert conf["maxmemory-policy"] == "noeviction"
+    assert conf["dir"] == "/data"
+    assert conf.get("save", None) == "", "RDB snapshots should be off (`save \"\"`): the AOF is the durable copy"
+    assert conf["protected-mode"] == "yes"
+    assert "requirepass" not in conf, "the password must not be in redis.conf"
+    assert "--requirepass" in command_line, "protected-mode needs a password for other containers to connect"
+
+
+def test_compose_passwords_agree(services: dict) -> None:
+    """The URLs the workers use carry the same credentials the servers were started with."""
+    worker = env_of(services["worker"])
+    broker = urlsplit(worker["IMAGEMILL_BROKER_URL"])
+    assert broker.hostname == "redis" and (broker.port or 6379) == 6379
+    assert broker.password == env_of(services["redis"])["REDISCLI_AUTH"]
+
+    sink = urlsplit(worker["IMAGEMILL_SINK"])
+    postgres = env_of(services["postgres"])
+    assert sink.hostname == "postgres"
+    assert sink.username == postgres["POSTGRES_USER"] == "imagemill"
+    assert sink.password == postgres["POSTGRES_PASSWORD"]
+    assert sink.path.lstrip("/") == postgres["POSTGRES_DB"] == "annotations"
+
+    minio = env_of(services["minio"])
+    assert worker["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+    assert worker["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+    assert len(minio["MINIO_ROOT_PASSWORD"]) >= 8, "MinIO refuses a root password under 8 characters"
+    assert urlsplit(worker["IMAGEMILL_S3_ENDPOINT_URL"]).hostname == "minio"
+
+
+def test_compose_dev_defaults_match_env_example(compose: dict) -> None:
+    example = dict(
+        line.split("=", 1) for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    text = COMPOSE.read_text(encoding="utf-8")
+    used = {m.group(1): m.group(2) for m in re.finditer(r"\$\{(\w+):-([^}]*)\}", text)}
+    assert set(used) <= set(example), f".env.example lacks {sorted(set(used) - set(example))}"
+    for name, default in used.items():
+        assert example[name] == default, f"{name}: compose default {default!r}, .env.example {example[name]!r}"
+    # every use of a variable has the same default
+    for name in used:
+        defaults = set(re.findall(r"\$\{" + name + r":-([^}]*)\}", text))
+        assert len(defaults) == 1, f"{name} has different defaults in docker-compose.yml: {defaults}"
+
+
+def test_compose_producer_and_workers_share_settings(services: dict) -> None:
+    producer = env_of(services["producer"])
+    for name in ("worker", "worker-cpu"):
+        worker = env_of(services[name])
+        shared = {k for k in producer if k.startswith(("IMAGEMILL_", "AWS_"))}
+        assert shared >= {"IMAGEMILL_BROKER_URL", "IMAGEMILL_SINK", "IMAGEMILL_S3_ENDPOINT_URL"}
+        assert {k: worker.get(k) for k in shared} == {k: producer[k] for k in shared}
+
+
+def test_compose_minio_init_creates_the_buckets_used(services: dict) -> None:
+    init = services["minio-init"]
+    script = interpolate(" ".join(argv_of(init.get("entrypoint") or init.get("command"))))
+    buckets = set(re.findall(r"mc mb (?:--ignore-existing |-p )*local/([\w.-]+)", script))
+    assert {"photos", "annotations"} <= buckets
+    source = next(arg for arg in argv_of(services["producer"]["command"]) if arg.startswith("s3://"))
+    assert urlsplit(source).hostname in buckets, f"the producer reads {source}, a bucket minio-init does not create"
+
+
+def test_compose_worker_reserves_gpus_and_drains(services: dict) -> None:
+    worker = services["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] and d["count"] == "all" for d in devices)
+    env = env_of(worker)
+    soft = float(env.get("IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT", Settings.model_fields["soft_shutdown_timeout"].default))
+    for name in ("worker", "worker-cpu"):
+        grace = compose_seconds(services[name]["stop_grace_period"])
+        assert grace >= 300, f"{name}: stop_grace_period {grace}s is shorter than a chunk may take"
+        assert grace > soft, f"{name}: stop_grace_period must exceed IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT ({soft}s)"
+    assert "deploy" not in services["worker-cpu"], "the CPU worker must not ask for a GPU"
+    for name in ("worker", "worker-cpu"):
+        hf_home = env_of(services[name])["HF_HOME"]
+        targets = [v.split(":")[1] for v in services[name]["volumes"]]
+        assert hf_home in targets, f"{name}: HF_HOME {hf_home} is not on a volume"
+
+
+def test_compose_builds_from_the_deploy_dockerfiles(services: dict) -> None:
+    expected = {"worker": WORKER_DOCKERFILE, "worker-cpu": WORKER_DOCKERFILE, "producer": PRODUCER_DOCKERFILE}
+    for name, dockerfile in expected.items():
+        build = services[name]["build"]
+        context = (ROOT / build["context"]).resolve()
+        assert context == ROOT
+        assert (context / build["dockerfile"]).resolve() == dockerfile.resolve()
+
+
+# =========================================================================== commands
+
+
+@pytest.mark.parametrize("where,argv", deployed_commands(), ids=[w for w, _ in deployed_commands()])
+def test_deployed_commands_exist_in_the_cli(where: str, argv: list[str]) -> None:
+    ctx = parse_cli(argv)
+    if ctx is not None and argv[1] == "worker":
+        plan_slots(ctx.params["gpus"], detect=lambda: ["0"])  # a value the supervisor accepts
+
+
+def test_parse_cli_rejects_what_the_cli_rejects() -> None:
+    """The command check above fails on things that would fail at run time."""
+    for argv in (
+        ["imagemill", "work", "--gpus", "all"],
+        ["imagemill", "worker", "--gpu", "all"],
+        ["imagemill", "submit", "--wait"],
+        ["imagemill", "submit", "s3://x/", "--chunk-size", "many"],
+    ):
+        with pytest.raises((AssertionError, pytest.fail.Exception)):
+            parse_cli(argv)
+
+
+def test_worker_commands_run_one_process_per_gpu() -> None:
+    """`--gpus all` in a pod given one GPU runs exactly one pinned Celery worker."""
+    deployment = k8s_object("Deployment", "imagemill-worker")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    ctx = parse_cli(container["args"])
+    slots = plan_slots(ctx.params["gpus"], detect=lambda: [str(i) for i in range(gpus)])
+    assert len(slots) == gpus == 1
+    assert slots[0].env({})["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+# =========================================================================== Dockerfiles
+
+
+@pytest.mark.parametrize("path", [WORKER_DOCKERFILE, PRODUCER_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfile_runs_as_non_root(path: Path) -> None:
+    users = [rest for name, rest in final_stage(path) if name == "USER"]
+    assert users, f"{path.name}: the final stage has no USER (it would run as root)"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+    assert user == str(NON_ROOT_UID), f"{path.name}: USER {user}; the k8s manifests run as {NON_ROOT_UID}"
+    text = path.read_text(encoding="utf-8")
+    assert f"--uid {NON_ROOT_UID}" in text, f"{path.name}: no user with uid {NON_ROOT_UID} is created"
+
+
+@pytest.mark.parametrize("path", [WORKER_DOCKERFILE, PRODUCER_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfile_entrypoint_keeps_the_command_replaceable(path: Path) -> None:
+    """ENTRYPOINT is only an init (tini); the `imagemill ...` line is CMD, so compose `command:`
+    and k8s `args:` replace it whole."""
+    stage = final_stage(path)
+    entrypoint = exec_form([rest for name, rest in stage if name == "ENTRYPOINT"][-1])
+    assert "imagemill" not in entrypoint
+    assert Path(entrypoint[0]).name == "tini"
+    assert exec_form([rest for name, rest in stage if name == "CMD"][-1])[0] == "imagemill"
+
+
+def test_worker_image_is_cuda_torch_and_the_worker_extra() -> None:
+    args = global_args(WORKER_DOCKERFILE)
+    base = args["CUDA_IMAGE"]
+    assert base.startswith("nvidia/cuda:") and "runtime" in base
+    text = WORKER_DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"torch==\$\{?TORCH_VERSION", text) and re.fullmatch(r"\d+\.\d+\.\d+", global_args_all(WORKER_DOCKERFILE)["TORCH_VERSION"])
+    assert "download.pytorch.org/whl/cu" in global_args_all(WORKER_DOCKERFILE)["TORCH_INDEX_URL"]
+    assert "python3.11" in text
+    assert re.search(r"pip install \S*\[worker\]", text)
+    env = " ".join(rest for name, rest in final_stage(WORKER_DOCKERFILE) if name == "ENV")
+    assert "HF_HOME=/models" in env
+    # torch is installed before the project, so the unpinned `torch>=2.2` does not pull another build
+    assert text.index("torch==") < text.index("[worker]")
+
+
+def global_args_all(path: Path) -> dict[str, str]:
+    return {
+        k: v for stage in dockerfile_stages(path) for name, rest in stage
+        if name == "ARG" and "=" in rest for k, v in [rest.split("=", 1)]
+    }
+
+
+def test_producer_image_has_no_torch() -> None:
+    text = PRODUCER_DOCKERFILE.read_text(encoding="utf-8")
+    runs = " ".join(rest for stage in dockerfile_stages(PRODUCER_DOCKERFILE) for name, rest in stage if name == "RUN")
+    assert "[worker]" not in runs and "torch==" not in runs and "pip install torch" not in runs
+    assert global_args(PRODUCER_DOCKERFILE)["PYTHON_IMAGE"].startswith("python:3.11")
+    assert "pip install /src" in text
+
+
+@pytest.mark.parametrize("path", [WORKER_DOCKERFILE, PRODUCER_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfile_copies_what_the_package_needs(path: Path) -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    sources: set[str] = set()
+    for stage in dockerfile_stages(path):
+        for name, rest in stage:
+            if name in {"COPY", "ADD"} and "--from=" not in rest:
+                sources.update(p.rstrip("/") for p in rest.split()[:-1] if not p.startswith("--"))
+    missing = packages - sources
+    assert not missing, f"{path.name} does not copy the packages {sorted(missing)}"
+    assert {"pyproject.toml", pyproject["project"]["readme"]} <= sources
+    patterns = dockerignore_patterns()
+    for source in sorted(sources):
+        assert (ROOT / source).exists(), f"{path.name}: COPY {source}: no such file in the build context"
+        files = [ROOT / source] if (ROOT / source).is_file() else [
+            f for f in (ROOT / source).rglob("*") if f.is_file() and "__pycache__" not in f.parts
+        ]
+        for file in files:
+            rel = file.relative_to(ROOT).as_posix()
+            assert not dockerignored(rel, patterns), f"{path.name} copies {rel}, but .dockerignore leaves it out"
+
+
+def test_dockerignore_keeps_clutter_and_secrets_out() -> None:
+    patterns = dockerignore_patterns()
+    for path in (".git/HEAD", ".venv/bin/python", ".env", "tests/test_deploy.py", "imagemill/__pycache__/x.pyc"):
+        assert dockerignored(path, patterns), f".dockerignore lets {path} into the build context"
+    for path in ("pyproject.toml", "README.md", "imagemill/data/tags.txt", "worker/celery.py"):
+        assert not dockerignored(path, patterns), f".dockerignore drops {path}, which the images need"
+
+
+# =========================================================================== Kubernetes
+
+
+def test_k8s_objects_live_in_the_namespace() -> None:
+    namespace = k8s_object("Namespace")["metadata"]["name"]
+    for obj in k8s_objects():
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == namespace, f"{obj['kind']} {obj['metadata']['name']}"
+
+
+def test_k8s_references_resolve() -> None:
+    names = {(o["kind"], o["metadata"]["name"]) for o in k8s_objects()}
+    for obj in k8s_objects():
+        if obj["kind"] not in {"Deployment", "Job"}:
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        for container in spec["containers"]:
+            refs = container["envFrom"]
+            assert ("ConfigMap", "imagemill-config") in {("ConfigMap", r["configMapRef"]["name"]) for r in refs if "configMapRef" in r}
+            for ref in refs:
+                kind, key = ("ConfigMap", "configMapRef") if "configMapRef" in ref else ("Secret", "secretRef")
+                assert (kind, ref[key]["name"]) in names, f"{obj['metadata']['name']} uses a missing {kind} {ref[key]['name']}"
+            mounted = {m["name"] for m in container.get("volumeMounts", [])}
+            assert mounted <= {v["name"] for v in spec.get("volumes", [])}
+        for volume in spec.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+
+
+def _hardened(obj: dict) -> dict:
+    spec = obj["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    pod_sc, sc = spec.get("securityContext", {}), container["securityContext"]
+    assert (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")) is True
+    assert sc.get("runAsUser", pod_sc.get("runAsUser")) == NON_ROOT_UID
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert "command" not in container, "`command` replaces the image's ENTRYPOINT (tini); use `args`"
+    tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert tmp and "emptyDir" in volumes[tmp[0]["name"]], "a read-only root filesystem needs a writable /tmp"
+    return container
+
+
+def test_k8s_worker_gpu_security_and_grace() -> None:
+    deployment = k8s_object("Deployment", "imagemill-worker")
+    spec = deployment["spec"]["template"]["spec"]
+    container = _hardened(deployment)
+    resources = container["resources"]
+    assert int(resources["requests"]["nvidia.com/gpu"]) == 1
+    assert int(resources["limits"]["nvidia.com/gpu"]) == 1
+    assert "replicas" not in deployment["spec"], "KEDA owns the replica count; `replicas` here fights it on every apply"
+    assert any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+    assert spec.get("nodeSelector") or spec.get("affinity")
+
+    grace = spec["terminationGracePeriodSeconds"]
+    soft = float(configured("soft_shutdown_timeout"))
+    assert grace > soft, f"terminationGracePeriodSeconds {grace} <= IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT {soft}"
+    assert grace >= 300, "shorter than a chunk may take: pods would be killed mid-chunk"
+    assert float(configured("visibility_timeout")) > grace, "a chunk outlasting the visibility timeout runs twice"
+
+    hf_home = {e["name"]: e.get("value") for e in container.get("env", [])}["HF_HOME"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert hf_home in mounts
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" not in volumes[mounts[hf_home]], "the models would be lost with every pod"
+
+
+def test_k8s_producer_job_submits_and_waits_once() -> None:
+    job = k8s_object("Job")
+    _hardened(job)
+    assert job["spec"]["backoffLimit"] == 0, "a retried pod submits the same job twice"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    ctx = parse_cli(args)
+    assert args[1] == "submit" and ctx.params["wait"] is True
+
+
+def test_keda_watches_the_default_queue() -> None:
+    scaled = k8s_object("ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis"
+    queue = Settings().queue
+    assert trigger["metadata"]["listName"] == queue == Settings.model_fields["queue"].default
+    configmap = configmap_data()
+    if "IMAGEMILL_QUEUE" in configmap:
+        assert configmap["IMAGEMILL_QUEUE"] == queue
+    target = scaled["spec"]["scaleTargetRef"]
+    assert target.get("kind", "Deployment") == "Deployment"
+    k8s_object("Deployment", target["name"])
+
+
+def test_keda_reaches_the_broker_redis() -> None:
+    scaled = k8s_object("ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    broker = urlsplit(secret_data("imagemill-secrets")["IMAGEMILL_BROKER_URL"])
+    meta = trigger["metadata"]
+    assert meta["address"] == f"{broker.hostname}:{broker.port or 6379}"
+    assert int(meta.get("databaseIndex", "0")) == int(broker.path.lstrip("/") or 0)
+    auth = k8s_object("TriggerAuthentication", trigger["authenticationRef"]["name"])
+    (ref,) = [r for r in auth["spec"]["secretTargetRef"] if r["parameter"] == "password"]
+    password = secret_data(ref["name"])[ref["key"]]
+    assert password == broker.password, "the KEDA password and the broker URL's password differ"
+
+
+def test_keda_scaling_bounds() -> None:
+    scaled = k8s_object("ScaledObject")
+    spec = scaled["spec"]
+    (trigger,) = spec["triggers"]
+    list_length = int(trigger["metadata"]["listLength"])
+    assert spec["minReplicaCount"] == 0
+    assert spec["maxReplicaCount"] >= 1
+    # the producer never queues more than the high-water mark, so the metric can ask for at
+    # most high_water / listLength replicas: a higher maximum would never be reached
+    high_water = int(configured("queue_high_water"))
+    assert spec["maxReplicaCount"] <= math.ceil(high_water / list_length)
+    # the list is empty while the last chunks still run: don't scale to zero under them
+    grace = k8s_object("Deployment", "imagemill-worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert spec["cooldownPeriod"] >= grace
+
+
+# =========================================================================== Redis
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_redis_conf_loads_in_a_real_redis(tmp_path: Path) -> None:
+    """redis.conf is valid for Redis 7 and its settings take effect (dir, port and memory
+    cap are moved into tmp_path; everything else is the file as shipped)."""
+    import redis
+
+    text = REDIS_CONF.read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^dir .*$", f"dir {tmp_path}", text)
+    conf = tmp_path / "redis.conf"
+    conf.write_text(text, encoding="utf-8")
+    sock = tmp_path / "redis.sock"
+    log = tmp_path / "redis.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["redis-server", str(conf), "--port", "0", "--unixsocket", str(sock), "--maxmemory", "64mb"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        client = redis.Redis(unix_socket_path=str(sock), decode_responses=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None, f"redis-server refused the config:\n{log.read_text()}"
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        got = {k: client.config_get(k)[k] for k in ("appendonly", "appendfsync", "maxmemory-policy", "save", "protected-mode")}
+        assert got == {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction", "save": "", "protected-mode": "yes"}
+        client.set("k", "v")
+        client.shutdown(nosave=True)
+    except redis.ConnectionError:
+        pass  # shutdown closes the connection
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=10)
+    assert any((tmp_path / "appendonlydir").iterdir()), "no append-only file was written"
+
+
+# =========================================================================== Celery
+
+
+def test_celery_dash_a_finds_our_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`celery -A worker worker`, as the supervisor starts it, resolves to the imagemill app."""
+    from celery import Celery
+    from celery.app.utils import find_app
+
+    argv = celery_argv(Slot("0"), ["imagemill"], "INFO", hostname="test")
+    assert argv[1:3] == ["-m", "celery"]
+    app_name = argv[argv.index("-A") + 1]
+    monkeypatch.chdir(ROOT)  # celery imports -A from the working directory first
+    app = find_app(app_name)
+    assert isinstance(app, Celery)
+    settings = Settings()
+    assert app.conf.task_default_queue == settings.queue
+    assert app.conf.accept_content == ["json"]
+    assert app.conf.task_serializer == "json"
+    assert app.conf.task_acks_late is True
+    assert app.conf.broker_transport_options["visibility_timeout"] == settings.visibility_timeout
+    assert app.conf.worker_soft_shutdown_timeout == settings.soft_shutdown_timeout
+    assert "worker.tasks" in app.conf.include
+
+
+def test_celery_app_registers_the_chunk_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the worker process imports at start-up (app.conf.include) defines the task the
+    producer sends."""
+    from celery.app.utils import find_app
+
+    from imagemill.broker import CHUNK_TASK
+
+    monkeypatch.chdir(ROOT)
+    app = find_app("worker")
+    app.loader.import_default_modules()
+    assert CHUNK_TASK in app.tasks
+
+
+# =========================================================================== the producer image
+
+
+def test_submit_and_the_supervisor_import_no_torch(tmp_path: Path) -> None:
+    """The producer image has no torch or transformers, and the worker's supervisor must not
+    initialise CUDA: run `imagemill submit` up to the sink check, and plan the worker's
+    processes, with both made unimportable."""
+    script = textwrap.dedent(
+        """
+        import importlib.abc, json, sys
+
+        BLOCKED = ("torch", "transformers", "huggingface_hub", "safetensors", "accelerate")
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{name} is not in the producer image")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from typer.testing import CliRunner
+        from imagemill.cli import app
+        import imagemill.stores.postgres, imagemill.stores.objects, producer.submit, producer.sources
+        result = CliRunner().invoke(app, ["submit", sys.argv[1], "--sink", "bogus://nowhere"])
+        from worker.supervisor import plan_slots, celery_argv
+        plan_slots("cpu")
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print(json.dumps({"exit": result.exit_code, "output": result.output,
+                          "exception": repr(result.exception), "loaded": loaded}))
+        """
+    )
+    (tmp_path / "photos").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEMILL_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "photos")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == []
+    # it failed on the sink, i.e. after every import of the submit path had run
+    assert "ImportError" not in report["exception"], report
+    assert report["exit"] != 0 and "bogus://nowhere" in report["output"], report

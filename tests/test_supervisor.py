@@ -1,0 +1,73 @@
+"""GPU pinning: which worker processes run, what each sees, and that a dead one comes back."""
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.workers import start_worker
+from worker.supervisor import Slot, celery_argv, plan_slots
+
+
+def test_cpu_means_one_worker_that_sees_no_gpu() -> None:
+    slots = plan_slots("cpu", detect=lambda: ["0", "1"])
+    assert len(slots) == 1
+    env = slots[0].env({"IMAGEMILL_DEVICE": "auto"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["IMAGEMILL_DEVICE"] == "auto"
+
+
+def test_all_means_one_worker_per_detected_gpu_each_pinned_to_its_own() -> None:
+    slots = plan_slots("all", detect=lambda: ["0", "1", "3"])
+    envs = [slot.env({}) for slot in slots]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "3"]
+    assert all(e["IMAGEMILL_DEVICE"] == "cuda:0" for e in envs)  # each child sees one GPU as cuda:0
+    assert [slot.name for slot in slots] == ["gpu0", "gpu1", "gpu3"]
+
+
+def test_listed_gpus_are_used_as_given() -> None:
+    assert [s.gpu for s in plan_slots("0,2", detect=lambda: [])] == ["0", "2"]
+
+
+@pytest.mark.parametrize("spec", ["", "gpu0", "0,0", "1,-2"])
+def test_bad_gpu_lists_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="--gpus"):
+        plan_slots(spec, detect=lambda: ["0"])
+
+
+def test_all_without_gpus_says_to_use_cpu() -> None:
+    with pytest.raises(ValueError, match="--gpus cpu"):
+        plan_slots("all", detect=lambda: [])
+
+
+def test_each_worker_runs_one_model_set_with_a_unique_hostname() -> None:
+    argv = celery_argv(Slot("2"), ["imagemill", "captions"], "INFO", hostname="box")
+    joined = " ".join(argv)
+    assert "-A worker worker" in joined and "--queues imagemill,captions" in joined
+    assert "--hostname gpu2@box" in joined and "--concurrency 1" in joined and "--prefetch-multiplier 1" in joined
+
+
+def test_the_parent_never_imports_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import imagemill.cli, worker.supervisor, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_a_worker_process_that_dies_is_restarted(model_env: dict[str, str], redis_url: str, tmp_path: Path) -> None:
+    worker = start_worker({**model_env, "IMAGEMILL_BROKER_URL": redis_url}, tmp_path / "worker.log").wait_ready()
+    try:
+        first = re.search(r"started (cpu\d+) \(pid (\d+)\)", worker.log)
+        assert first, worker.log
+        os.kill(int(first.group(2)), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(re.findall(r"started cpu\d+ \(pid", worker.log)) < 2:
+            time.sleep(0.2)
+        assert "exited with -9; restarting" in worker.log
+        assert len(re.findall(r"started cpu\d+ \(pid", worker.log)) == 2
+    finally:
+        assert worker.stop() == 0
