@@ -51,7 +51,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": [Queue(name) for name in sorted(queues)],
         "task_create_missing_queues": True,
         "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout,
-        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_enable_soft_shutdown_on_idle": False,  # an idle worker stops at once
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }

@@ -17,6 +17,7 @@ class ErrorKind(StrEnum):
     UNSUPPORTED = "unsupported"
     FETCH_FAILED = "fetch_failed"
     MODEL_FAILED = "model_failed"
+    WORKER_LOST = "worker_lost"  # its chunk killed its worker every time it was delivered
 
 
 class ImageError(Exception):

@@ -11,11 +11,14 @@ from enum import StrEnum
 
 import redis
 from pydantic import BaseModel
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from imagemill.schemas import Task
 
 PREFIX = "imagemill"
 JOBS_INDEX = f"{PREFIX}:jobs"
+REJECTED = f"{PREFIX}:rejected_messages"
 FAILED_PREFIX = "failed:"
 
 
@@ -79,6 +82,7 @@ class Job(BaseModel):
     chunks_queued: int = 0
     chunks_done: int = 0
     chunks_cancelled: int = 0
+    chunks_dead_lettered: int = 0
 
     @property
     def processed(self) -> int:
@@ -117,7 +121,15 @@ class JobRegistry:
     """Jobs and their counters, kept in Redis where producers, workers and `status` all see them."""
 
     def __init__(self, url: str) -> None:
-        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        # a Redis restart is waited out (about a minute of backoff), not turned into a failed chunk
+        self.redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            health_check_interval=30,
+            socket_connect_timeout=5,
+            retry=Retry(ExponentialBackoff(cap=5, base=0.1), retries=20),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
         self._chunk_done = self.redis.register_script(_CHUNK_DONE)
         self._end_listing = self.redis.register_script(_END_LISTING)
 
@@ -174,9 +186,11 @@ class JobRegistry:
         pipe.hsetnx(self.key(job_id), "signature", signature)
         pipe.execute()
 
-    def chunk_done(self, job_id: str, chunk_id: str, outcomes: Mapping[str, int]) -> bool:
+    def chunk_done(
+        self, job_id: str, chunk_id: str, outcomes: Mapping[str, int], *, dead_lettered: bool = False
+    ) -> bool:
         """Count a finished chunk once; False when it had been counted already (a redelivery)."""
-        increments: list[str | int] = ["chunks_done", 1]
+        increments: list[str | int] = ["chunks_done", 1, "chunks_dead_lettered", int(dead_lettered)]
         for outcome, count in outcomes.items():
             if outcome == "annotated":
                 increments += ["annotated", count]
@@ -184,6 +198,21 @@ class JobRegistry:
                 increments += ["failed", count, FAILED_PREFIX + outcome, count]
         args = [chunk_id, time.time(), *increments]
         return bool(self._chunk_done(keys=[self.key(job_id), self.key(job_id) + ":chunks"], args=args))
+
+    def begin_attempt(self, job_id: str, chunk_id: str) -> int:
+        """Count a delivery of a chunk; returns 1 + how many earlier deliveries died mid-chunk."""
+        return int(self.redis.hincrby(self.key(job_id) + ":attempts", chunk_id, 1))
+
+    def end_attempt(self, job_id: str, chunk_id: str) -> None:
+        """The attempt ended in this process (done or raised): it was not a worker death."""
+        self.redis.hincrby(self.key(job_id) + ":attempts", chunk_id, -1)
+
+    def count_rejected(self) -> int:
+        """A message that was refused unexecuted (wrong shape, foreign serializer)."""
+        return int(self.redis.incr(REJECTED))
+
+    def rejected(self) -> int:
+        return int(self.redis.get(REJECTED) or 0)
 
     def chunk_cancelled(self, job_id: str, chunk_id: str) -> bool:
         args = [chunk_id, time.time(), "chunks_cancelled", 1]

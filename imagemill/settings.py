@@ -65,7 +65,13 @@ class Settings(BaseSettings):
     chunk_size: int = Field(default=128, ge=1, le=10_000)
     queue_high_water: int = Field(default=200, ge=1, description="chunks queued before submit waits")
     task_max_retries: int = Field(default=5, ge=0)
+    max_worker_losses: int = Field(
+        default=2, ge=0, description="worker deaths a chunk may cause before it is dead-lettered"
+    )
     sink: str | None = Field(default=None, description="Where workers write records")
+
+    # fault injection for the chaos tests; empty in any real deployment
+    faults: dict[str, str | float] = Field(default_factory=dict)
 
     @property
     def registry_url(self) -> str:

@@ -71,7 +71,8 @@ def file_etag(stat: os.stat_result) -> str:
 def make_s3_client(settings: Settings) -> BaseClient:
     """One client per process: thread-safe to use, retries throttling and 5xx with backoff."""
     config = Config(
-        retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
+        # total attempts, first one included (botocore's `max_attempts` would count retries only)
+        retries={"total_max_attempts": settings.s3_max_attempts, "mode": "standard"},
         max_pool_connections=settings.fetch_threads + 4,
         connect_timeout=10,
         read_timeout=60,

@@ -1,14 +1,18 @@
 """One chunk of a distributed job: annotate it with the engine, write its records, count it.
 
 Order matters for exactly-once records: write (idempotent) first, then count the chunk once.
+A chunk whose deliveries keep killing their worker is dead-lettered: `worker_lost` records.
 """
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from imagemill.jobs import JobState
-from imagemill.schemas import ChunkMessage, Record
+from imagemill.errors import ErrorKind
+from imagemill.jobs import Job, JobState
+from imagemill.schemas import ChunkMessage, ImageRef, Record, RecordError
+from worker.faults import before_image
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -17,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ChunkResult:
     chunk_id: str
-    outcome: str  # annotated | cancelled | unknown_job
+    outcome: str  # annotated | dead_lettered | cancelled | unknown_job
     counts: dict[str, int]
     first_time: bool = True
 
@@ -35,12 +39,49 @@ def run_chunk(chunk: ChunkMessage, rt: Runtime) -> ChunkResult:
     if job.state == JobState.CANCELLED:
         rt.registry.chunk_cancelled(chunk.job_id, chunk.chunk_id)
         return ChunkResult(chunk.chunk_id, "cancelled", {})
+    attempt = rt.registry.begin_attempt(chunk.job_id, chunk.chunk_id)
+    try:
+        if attempt > rt.settings.max_worker_losses + 1:
+            return _dead_letter(chunk, job, rt, deaths=attempt - 1)
+        return _annotate(chunk, job, rt)
+    finally:
+        rt.registry.end_attempt(chunk.job_id, chunk.chunk_id)
+
+
+def _annotate(chunk: ChunkMessage, job: Job, rt: Runtime) -> ChunkResult:
     engine = rt.engine(chunk.tasks)
     rt.registry.chunk_started(chunk.job_id, engine.signature)
-    records = list(engine.annotate(chunk.refs, job_id=chunk.job_id))
+    records = list(engine.annotate(_with_faults(chunk.refs, rt), job_id=chunk.job_id))
+    return _store(chunk, job, rt, records, "annotated")
+
+
+def _dead_letter(chunk: ChunkMessage, job: Job, rt: Runtime, deaths: int) -> ChunkResult:
+    log.error("chunk %s killed its worker %d times; dead-lettered as worker_lost records", chunk.chunk_id, deaths)
+    message = (
+        f"the worker died {deaths} times while annotating this image's chunk; "
+        "it was set aside (retry it with `imagemill retry`)"
+    )
+    signature = rt.engine(chunk.tasks).signature
+    records = [
+        Record(
+            uri=ref.uri, etag=ref.etag, bytes=ref.size, signature=signature, job_id=chunk.job_id,
+            error=RecordError(kind=ErrorKind.WORKER_LOST, message=message),
+        )
+        for ref in chunk.refs
+    ]
+    return _store(chunk, job, rt, records, "dead_lettered")
+
+
+def _store(chunk: ChunkMessage, job: Job, rt: Runtime, records: list[Record], outcome: str) -> ChunkResult:
     rt.sink(job.sink).write(records, chunk.chunk_id)
     counts = dict(outcome_counts(records))
-    first = rt.registry.chunk_done(chunk.job_id, chunk.chunk_id, counts)
+    first = rt.registry.chunk_done(chunk.job_id, chunk.chunk_id, counts, dead_lettered=outcome == "dead_lettered")
     if not first:
         log.info("chunk %s was redelivered; records rewritten, counters unchanged", chunk.chunk_id)
-    return ChunkResult(chunk.chunk_id, "annotated", counts, first)
+    return ChunkResult(chunk.chunk_id, outcome, counts, first)
+
+
+def _with_faults(refs: list[ImageRef], rt: Runtime) -> Iterator[ImageRef]:
+    for ref in refs:
+        before_image(rt.settings.faults, ref)
+        yield ref

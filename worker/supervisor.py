@@ -32,6 +32,9 @@ class Slot:
 
     def env(self, base: dict[str, str]) -> dict[str, str]:
         env = dict(base)
+        # SIGTERM starts Celery's soft shutdown: the running chunk gets IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT
+        # seconds to finish, then goes back to the queue, instead of an unbounded warm shutdown
+        env.setdefault("REMAP_SIGTERM", "SIGQUIT")
         if self.gpu is None:
             env["CUDA_VISIBLE_DEVICES"] = ""
             env.setdefault("IMAGEMILL_DEVICE", "cpu")

@@ -11,7 +11,7 @@ import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Task as CeleryTask
 from celery.exceptions import Reject
-from celery.signals import worker_process_shutdown
+from celery.signals import task_rejected, task_unknown, worker_process_shutdown
 from pydantic import ValidationError
 
 from imagemill.broker import CHUNK_TASK
@@ -42,6 +42,7 @@ def annotate_chunk(self: CeleryTask, message: Any) -> dict[str, Any]:
         chunk = ChunkMessage.model_validate(message)
     except ValidationError as exc:
         log.error("rejected a malformed chunk message (task id %s): %s", self.request.id, exc.errors()[:3])
+        runtime().registry.count_rejected()
         raise Reject(f"malformed chunk message: {exc.error_count()} errors", requeue=False) from None
     result = run_chunk(chunk, runtime())
     log.info("chunk %s: %s %s", result.chunk_id, result.outcome, result.counts)
@@ -51,3 +52,12 @@ def annotate_chunk(self: CeleryTask, message: Any) -> dict[str, Any]:
 @worker_process_shutdown.connect
 def _close_runtime(**_: Any) -> None:
     runtime().close()
+
+
+@task_rejected.connect
+@task_unknown.connect
+def _count_refused(message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
+    # e.g. a pickle payload (refused by accept_content before it is deserialised) or an unknown task
+    content_type = getattr(message, "content_type", "?")
+    log.error("refused a message of type %s without running it: %s", content_type, exc)
+    runtime().registry.count_rejected()
