@@ -83,6 +83,8 @@ class Job(BaseModel):
     chunks_done: int = 0
     chunks_cancelled: int = 0
     chunks_dead_lettered: int = 0
+    producer_seen: float | None = None
+    resume_after: str | None = None
 
     @property
     def processed(self) -> int:
@@ -137,23 +139,54 @@ class JobRegistry:
     def key(job_id: str) -> str:
         return f"{PREFIX}:job:{job_id}"
 
-    def create(self, job_id: str, source: str, tasks: tuple[Task, ...], sink: str, queue: str) -> Job:
+    def create(
+        self, job_id: str, source: str, tasks: tuple[Task, ...], sink: str, queue: str, *, idempotency_key: str = ""
+    ) -> tuple[Job, bool]:
+        """Register a job, or return the running one with the same idempotency key (and False)."""
+        active = f"{PREFIX}:active:{idempotency_key or job_id}"
         now = time.time()
         fields = {
-            "id": job_id,
-            "source": source,
-            "tasks": ",".join(tasks),
-            "sink": sink,
-            "queue": queue,
-            "state": JobState.RUNNING.value,
-            "created_at": now,
-            "updated_at": now,
+            "id": job_id, "source": source, "tasks": ",".join(tasks), "sink": sink, "queue": queue,
+            "state": JobState.RUNNING.value, "created_at": now, "updated_at": now, "producer_seen": now,
         }
-        pipe = self.redis.pipeline()
-        pipe.hset(self.key(job_id), mapping=fields)
-        pipe.zadd(JOBS_INDEX, {job_id: now})
-        pipe.execute()
-        return self.get(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(active)
+                    existing = pipe.get(active)
+                    if existing and pipe.hget(self.key(existing), "state") == JobState.RUNNING.value:
+                        pipe.unwatch()
+                        return self.get(existing), False
+                    pipe.multi()
+                    pipe.set(active, job_id)
+                    pipe.hset(self.key(job_id), mapping=fields)
+                    pipe.zadd(JOBS_INDEX, {job_id: now})
+                    pipe.execute()
+                    return self.get(job_id), True
+                except redis.WatchError:
+                    continue
+
+    def heartbeat(self, job_id: str) -> None:
+        """The producer of this job is alive (it is listing or waiting for room in the queue)."""
+        self.redis.hset(self.key(job_id), "producer_seen", time.time())
+
+    def take_over(self, job_id: str, stale_after_s: float) -> bool:
+        """Become the producer of a job whose producer stopped heartbeating; False if it is alive."""
+        key = self.key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    listing_done, seen = pipe.hmget(key, "listing_done", "producer_seen")
+                    if listing_done == "1" or time.time() - float(seen or 0) < stale_after_s:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.hset(key, "producer_seen", time.time())
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     def get(self, job_id: str) -> Job | None:
         data = self.redis.hgetall(self.key(job_id))
@@ -167,14 +200,16 @@ class JobRegistry:
         value = self.redis.hget(self.key(job_id), "state")
         return JobState(value) if value else None
 
-    def add_queued(self, job_id: str, listed: int, queued: int, skipped: int = 0) -> None:
-        pipe = self.redis.pipeline()
+    def add_queued(self, job_id: str, listed: int, queued: int, skipped: int = 0, last_uri: str | None = None) -> None:
+        """Count what the producer listed and enqueued; `last_uri` is where a successor resumes."""
         key = self.key(job_id)
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
         pipe.hincrby(key, "listed", listed)
         pipe.hincrby(key, "queued", queued)
         pipe.hincrby(key, "skipped", skipped)
         pipe.hincrby(key, "chunks_queued", 1 if queued else 0)
-        pipe.hset(key, "updated_at", time.time())
+        pipe.hset(key, mapping={"updated_at": now, "producer_seen": now, **({"resume_after": last_uri} if last_uri else {})})
         pipe.execute()
 
     def end_listing(self, job_id: str, chunks_total: int) -> None:

@@ -60,15 +60,18 @@ class Settings(BaseSettings):
     routes: dict[str, str] = Field(
         default_factory=dict, description='task -> queue, e.g. {"caption": "imagemill-caption"}'
     )
-    visibility_timeout: int = Field(default=3600, ge=10, description="seconds; above the longest chunk")
+    visibility_timeout: int = Field(default=3600, ge=1, description="seconds; above the longest chunk")
     soft_shutdown_timeout: float = Field(default=60.0, ge=0)
     chunk_size: int = Field(default=128, ge=1, le=10_000)
     queue_high_water: int = Field(default=200, ge=1, description="chunks queued before submit waits")
-    task_max_retries: int = Field(default=5, ge=0)
+    task_max_retries: int = Field(default=10, ge=0)
     max_worker_losses: int = Field(
         default=2, ge=0, description="worker deaths a chunk may cause before it is dead-lettered"
     )
     sink: str | None = Field(default=None, description="Where workers write records")
+    producer_stale_s: float = Field(
+        default=30.0, gt=0, description="a producer silent this long may be taken over by a new submit"
+    )
 
     # fault injection for the chaos tests; empty in any real deployment
     faults: dict[str, str | float] = Field(default_factory=dict)

@@ -176,3 +176,17 @@ def open_source(spec: str, settings: Settings) -> Source:
             f"{spec} is a file but not a manifest (expected .jsonl, .csv or .txt)"
         )
     raise SourceError(f"source {spec} does not exist (expected a folder, s3://bucket/prefix or a manifest)")
+
+
+@dataclass(frozen=True)
+class RefListSource:
+    """A list of references already known (e.g. the failed images of a job being retried)."""
+
+    name: str
+    items: tuple[ImageRef, ...]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def refs(self) -> Iterator[ImageRef]:
+        return iter(self.items)

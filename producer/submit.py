@@ -1,10 +1,14 @@
 """Submitting a job: register it, list the source, enqueue chunks under backpressure, finish.
 
-Runs in the `imagemill submit` process; workers anywhere pick the chunks up from Redis.
+Runs in the `imagemill submit` process; workers anywhere pick the chunks up from Redis. The same
+source, sink and pipeline submitted again while its job runs attaches to that job instead of
+doubling the work; a producer that died is taken over and resumed after its last chunk.
 """
 
+import hashlib
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import redis
@@ -13,7 +17,7 @@ from celery import Celery
 from imagemill.broker import CHUNK_TASK, make_celery, queue_for
 from imagemill.errors import UserError
 from imagemill.jobs import Job, JobRegistry, JobState, new_job_id
-from imagemill.schemas import ChunkMessage, Task
+from imagemill.schemas import ChunkMessage, ImageRef, Task
 from imagemill.settings import Settings
 from producer.backpressure import Backpressure
 from producer.chunking import chunks
@@ -21,10 +25,26 @@ from producer.sources import Source
 
 log = logging.getLogger(__name__)
 
+def job_key(source: str, sink: str, tasks: tuple[Task, ...], settings: Settings) -> str:
+    """The idempotency key of a job: what is annotated, by which models, and where it goes."""
+    models = {
+        Task.CAPTION: settings.caption_model,
+        Task.MODERATION: settings.moderation_model,
+        Task.TAGS: settings.tags_model,
+    }
+    spec = {
+        "source": source,
+        "sink": sink,
+        "tasks": list(tasks),
+        "models": [models[task] for task in tasks],
+        "revision": settings.model_revision,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
 
 @dataclass
 class Submission:
-    """One job being enqueued; `run` lists and enqueues everything, then closes the listing."""
+    """One job being enqueued; `register` then `run` lists and enqueues everything."""
 
     source: Source
     tasks: tuple[Task, ...]
@@ -33,6 +53,9 @@ class Submission:
     registry: JobRegistry
     job_id: str = field(default_factory=new_job_id)
     on_chunk: Callable[[ChunkMessage], None] = lambda chunk: None
+    producing: bool = True  # False when attached to a job another live producer is listing
+    resume_after: str | None = None
+    first_seq: int = 0
 
     def __post_init__(self) -> None:
         self.queue = queue_for(self.tasks, self.settings)
@@ -40,15 +63,29 @@ class Submission:
         broker = redis.Redis.from_url(self.settings.broker_url)
         self.backpressure = Backpressure(broker, self.queue, self.settings.queue_high_water)
 
-    def register(self) -> Job:
-        return self.registry.create(self.job_id, str(self.source), self.tasks, self.sink, self.queue)
+    def register(self) -> tuple[Job, bool]:
+        """Create the job, or attach to the running one with the same key. True when created."""
+        key = job_key(str(self.source), self.sink, self.tasks, self.settings)
+        job, created = self.registry.create(
+            self.job_id, str(self.source), self.tasks, self.sink, self.queue, idempotency_key=key
+        )
+        self.job_id = job.id
+        if not created:
+            self.producing = self.registry.take_over(job.id, self.settings.producer_stale_s)
+            if self.producing:
+                log.warning("job %s lost its producer; resuming after %s", job.id, job.resume_after)
+                self.resume_after, self.first_seq = job.resume_after, job.chunks_queued
+        return job, created
 
     def run(self) -> int:
-        """Enqueue every chunk; returns how many. Stops early if the job is cancelled."""
+        """Enqueue every chunk not enqueued yet; returns how many. Stops early if the job ends."""
+        if not self.producing:
+            return 0
         count = 0
+        refs = _after(self.source.refs, self.resume_after)
         try:
-            for chunk in chunks(self.job_id, self.tasks, self.source.refs(), self.settings.chunk_size):
-                if not self.backpressure.wait_for_room(self._still_running) or not self._still_running():
+            for chunk in chunks(self.job_id, self.tasks, refs, self.settings.chunk_size, self.first_seq):
+                if not self.backpressure.wait_for_room(self._alive) or not self._alive():
                     log.info("job %s is no longer running; stopped enqueueing", self.job_id)
                     break
                 self._enqueue(chunk)
@@ -56,15 +93,33 @@ class Submission:
         except UserError as exc:
             self.registry.fail(self.job_id, str(exc))
             raise
-        self.registry.end_listing(self.job_id, count)
+        self.registry.end_listing(self.job_id, self.first_seq + count)
         return count
 
     def _enqueue(self, chunk: ChunkMessage) -> None:
-        self.celery.send_task(
-            CHUNK_TASK, args=[chunk.model_dump(mode="json")], queue=self.queue, task_id=None
-        )
-        self.registry.add_queued(self.job_id, listed=len(chunk.refs), queued=len(chunk.refs))
+        self.celery.send_task(CHUNK_TASK, args=[chunk.model_dump(mode="json")], queue=self.queue)
+        n = len(chunk.refs)
+        self.registry.add_queued(self.job_id, listed=n, queued=n, last_uri=chunk.refs[-1].uri)
         self.on_chunk(chunk)
 
-    def _still_running(self) -> bool:
+    def _alive(self) -> bool:
+        """Heartbeat, and whether the job still wants chunks."""
+        self.registry.heartbeat(self.job_id)
         return self.registry.state(self.job_id) == JobState.RUNNING
+
+
+def _after(list_refs: Callable[[], Iterable[ImageRef]], resume_after: str | None) -> Iterator[ImageRef]:
+    """The refs listed after `resume_after` (listings are in a stable order).
+
+    If that ref has vanished from the listing, everything is enqueued again: redelivered images
+    rewrite their own records, so doing work twice is the price of never losing any."""
+    if resume_after is None:
+        yield from list_refs()
+        return
+    iterator = iter(list_refs())
+    for ref in iterator:
+        if ref.uri == resume_after:
+            yield from iterator
+            return
+    log.warning("resume point %s is gone from the listing; enqueueing the whole listing again", resume_after)
+    yield from list_refs()

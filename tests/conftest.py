@@ -11,6 +11,7 @@ from tests.fixtures.images import Case, write_mixed
 from tests.fixtures.postgres import admin_url, fresh_database
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.s3 import moto_server, s3_client
+from tests.fixtures.workers import WorkerProcess
 from tests.fixtures.tiny_models import build_tiny_models
 
 # tests never reach the hub, and never read a developer's real AWS credentials
@@ -90,3 +91,24 @@ def pg_url() -> Iterator[str]:
     """A fresh database on the test PostgreSQL server for the whole run, dropped afterwards."""
     with fresh_database(admin_url()) as url:
         yield url
+
+
+@pytest.fixture
+def dist_env(model_env: dict[str, str], redis_url: str, s3_env: str, pg_url: str) -> dict[str, str]:
+    """Environment for submit and workers: tiny models, private Redis, the S3 server, PostgreSQL."""
+    return {
+        **model_env,
+        "IMAGEMILL_BROKER_URL": redis_url,
+        "IMAGEMILL_S3_ENDPOINT_URL": s3_env,
+        "IMAGEMILL_SINK": pg_url,
+        "IMAGEMILL_VISIBILITY_TIMEOUT": "60",
+    }
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    """Workers a test starts; all stopped at its end."""
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.stop()

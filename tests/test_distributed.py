@@ -3,70 +3,19 @@
 Workers are real `imagemill worker --gpus cpu` subprocesses running the tiny models.
 """
 
-import json
+import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import psycopg
-import pytest
 
 from imagemill.broker import queue_depth
 from imagemill.jobs import JobRegistry, JobState
 from tests.fixtures.cli import REPO, run_cli
-from tests.fixtures.images import Case, photo_jpeg, write_mixed
-from tests.fixtures.s3 import s3_client
-from tests.fixtures.workers import WorkerProcess, start_worker
-
-
-@pytest.fixture
-def dist_env(model_env: dict[str, str], redis_url: str, s3_env: str, pg_url: str) -> dict[str, str]:
-    return {
-        **model_env,
-        "IMAGEMILL_BROKER_URL": redis_url,
-        "IMAGEMILL_S3_ENDPOINT_URL": s3_env,
-        "IMAGEMILL_SINK": pg_url,
-        "IMAGEMILL_VISIBILITY_TIMEOUT": "60",
-    }
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.stop()
-
-
-def rows(pg_url: str, job_id: str) -> list[tuple]:
-    with psycopg.connect(pg_url) as conn:
-        return conn.execute(
-            "select uri, error_kind, caption, flagged from imagemill_records where job_id = %s", (job_id,)
-        ).fetchall()
-
-
-def job_id_of(result: subprocess.CompletedProcess[str]) -> str:
-    match = re.search(r"^([0-9a-f]{12})$", result.stdout, re.MULTILINE)
-    assert match, result.stdout + result.stderr
-    return match.group(1)
-
-
-def upload(endpoint: str, bucket: str, prefix: str, cases: list[Case]) -> None:
-    client = s3_client(endpoint)
-    for case in cases:
-        client.put_object(Bucket=bucket, Key=f"{prefix}{case.name}", Body=case.data)
-
-
-def upload_photos(endpoint: str, bucket: str, prefix: str, count: int) -> list[str]:
-    client = s3_client(endpoint)
-    keys = [f"{prefix}p{i:04d}.jpg" for i in range(count)]
-    data = photo_jpeg(160, 120)
-    for key in keys:
-        client.put_object(Bucket=bucket, Key=key, Body=data)
-    return keys
+from tests.fixtures.distributed import job_id_of, rows, upload, upload_photos
+from tests.fixtures.images import write_mixed
+from tests.fixtures.workers import start_worker
 
 
 def test_submit_wait_writes_one_row_per_object_and_status_says_done(
@@ -80,7 +29,7 @@ def test_submit_wait_writes_one_row_per_object_and_status_says_done(
         "--chunk-size", "5", "--wait", env=dist_env,
     )
     assert result.returncode == 0, result.stderr + workers[0].log[-3000:]
-    job_id = job_id_of(result)
+    job_id = job_id_of(result.stdout)
     found = {uri: (kind, caption) for uri, kind, caption, _ in rows(pg_url, job_id)}
     assert len(found) == len(cases)
     for case in cases:
@@ -110,7 +59,7 @@ def test_two_workers_share_a_job_without_double_writing(
         worker.wait_ready()
     result = run_cli("submit", f"s3://{bucket}/shared/", "--tasks", "moderation", "--chunk-size", "2", "--wait", env=dist_env)
     assert result.returncode == 0, result.stderr
-    job_id = job_id_of(result)
+    job_id = job_id_of(result.stdout)
     uris = [uri for uri, *_ in rows(pg_url, job_id)]
     assert sorted(uris) == sorted(f"s3://{bucket}/{k}" for k in keys)
     done_by = [len(re.findall(rf"chunk {job_id}/\d+: annotated", w.log)) for w in workers]
@@ -126,7 +75,7 @@ def test_backpressure_holds_the_queue_under_its_mark_while_a_worker_drains(
     env = {**dist_env, "IMAGEMILL_QUEUE_HIGH_WATER": "4", "IMAGEMILL_CHUNK_SIZE": "1"}
     submit = subprocess.Popen(
         [sys.executable, "-m", "imagemill", "submit", f"s3://{bucket}/many/", "--tasks", "moderation"],
-        env={**__import__("os").environ, **env, "PYTHONPATH": str(REPO)},
+        env={**os.environ, **env, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
@@ -142,7 +91,7 @@ def test_backpressure_holds_the_queue_under_its_mark_while_a_worker_drains(
         time.sleep(0.05)
     assert submit.returncode == 0, submit.stderr.read()
     assert max(depths) <= 4
-    job_id = job_id_of(subprocess.CompletedProcess([], 0, submit.stdout.read(), ""))
+    job_id = job_id_of(submit.stdout.read())
     deadline = time.monotonic() + 120
     while registry.state(job_id) == JobState.RUNNING and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -156,7 +105,7 @@ def test_cancel_stops_the_remaining_chunks(
     upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "cancel/", 12)
     result = run_cli("submit", f"s3://{bucket}/cancel/", "--tasks", "moderation", "--chunk-size", "1", env=dist_env)
     assert result.returncode == 0, result.stderr
-    job_id = job_id_of(result)
+    job_id = job_id_of(result.stdout)
     cancelled = run_cli("cancel", job_id, env=dist_env)
     assert cancelled.returncode == 0, cancelled.stderr
     workers.append(start_worker(dist_env, tmp_path / "worker.log").wait_ready())
@@ -184,7 +133,7 @@ def test_a_malformed_message_is_rejected_and_the_worker_goes_on(
     result = run_cli("submit", f"s3://{bucket}/after/", "--tasks", "moderation", "--wait", env=dist_env)
     assert result.returncode == 0, result.stderr
     assert "rejected a malformed chunk message" in workers[0].log
-    assert len(rows(pg_url, job_id_of(result))) == 3
+    assert len(rows(pg_url, job_id_of(result.stdout))) == 3
 
 
 def test_status_of_an_unknown_job_is_a_clear_error(dist_env: dict[str, str]) -> None:

@@ -7,7 +7,9 @@ from imagemill.schemas import Task
 
 
 def new_job(registry: JobRegistry, job_id: str = "job1"):
-    return registry.create(job_id, "s3://b/p", (Task.CAPTION,), "postgresql://u:secret@db/x", "imagemill")
+    job, created = registry.create(job_id, "s3://b/p", (Task.CAPTION,), "postgresql://u:secret@db/x", "imagemill")
+    assert created
+    return job
 
 
 def test_each_chunk_counts_once_even_when_delivered_many_times_concurrently(redis_url: str) -> None:
@@ -60,3 +62,22 @@ def test_recent_jobs_are_newest_first(redis_url: str) -> None:
     for name in ("a", "b", "c"):
         new_job(registry, name)
     assert [job.id for job in registry.recent(2)] == ["c", "b"]
+
+
+def test_the_same_idempotency_key_attaches_to_the_running_job(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    first, created = registry.create("j1", "s3://b/p", (Task.TAGS,), "sink", "q", idempotency_key="k")
+    second, again = registry.create("j2", "s3://b/p", (Task.TAGS,), "sink", "q", idempotency_key="k")
+    assert created and not again and second.id == "j1"
+    registry.cancel("j1")
+    third, fresh = registry.create("j3", "s3://b/p", (Task.TAGS,), "sink", "q", idempotency_key="k")
+    assert fresh and third.id == "j3"  # a job that ended no longer holds the key
+
+
+def test_only_a_silent_producer_can_be_taken_over(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    assert registry.take_over("job1", stale_after_s=30) is False  # it just heartbeated
+    registry.redis.hset(registry.key("job1"), "producer_seen", 0)
+    assert registry.take_over("job1", stale_after_s=30) is True
+    assert registry.take_over("job1", stale_after_s=30) is False  # the new producer now owns it

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -20,8 +21,8 @@ from imagemill.schemas import Record
 from imagemill.stores.postgres import DEFAULT_TABLE, PostgresStore
 from tests.fixtures.cli import REPO
 from tests.fixtures.postgres import PrivatePostgres, fresh_database, private_postgres
-from tests.fixtures.s3 import s3_client
 from tests.fixtures.images import photo_jpeg
+from tests.fixtures.s3 import s3_client
 from tests.fixtures.workers import WorkerProcess, start_worker
 
 
@@ -86,6 +87,7 @@ def test_store_writes_resume_after_postgres_restarts(
     store.write(chunk_a, "job/000001")
     private_pg.restart()
     failures = with_retries(lambda: store.write(chunk_b, "job/000002"))
+    print(f"\nwrite after a restart: {failures} failed attempt(s) before it succeeded")
     assert failures <= 1, f"{failures} failed attempts after the restart"
     found = uris_in(chaos_db)
     assert len(found) == len(set(found)) == 20
@@ -137,6 +139,7 @@ def test_no_partial_chunk_is_visible_when_postgres_dies_mid_write(
 
     private_pg.start()  # crash recovery
     visible = len(uris_in(chaos_db, "s3://bucket/big/%"))
+    print(f"\nafter a crash mid-write and recovery: {visible} of {len(chunk)} rows visible")
     assert visible in (0, len(chunk)), f"{visible} of {len(chunk)} rows of a half-written chunk are visible"
 
     failures = with_retries(lambda: store.write(chunk, "job/000001"))  # the chunk is retried
@@ -173,7 +176,7 @@ def worker_list() -> Iterator[list[WorkerProcess]]:
 
 def test_distributed_job_completes_when_postgres_restarts_mid_job(
     private_pg: PrivatePostgres, chaos_env: dict[str, str], bucket: str, chaos_db: str,
-    worker_list: list[WorkerProcess], tmp_path,
+    worker_list: list[WorkerProcess], tmp_path: Path,
 ) -> None:
     client = s3_client(chaos_env["IMAGEMILL_S3_ENDPOINT_URL"])
     data = photo_jpeg(160, 120)

@@ -41,8 +41,9 @@ def run_chunk(chunk: ChunkMessage, rt: Runtime) -> ChunkResult:
         return ChunkResult(chunk.chunk_id, "cancelled", {})
     attempt = rt.registry.begin_attempt(chunk.job_id, chunk.chunk_id)
     try:
-        if attempt > rt.settings.max_worker_losses + 1:
-            return _dead_letter(chunk, job, rt, deaths=attempt - 1)
+        deaths = attempt - 1
+        if deaths and deaths >= rt.settings.max_worker_losses:
+            return _dead_letter(chunk, job, rt, deaths)
         return _annotate(chunk, job, rt)
     finally:
         rt.registry.end_attempt(chunk.job_id, chunk.chunk_id)

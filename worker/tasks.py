@@ -26,15 +26,29 @@ log = logging.getLogger(__name__)
 TRANSIENT = (psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError, BotoCoreError, ClientError, OSError)
 
 
+class ChunkTask(CeleryTask):
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Retries are spent: fail the job loudly rather than leave it waiting for a lost chunk."""
+        try:
+            chunk = ChunkMessage.model_validate(args[0])
+        except (ValidationError, IndexError):
+            return
+        reason = f"chunk {chunk.chunk_id} failed after {self.request.retries} retries: {type(exc).__name__}: {exc}"
+        log.error("%s; job %s marked failed", reason, chunk.job_id)
+        runtime().registry.fail(chunk.job_id, reason)
+
+
 @app.task(
     name=CHUNK_TASK,
+    base=ChunkTask,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
     autoretry_for=TRANSIENT,
+    # 2, 4, 8 … 120 s: about ten minutes of outage (a database failover, a Redis restart) is waited out
     retry_backoff=2,
     retry_backoff_max=120,
-    retry_jitter=True,
+    retry_jitter=False,
     max_retries=get_settings().task_max_retries,
 )
 def annotate_chunk(self: CeleryTask, message: Any) -> dict[str, Any]:

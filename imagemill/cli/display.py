@@ -22,7 +22,8 @@ from rich.text import Text
 
 from imagemill.errors import UserError
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress, summaries and errors
+stdout = Console()  # a command's own answer (status, jobs), for pipes and scripts
 T = TypeVar("T")
 
 

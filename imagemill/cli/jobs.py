@@ -5,17 +5,20 @@
 
 import threading
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
-from imagemill.cli.display import console, fail, progress_bar, run_reporting_errors
+from imagemill.cli.display import console, fail, progress_bar, run_reporting_errors, stdout
 from imagemill.errors import UserError
 from imagemill.jobs import Job, JobRegistry, JobState
 from imagemill.redaction import redact_url
 from imagemill.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from producer.submit import Submission
 
 POLL_S = 0.5
 
@@ -50,9 +53,19 @@ def _submit(source_spec: str, tasks, sink: str, settings: Settings, wait: bool) 
     writer = open_writer(sink)
     writer.check()  # a bad or unreachable sink fails here, before anything is queued
     writer.close()
-    submission = Submission(open_source(source_spec, settings), tasks, sink, settings, registry_for(settings))
-    job = submission.register()
-    console.print(f"job [bold]{job.id}[/] submitted ({', '.join(tasks)} → {redact_url(sink)})", highlight=False)
+    source = open_source(source_spec, settings)
+    _produce(Submission(source, tasks, sink, settings, registry_for(settings)), wait)
+
+
+def _produce(submission: "Submission", wait: bool) -> None:
+    """Register, print the job id at once, enqueue; with `wait`, follow the job to its end."""
+    job, created = submission.register()
+    if created:
+        where = f"{', '.join(job.tasks)} → {redact_url(job.sink)}"
+        console.print(f"job [bold]{job.id}[/] submitted ({where})", highlight=False)
+    else:
+        role = "resuming its listing" if submission.producing else "its producer is alive; following"
+        console.print(f"job [bold]{job.id}[/] is already running for this source and pipeline: {role}", highlight=False)
     typer.echo(job.id)
     if not wait:
         chunks = submission.run()
@@ -77,6 +90,37 @@ def _submit(source_spec: str, tasks, sink: str, settings: Settings, wait: bool) 
         raise typer.Exit(1)
 
 
+def retry(
+    job_id: Annotated[str, typer.Argument(help="The job whose failed images to redo.")],
+    kind: Annotated[list[str] | None, typer.Option(help="Only these error kinds (repeatable).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until the retry job ends.")] = False,
+) -> None:
+    """Re-enqueue only the images of a job that ended with an error, as a new job."""
+    run_reporting_errors(lambda: _retry(job_id, set(kind or ()), wait))
+
+
+def _retry(job_id: str, kinds: set[str], wait: bool) -> None:
+    from imagemill.schemas import ImageRef
+    from imagemill.stores import open_writer
+    from producer.sources import RefListSource
+    from producer.submit import Submission
+
+    settings = get_settings()
+    job = _get_job(job_id)
+    store = open_writer(job.sink)
+    if not hasattr(store, "failed_records"):
+        raise UserError(f"the sink {redact_url(job.sink)} cannot be searched for failed records")
+    failed = [r for r in store.failed_records(job_id) if not kinds or r.error.kind in kinds]
+    store.close()
+    if not failed:
+        console.print(f"job {job_id} has no failed images to retry")
+        return
+    refs = tuple(ImageRef(uri=r.uri, etag=r.etag) for r in failed)
+    console.print(f"retrying {len(refs):,} failed images of job {job_id}")
+    source = RefListSource(f"retry of {job_id}", refs)
+    _produce(Submission(source, job.tasks, job.sink, settings, registry_for(settings)), wait)
+
+
 def follow(registry: JobRegistry, job_id: str) -> Job:
     """A live bar of images processed / queued until the job leaves `running`."""
     with progress_bar(f"job {job_id}") as (progress, bar):
@@ -93,7 +137,7 @@ def follow(registry: JobRegistry, job_id: str) -> Job:
 def status(job_id: Annotated[str, typer.Argument(help="The id `submit` printed.")]) -> None:
     """Totals, rate, ETA and state of one job."""
     job = _get_job(job_id)
-    console.print(job_table(job))
+    stdout.print(job_table(job))
 
 
 def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")] = 20) -> None:
@@ -103,7 +147,7 @@ def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")
     for job in registry.recent(limit):
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
         table.add_row(job.id, job.state, ",".join(job.tasks), job.source, f"{job.processed:,}", f"{job.queued:,}", f"{job.failed:,}", created)
-    console.print(table)
+    stdout.print(table)
 
 
 def cancel(job_id: Annotated[str, typer.Argument(help="The job to stop.")]) -> None:
@@ -151,7 +195,10 @@ def job_table(job: Job) -> Table:
     }
     rows |= {f"  {kind}": f"{n:,}" for kind, n in sorted(job.failed_by_kind.items())}
     rows |= {
-        "chunks": f"{job.chunks_done:,} done, {job.chunks_cancelled:,} cancelled, {job.chunks_total or job.chunks_queued:,} total",
+        "chunks": (
+            f"{job.chunks_done:,} done ({job.chunks_dead_lettered:,} dead-lettered), "
+            f"{job.chunks_cancelled:,} cancelled, {job.chunks_total or job.chunks_queued:,} total"
+        ),
         "rate": f"{job.rate:,.1f} images/s" if job.rate else "–",
         "eta": f"{job.eta_s:,.0f} s" if job.eta_s is not None else "–",
     }

@@ -132,6 +132,10 @@ class ObjectStoreSink:
             records.extend(decode_records(body, _format_of(key) or self.fmt))
         return records
 
+    def failed_records(self, job_id: str) -> list[Record]:
+        """The job's records that carry an error (for `imagemill retry`)."""
+        return [record for record in self.read_all(job_id + "/") if record.error]
+
 
 class DirectorySink:
     """Writes each chunk as one file `{directory}/{chunk}.{format}`, replaced atomically."""
@@ -177,6 +181,10 @@ class DirectorySink:
             if fmt and path.is_file() and name.startswith(prefix_within):
                 records.extend(decode_records(path.read_bytes(), fmt))
         return records
+
+    def failed_records(self, job_id: str) -> list[Record]:
+        """The job's records that carry an error (for `imagemill retry`)."""
+        return [record for record in self.read_all(job_id + "/") if record.error]
 
 
 def _write_atomically(target: Path, data: bytes) -> None:

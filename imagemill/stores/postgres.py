@@ -99,6 +99,14 @@ class PostgresStore:
             found.update(key for key in batch if _stored_key(key) in stored)
         return found
 
+    def failed_records(self, job_id: str) -> list[Record]:
+        """The job's records that carry an error (for `imagemill retry`)."""
+        query = sql.SQL("SELECT record FROM {} WHERE job_id = %s AND error_kind IS NOT NULL ORDER BY uri").format(
+            sql.Identifier(self._table)
+        )
+        with self._session() as conn:
+            return [Record.model_validate(row[0]) for row in conn.execute(query, (job_id,)).fetchall()]
+
     def check(self) -> None:
         """Connect now (creating the tables); UserError with a one-line reason if that fails."""
         try:
