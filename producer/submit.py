@@ -8,6 +8,7 @@ doubling the work; a producer that died is taken over and resumed after its last
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -70,17 +71,29 @@ class Submission:
             self.job_id, str(self.source), self.tasks, self.sink, self.queue, idempotency_key=key
         )
         self.job_id = job.id
-        if not created:
-            self.producing = self.registry.take_over(job.id, self.settings.producer_stale_s)
-            if self.producing:
-                log.warning("job %s lost its producer; resuming after %s", job.id, job.resume_after)
-                self.resume_after, self.first_seq = job.resume_after, job.chunks_queued
+        self.producing = created or self._take_over()
         return job, created
 
-    def run(self) -> int:
-        """Enqueue every chunk not enqueued yet; returns how many. Stops early if the job ends."""
-        if not self.producing:
-            return 0
+    def _take_over(self) -> bool:
+        """Become the producer if the job's own went silent; resume after its last chunk."""
+        if not self.registry.take_over(self.job_id, self.settings.producer_stale_s):
+            return False
+        job = self.registry.get(self.job_id)
+        log.warning("job %s lost its producer; resuming after %s", job.id, job.resume_after)
+        self.resume_after, self.first_seq = job.resume_after, job.chunks_queued
+        return True
+
+    def run(self, standby: bool = False) -> int:
+        """Enqueue every chunk not enqueued yet; returns how many. Stops early if the job ends.
+
+        With `standby`, a submission attached to a job another producer is listing waits, and
+        takes over if that producer dies before the listing ends."""
+        while not self.producing:
+            job = self.registry.get(self.job_id)
+            if not standby or job.listing_done or job.state != JobState.RUNNING:
+                return 0
+            time.sleep(min(1.0, self.settings.producer_stale_s / 2))
+            self.producing = self._take_over()
         count = 0
         refs = _after(self.source.refs, self.resume_after)
         try:

@@ -169,7 +169,7 @@ def test_resubmitting_a_running_job_attaches_and_a_dead_producer_is_resumed(
     workers.append(start_worker(env, tmp_path / "worker.log"))
     out, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, err[-3000:]
-    assert job_id_of(out) == job_id and "resuming its listing" in err
+    assert job_id_of(out) == job_id and "lost its producer; resuming after" in err
     job = registry.get(job_id)
     assert job.state == JobState.DONE and job.queued == 20 and job.chunks_total == 10
     assert exactly_once(pg_url, [job_id], [f"s3://{bucket}/{k}" for k in keys]) == {None: 20}

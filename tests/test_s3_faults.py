@@ -161,20 +161,21 @@ def test_a_throttled_listing_is_retried_and_every_object_is_found(
 ) -> None:
     keys = [f"p/{i}.jpg" for i in range(5)]
     upload(moto, bucket, keys)
-    throttle = proxy.add_rule(method="GET", query_contains="list-type=2", status=503, code="SlowDown", times=1)
-    import time; seen = []; orig = proxy._match
-    def spy(m, p, q):
-        r = orig(m, p, q); seen.append((round(time.time(), 2), m, p, q, r and r.code)); return r
-    proxy._match = spy
+    # the first attempt of *every* listing request is throttled (botocore numbers its attempts in
+    # amz-sdk-request), so whichever pass lists (annotate also counts in a second, background pass)
+    # finds nothing without retrying
+    throttle = proxy.add_rule(
+        method="GET", query_contains="list-type=2", header=("amz-sdk-request", "attempt=1"),  # attempts never reach 10 here
+        status=503, code="SlowDown",
+    )
 
     records = annotate(f"s3://{bucket}/p/", proxy, model_env, tmp_path)
 
-    assert throttle.hits == 1
-    print("DEBUG", seen)
-    assert proxy.requests[("GET", f"/{bucket}")] == 2  # the throttled page, then the retry
     assert sorted(records) == sorted(f"s3://{bucket}/{key}" for key in keys)
     for record in records.values():
         assert_annotated(record)
+    assert throttle.hits >= 1
+    assert proxy.requests[("GET", f"/{bucket}")] > throttle.hits  # throttled, then retried
 
 
 ODD_KEYS = [

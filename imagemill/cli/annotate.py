@@ -58,7 +58,8 @@ def run_local(source_spec: str, tasks: tuple[Task, ...], out: Path, settings: Se
     started = time.perf_counter()
     try:
         with engine, progress_bar("annotating", disable=quiet) as (progress, bar):
-            _count_in_background(source, progress, bar)
+            if not quiet:  # the count costs a second listing; only a visible bar needs it
+                _count_in_background(source, progress, bar)
             for records in batched(engine.annotate(source.refs()), WRITE_EVERY):
                 writer.write(records)
                 outcomes.update(_outcome(record) for record in records)

@@ -3,6 +3,7 @@
 `submit` enqueues a job for the workers; the others read and steer the job registry in Redis.
 """
 
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Annotated
@@ -35,6 +36,7 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
 ) -> None:
     """Enqueue a job for the workers; prints its id at once."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     chosen = tasks_option(tasks)
     settings = get_settings()
     if chunk_size:
@@ -75,7 +77,7 @@ def _produce(submission: "Submission", wait: bool) -> None:
 
     def produce() -> None:
         try:
-            submission.run()
+            submission.run(standby=True)
         except BaseException as exc:  # shown by the main thread after the bar ends
             errors.append(exc)
 
