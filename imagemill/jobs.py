@@ -11,9 +11,11 @@ from enum import StrEnum
 
 import redis
 from pydantic import BaseModel
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from imagemill.errors import UserError
+from imagemill.redaction import redact_url
 from imagemill.schemas import Task
 
 PREFIX = "imagemill"
@@ -123,6 +125,7 @@ class JobRegistry:
     """Jobs and their counters, kept in Redis where producers, workers and `status` all see them."""
 
     def __init__(self, url: str) -> None:
+        self._url = url
         # a Redis restart is waited out (about a minute of backoff), not turned into a failed chunk
         self.redis = redis.Redis.from_url(
             url,
@@ -134,6 +137,16 @@ class JobRegistry:
         )
         self._chunk_done = self.redis.register_script(_CHUNK_DONE)
         self._end_listing = self.redis.register_script(_END_LISTING)
+
+    def check(self) -> None:
+        """Fail fast (UserError) when Redis cannot be reached, instead of retrying for a minute."""
+        probe = redis.Redis.from_url(self._url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))
+        try:
+            probe.ping()
+        except redis.RedisError as exc:
+            raise UserError(f"cannot reach Redis at {redact_url(self._url)}: {exc}") from None
+        finally:
+            probe.close()
 
     @staticmethod
     def key(job_id: str) -> str:

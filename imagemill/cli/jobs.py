@@ -25,7 +25,10 @@ POLL_S = 0.5
 
 
 def registry_for(settings: Settings) -> JobRegistry:
-    return JobRegistry(settings.registry_url)
+    """The job registry, checked reachable (one clear line instead of a minute of retries)."""
+    registry = JobRegistry(settings.registry_url)
+    registry.check()
+    return registry
 
 
 def submit(
@@ -144,7 +147,7 @@ def status(job_id: Annotated[str, typer.Argument(help="The id `submit` printed."
 
 def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")] = 20) -> None:
     """The most recent jobs, newest first."""
-    registry = run_reporting_errors(lambda: _connected(registry_for(get_settings())))
+    registry = run_reporting_errors(lambda: registry_for(get_settings()))
     table = Table("job", "state", "tasks", "source", "processed", "queued", "failed", "created")
     for job in registry.recent(limit):
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
@@ -154,25 +157,15 @@ def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")
 
 def cancel(job_id: Annotated[str, typer.Argument(help="The job to stop.")]) -> None:
     """Stop a job: chunks not yet started are dropped; running ones finish."""
-    registry = registry_for(get_settings())
+    registry = run_reporting_errors(lambda: registry_for(get_settings()))
     job = _get_job(job_id, registry)
     if not registry.cancel(job_id):
         fail(f"job {job_id} is {job.state}, not running")
     console.print(f"job {job_id} cancelled after {job.processed:,} of {job.queued:,} images")
 
 
-def _connected(registry: JobRegistry) -> JobRegistry:
-    import redis
-
-    try:
-        registry.redis.ping()
-    except redis.RedisError as exc:
-        raise UserError(f"cannot reach Redis at {redact_url(get_settings().registry_url)}: {exc}") from None
-    return registry
-
-
 def _get_job(job_id: str, registry: JobRegistry | None = None) -> Job:
-    registry = run_reporting_errors(lambda: _connected(registry or registry_for(get_settings())))
+    registry = registry or run_reporting_errors(lambda: registry_for(get_settings()))
     job = registry.get(job_id)
     if job is None:
         fail(f"no job {job_id} (see `imagemill jobs`)")
