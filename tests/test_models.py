@@ -96,19 +96,20 @@ def test_signature_changes_with_outputs_settings_not_with_batch_size(tiny_models
 def test_one_image_that_breaks_a_model_fails_alone(tiny_models, tmp_path: Path) -> None:
     widths = [160, 170, 180, 190]
     for width in widths:
-        photo_image(width, 120, seed=width).save(tmp_path / f"{width}.jpg")
+        picture = photo_image(width, 120, seed=width) if width != 180 else Image.new("RGB", (width, 120))
+        picture.save(tmp_path / f"{width}.png")
     engine = Engine(settings_for(tiny_models), (Task.MODERATION,))
     runner = engine.runners[0]
-    real_run = runner.run
+    real_infer = runner.infer
 
-    def fragile(images: list[Image.Image]):
-        # stands in for a model that crashes on one input (the 180 px wide picture)
-        if any(image.width == 180 for image in images):
+    def fragile(pixels: torch.Tensor):
+        # stands in for a model that crashes on one input: the flat black picture
+        if any(float(row.std()) == 0.0 for row in pixels):
             raise RuntimeError("CUDA error: device-side assert triggered")
-        return real_run(images)
+        return real_infer(pixels)
 
-    runner.run = fragile
-    refs = [ImageRef(uri=file_uri(tmp_path / f"{width}.jpg")) for width in widths]
+    runner.infer = fragile
+    refs = [ImageRef(uri=file_uri(tmp_path / f"{width}.png")) for width in widths]
     records = list(engine.annotate(refs))
     kinds = [r.error.kind if r.error else None for r in records]
     assert kinds == [None, None, ErrorKind.MODEL_FAILED, None]
@@ -127,3 +128,19 @@ def test_auto_device_is_cpu_without_a_gpu_and_dtype_follows_the_device() -> None
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tiny_models) -> None:
     with pytest.raises(ModelLoadError, match="no CUDA GPU"):
         load_runners(settings_for(tiny_models, device="cuda"), (Task.MODERATION,))
+
+
+@pytest.mark.parametrize("model", ["caption", "moderation", "tags", "tags_siglip"])
+def test_preprocessing_on_decode_threads_equals_the_hugging_face_processor(tiny_models, model: str) -> None:
+    from transformers import AutoImageProcessor
+
+    from worker.preprocess import from_processor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_models[model])
+    recipe = from_processor(processor)
+    assert recipe is not None
+    for width, height in [(320, 240), (240, 320), (97, 131), (64, 64)]:
+        picture = photo_image(width, height, seed=width)
+        expected = processor(images=[picture], return_tensors="np")["pixel_values"][0]
+        assert recipe(picture).shape == expected.shape
+        assert abs(recipe(picture) - expected).max() < 1e-4

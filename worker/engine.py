@@ -45,6 +45,10 @@ class Engine:
             max_pixels=settings.max_image_pixels,
         )
         self.prefetcher.min_side = max(runner.min_side for runner in self.runners)
+        # runners with the same input recipe share one preprocessed array per image
+        recipes = list(dict.fromkeys(runner.preprocess for runner in self.runners))
+        self.prefetcher.preprocessors = recipes
+        self._input_of = {id(runner): recipes.index(runner.preprocess) for runner in self.runners}
 
     def annotate(self, refs: Iterable[ImageRef], job_id: str | None = None) -> Iterator[Record]:
         """One record per ref, in the refs' order; a bad image is an error record, never a raise."""
@@ -77,8 +81,9 @@ class Engine:
         return outcomes
 
     def _run_task(self, runner: Runner, items: list[Prepared], outcomes: dict[int, Outcome]) -> None:
+        slot = self._input_of[id(runner)]
         try:
-            results = runner.run([item.decoded.image for item in items])
+            results = runner.infer(runner.batch([item.inputs[slot] for item in items]))
             for item, result in zip(items, results, strict=True):
                 outcomes[id(item)].outputs[runner.task] = result
         except Exception:
@@ -89,7 +94,8 @@ class Engine:
 
     def _run_one(self, runner: Runner, item: Prepared, outcome: Outcome) -> None:
         try:
-            outcome.outputs[runner.task] = runner.run([item.decoded.image])[0]
+            slot = self._input_of[id(runner)]
+            outcome.outputs[runner.task] = runner.infer(runner.batch([item.inputs[slot]]))[0]
         except Exception as exc:
             log.exception("%s failed on %s", runner.task, item.ref.uri)
             outcome.error = RecordError(

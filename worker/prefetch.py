@@ -1,4 +1,4 @@
-"""Fetch and decode on CPU threads ahead of the model, in listing order.
+"""Fetch, decode and preprocess on CPU threads ahead of the model, in listing order.
 
 A bounded window of in-flight images keeps memory flat while the model never waits for I/O.
 """
@@ -6,9 +6,12 @@ A bounded window of in-flight images keeps memory flat while the model never wai
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
 
 from imagemill.errors import ErrorKind, ImageError
 from imagemill.schemas import ImageRef, RecordError, Timings
@@ -18,12 +21,13 @@ from worker.decode import Decoded, decode
 
 @dataclass
 class Prepared:
-    """One image after fetch and decode: either `decoded` or `error` is set."""
+    """One image after fetch and decode: either `decoded` (with `inputs`) or `error` is set."""
 
     ref: ImageRef
     etag: str | None = None
     size: int | None = None
     decoded: Decoded | None = None
+    inputs: list[np.ndarray] = field(default_factory=list)  # one per preprocessor, in order
     error: RecordError | None = None
     timings: Timings = field(default_factory=Timings)
 
@@ -40,6 +44,7 @@ class Prefetcher:
         self._decode_slots = threading.BoundedSemaphore(decode_threads)
         self._max_pixels = max_pixels
         self.min_side: int | None = None
+        self.preprocessors: Sequence[Callable[[Image.Image], np.ndarray]] = ()
 
     def prepared(self, refs: Iterable[ImageRef], window: int) -> Iterator[Prepared]:
         """Yield every ref's `Prepared`, in order, keeping up to `window` in flight."""
@@ -60,6 +65,7 @@ class Prefetcher:
             item.timings.fetch_ms = (fetched - started) * 1000
             with self._decode_slots:
                 item.decoded = self._decode(data)
+                item.inputs = self._preprocess(item.decoded.image)
             item.timings.decode_ms = (time.perf_counter() - fetched) * 1000
         except ImageError as exc:
             item.error = RecordError(kind=exc.kind, message=exc.message)
@@ -83,6 +89,12 @@ class Prefetcher:
         except Exception as exc:  # malformed files make Pillow raise nearly anything
             message = f"the decoder failed on this file: {type(exc).__name__}: {exc}"
             raise ImageError(ErrorKind.UNSUPPORTED, message) from exc
+
+    def _preprocess(self, image: Image.Image) -> list[np.ndarray]:
+        try:
+            return [prepare(image) for prepare in self.preprocessors]
+        except Exception as exc:  # an input the resize cannot take costs this image only
+            raise ImageError(ErrorKind.UNSUPPORTED, f"cannot prepare this image for the models: {exc}") from exc
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -3,7 +3,6 @@
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from imagemill.schemas import Caption, Task
@@ -13,7 +12,6 @@ from worker.models.runner import (
     load_options,
     load_pretrained,
     model_id,
-    processor_min_side,
 )
 
 
@@ -27,20 +25,15 @@ class CaptionRunner(Runner):
             self.task, AutoModelForImageTextToText, name, revision, **load_options(dtype)
         )
         self.model = model.to(device).eval()
-        super().__init__(model_id(name, revision), device, dtype)
+        super().__init__(model_id(name, revision), device, dtype, self.processor.image_processor)
         self.max_new_tokens = settings.caption_max_new_tokens
         self.num_beams = settings.caption_num_beams
-
-    @property
-    def min_side(self) -> int:
-        return processor_min_side(self.processor.image_processor)
 
     def options(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
 
     @torch.inference_mode()
-    def run(self, images: list[Image.Image]) -> list[Caption]:
-        pixels = self.pixel_values(self.processor.image_processor, images)
+    def infer(self, pixels: torch.Tensor) -> list[Caption]:
         tokens = self.model.generate(
             pixel_values=pixels, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams
         )

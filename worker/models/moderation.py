@@ -3,13 +3,12 @@
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from imagemill.errors import ModelLoadError
 from imagemill.schemas import Moderation, Task
 from imagemill.settings import Settings
-from worker.models.runner import Runner, load_options, load_pretrained, model_id, processor_min_side
+from worker.models.runner import Runner, load_options, load_pretrained, model_id
 
 
 class ModerationRunner(Runner):
@@ -22,7 +21,7 @@ class ModerationRunner(Runner):
             self.task, AutoModelForImageClassification, name, revision, **load_options(dtype)
         )
         self.model = model.to(device).eval()
-        super().__init__(model_id(name, revision), device, dtype)
+        super().__init__(model_id(name, revision), device, dtype, self.processor)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.thresholds = settings.moderation_thresholds
         unknown = sorted(set(self.thresholds) - set(self.labels))
@@ -32,16 +31,12 @@ class ModerationRunner(Runner):
             )
         self.multi_label = self.model.config.problem_type == "multi_label_classification"
 
-    @property
-    def min_side(self) -> int:
-        return processor_min_side(self.processor)
-
     def options(self) -> dict[str, Any]:
         return {"thresholds": dict(sorted(self.thresholds.items()))}
 
     @torch.inference_mode()
-    def run(self, images: list[Image.Image]) -> list[Moderation]:
-        logits = self.model(pixel_values=self.pixel_values(self.processor, images)).logits.float()
+    def infer(self, pixels: torch.Tensor) -> list[Moderation]:
+        logits = self.model(pixel_values=pixels).logits.float()
         probs = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
         return [self._judge(row) for row in probs.cpu().tolist()]
 

@@ -5,16 +5,19 @@ Also the shared loading path, so every runner names its model and revision the s
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from PIL import Image
 
 from imagemill.errors import ModelLoadError
 from imagemill.schemas import Caption, Moderation, Tags, Task
+from worker.preprocess import from_processor
 
 TaskOutput = Caption | Moderation | Tags
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -33,27 +36,39 @@ class Runner(ABC):
 
     task: Task
 
-    def __init__(self, model_id: ModelId, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model_id: ModelId, device: torch.device, dtype: torch.dtype, image_processor: Any) -> None:
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
+        self.image_processor = image_processor
+        self.preprocess: Callable[[Image.Image], np.ndarray] = from_processor(image_processor) or (
+            lambda image: image_processor(images=[image], return_tensors="np")["pixel_values"][0]
+        )
 
     @property
-    @abstractmethod
     def min_side(self) -> int:
         """The shortest image side (pixels) this model's preprocessing needs, for reduced decode."""
+        return processor_min_side(self.image_processor)
 
     @abstractmethod
     def options(self) -> dict[str, Any]:
         """Settings that change this runner's outputs; they enter the pipeline signature."""
 
     @abstractmethod
-    def run(self, images: list[Image.Image]) -> list[TaskOutput]:
-        """One output per picture, in order."""
+    def infer(self, pixels: torch.Tensor) -> list[TaskOutput]:
+        """One output per row of a batch made by `batch`, in order."""
 
-    def pixel_values(self, image_processor: Any, images: list[Image.Image]) -> torch.Tensor:
-        batch = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return batch.to(self.device, dtype=self.dtype, non_blocking=True)
+    def batch(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
+        """Preprocessed images -> one tensor on the model's device and dtype."""
+        pixels = torch.from_numpy(np.stack(inputs))
+        if self.device.type == "cuda":
+            # pinned host memory lets the copy overlap with the previous batch's compute
+            return pixels.pin_memory().to(self.device, dtype=self.dtype, non_blocking=True)
+        return pixels.to(dtype=self.dtype)
+
+    def run(self, images: Sequence[Image.Image]) -> list[TaskOutput]:
+        """Preprocess and infer in one go (the engine does the two apart, on different threads)."""
+        return self.infer(self.batch([self.preprocess(image) for image in images]))
 
 
 def load_pretrained(task: Task, loader: Any, name: str, revision: str | None, **kwargs: Any) -> Any:

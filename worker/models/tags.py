@@ -1,16 +1,15 @@
 """Tags: zero-shot CLIP or SigLIP over a vocabulary; text embeddings computed once per process."""
 
+import hashlib
 from typing import Any
 
-import hashlib
 import torch
-from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 from imagemill.errors import ModelLoadError
 from imagemill.schemas import Tags, TagScore, Task
 from imagemill.settings import Settings
-from worker.models.runner import Runner, load_options, load_pretrained, model_id, processor_min_side
+from worker.models.runner import Runner, load_options, load_pretrained, model_id
 
 SIGMOID_MODEL_TYPES = {"siglip", "siglip2"}
 TEXT_BATCH = 256
@@ -24,17 +23,13 @@ class TagsRunner(Runner):
         self.processor = load_pretrained(self.task, AutoProcessor, name, revision)
         model = load_pretrained(self.task, AutoModel, name, revision, **load_options(dtype))
         self.model = model.to(device).eval()
-        super().__init__(model_id(name, revision), device, dtype)
+        super().__init__(model_id(name, revision), device, dtype, self.processor.image_processor)
         self.vocabulary = _vocabulary(settings)
         self.prompt = settings.tags_prompt
         self.top_k = min(settings.tags_top_k, len(self.vocabulary))
         self.threshold = settings.tags_threshold
         self.sigmoid = self.model.config.model_type in SIGMOID_MODEL_TYPES
         self.text_embeddings = self._embed_vocabulary()
-
-    @property
-    def min_side(self) -> int:
-        return processor_min_side(self.processor.image_processor)
 
     def options(self) -> dict[str, Any]:
         words = "\n".join(self.vocabulary).encode()
@@ -59,8 +54,7 @@ class TagsRunner(Runner):
         return torch.cat(chunks)
 
     @torch.inference_mode()
-    def run(self, images: list[Image.Image]) -> list[Tags]:
-        pixels = self.pixel_values(self.processor.image_processor, images)
+    def infer(self, pixels: torch.Tensor) -> list[Tags]:
         image_embeddings = _normalised(_embeddings(self.model.get_image_features(pixel_values=pixels)))
         logits = image_embeddings @ self.text_embeddings.T * self.model.logit_scale.exp()
         if self.sigmoid:
