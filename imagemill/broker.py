@@ -54,6 +54,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_enable_soft_shutdown_on_idle": False,  # an idle worker stops at once
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # events for Flower and celery-exporter: workers report task-received/started/succeeded/…,
+        # producers task-sent
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
     }
     if settings.broker_url.startswith("rediss://") and "ssl_cert_reqs" not in settings.broker_url:
         config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}

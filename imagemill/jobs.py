@@ -21,6 +21,7 @@ from imagemill.schemas import Task
 PREFIX = "imagemill"
 JOBS_INDEX = f"{PREFIX}:jobs"
 REJECTED = f"{PREFIX}:rejected_messages"
+SIGNATURES = f"{PREFIX}:signatures"
 FAILED_PREFIX = "failed:"
 
 
@@ -254,6 +255,13 @@ class JobRegistry:
     def end_attempt(self, job_id: str, chunk_id: str) -> None:
         """The attempt ended in this process (done or raised): it was not a worker death."""
         self.redis.hincrby(self.key(job_id) + ":attempts", chunk_id, -1)
+
+    def publish_signature(self, pipeline: str, signature: str) -> None:
+        """What the models a worker loaded for a pipeline make of it (producers skip by it)."""
+        self.redis.hset(SIGNATURES, pipeline, signature)
+
+    def signature_for(self, pipeline: str) -> str | None:
+        return self.redis.hget(SIGNATURES, pipeline)
 
     def count_rejected(self) -> int:
         """A message that was refused unexecuted (wrong shape, foreign serializer)."""

@@ -6,10 +6,12 @@ Every tunable lives here so the CLI, the worker and the producer read the same n
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from imagemill.schemas import Task
 
 DEFAULT_VOCABULARY = Path(__file__).parent / "data" / "tags.txt"
 
@@ -65,16 +67,37 @@ class Settings(BaseSettings):
     chunk_size: int = Field(default=128, ge=1, le=10_000)
     queue_high_water: int = Field(default=200, ge=1, description="chunks queued before submit waits")
     task_max_retries: int = Field(default=10, ge=0)
+    worker_tasks: Annotated[tuple[Task, ...], NoDecode] = Field(
+        default=tuple(Task), description="models a worker loads at start-up (others load on demand)"
+    )
     max_worker_losses: int = Field(
         default=2, ge=0, description="worker deaths a chunk may cause before it is dead-lettered"
     )
     sink: str | None = Field(default=None, description="Where workers write records")
+    schedule_queue: str = "imagemill-schedules"
+    beat_interval_s: float = Field(default=5.0, gt=0, description="how often beat looks for due scans")
     producer_stale_s: float = Field(
         default=30.0, gt=0, description="a producer silent this long may be taken over by a new submit"
     )
 
+    # observability
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Prometheus metrics port of a worker process (off when unset); "
+        "`imagemill worker` gives its N-th process this port + N",
+    )
+    metrics_addr: str = Field(default="0.0.0.0", description="address the metrics endpoint listens on")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per log line, with job and chunk ids"
+    )
+
     # fault injection for the chaos tests; empty in any real deployment
     faults: dict[str, str | float] = Field(default_factory=dict)
+
+    @field_validator("worker_tasks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
     @property
     def registry_url(self) -> str:

@@ -18,28 +18,20 @@ from celery import Celery
 from imagemill.broker import CHUNK_TASK, make_celery, queue_for
 from imagemill.errors import UserError
 from imagemill.jobs import Job, JobRegistry, JobState, new_job_id
+from imagemill.pipeline import pipeline_key
 from imagemill.schemas import ChunkMessage, ImageRef, Task
 from imagemill.settings import Settings
+from imagemill.stores import open_writer
 from producer.backpressure import Backpressure
 from producer.chunking import chunks
+from producer.incremental import skip_existing
 from producer.sources import Source
 
 log = logging.getLogger(__name__)
 
 def job_key(source: str, sink: str, tasks: tuple[Task, ...], settings: Settings) -> str:
     """The idempotency key of a job: what is annotated, by which models, and where it goes."""
-    models = {
-        Task.CAPTION: settings.caption_model,
-        Task.MODERATION: settings.moderation_model,
-        Task.TAGS: settings.tags_model,
-    }
-    spec = {
-        "source": source,
-        "sink": sink,
-        "tasks": list(tasks),
-        "models": [models[task] for task in tasks],
-        "revision": settings.model_revision,
-    }
+    spec = {"source": source, "sink": sink, "pipeline": pipeline_key(tasks, settings)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -57,6 +49,7 @@ class Submission:
     producing: bool = True  # False when attached to a job another live producer is listing
     resume_after: str | None = None
     first_seq: int = 0
+    force: bool = False  # annotate again even what the sink already holds
 
     def __post_init__(self) -> None:
         self.queue = queue_for(self.tasks, self.settings)
@@ -95,7 +88,7 @@ class Submission:
             time.sleep(min(1.0, self.settings.producer_stale_s / 2))
             self.producing = self._take_over()
         count = 0
-        refs = _after(self.source.refs, self.resume_after)
+        refs = self._incremental(_after(self.source.refs, self.resume_after))
         try:
             for chunk in chunks(self.job_id, self.tasks, refs, self.settings.chunk_size, self.first_seq):
                 if not self.backpressure.wait_for_room(self._alive) or not self._alive():
@@ -108,6 +101,22 @@ class Submission:
             raise
         self.registry.end_listing(self.job_id, self.first_seq + count)
         return count
+
+    def _incremental(self, refs: Iterable[ImageRef]) -> Iterable[ImageRef]:
+        """Skip what the sink holds for the signature the workers published for this pipeline."""
+        if self.force:
+            return refs
+        signature = self.registry.signature_for(pipeline_key(self.tasks, self.settings))
+        store = open_writer(self.sink)
+        if signature is None or not hasattr(store, "existing_keys"):
+            reason = "no worker has run this pipeline yet" if signature is None else "the sink cannot be searched"
+            log.info("job %s annotates everything: %s", self.job_id, reason)
+            return refs
+
+        def skipped(refs: list[ImageRef]) -> None:
+            self.registry.add_queued(self.job_id, listed=len(refs), queued=0, skipped=len(refs), last_uri=refs[-1].uri)
+
+        return skip_existing(refs, store, signature, skipped)
 
     def _enqueue(self, chunk: ChunkMessage) -> None:
         self.celery.send_task(CHUNK_TASK, args=[chunk.model_dump(mode="json")], queue=self.queue)

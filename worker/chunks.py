@@ -5,13 +5,16 @@ A chunk whose deliveries keep killing their worker is dead-lettered: `worker_los
 """
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from imagemill.errors import ErrorKind
 from imagemill.jobs import Job, JobState
+from imagemill.logs import log_context
 from imagemill.schemas import ChunkMessage, ImageRef, Record, RecordError
+from worker import metrics
 from worker.faults import before_image
 from worker.runtime import Runtime
 
@@ -32,12 +35,19 @@ def outcome_counts(records: list[Record]) -> Counter[str]:
 
 def run_chunk(chunk: ChunkMessage, rt: Runtime) -> ChunkResult:
     """Annotate and store one chunk; a cancelled or unknown job's chunk is dropped."""
+    with log_context(job_id=chunk.job_id, chunk_id=chunk.chunk_id):
+        return _run_chunk(chunk, rt)
+
+
+def _run_chunk(chunk: ChunkMessage, rt: Runtime) -> ChunkResult:
     job = rt.registry.get(chunk.job_id)
     if job is None:
         log.error("chunk %s belongs to no known job; dropped", chunk.chunk_id)
+        metrics.record_chunk_dropped("unknown_job")
         return ChunkResult(chunk.chunk_id, "unknown_job", {})
     if job.state == JobState.CANCELLED:
-        rt.registry.chunk_cancelled(chunk.job_id, chunk.chunk_id)
+        if rt.registry.chunk_cancelled(chunk.job_id, chunk.chunk_id):
+            metrics.record_chunk_dropped("cancelled")
         return ChunkResult(chunk.chunk_id, "cancelled", {})
     attempt = rt.registry.begin_attempt(chunk.job_id, chunk.chunk_id)
     try:
@@ -74,12 +84,16 @@ def _dead_letter(chunk: ChunkMessage, job: Job, rt: Runtime, deaths: int) -> Chu
 
 
 def _store(chunk: ChunkMessage, job: Job, rt: Runtime, records: list[Record], outcome: str) -> ChunkResult:
+    started = time.perf_counter()
     rt.sink(job.sink).write(records, chunk.chunk_id)
+    write_seconds = time.perf_counter() - started
     counts = dict(outcome_counts(records))
     first = rt.registry.chunk_done(chunk.job_id, chunk.chunk_id, counts, dead_lettered=outcome == "dead_lettered")
     if not first:
         log.info("chunk %s was redelivered; records rewritten, counters unchanged", chunk.chunk_id)
-    return ChunkResult(chunk.chunk_id, outcome, counts, first)
+    result = ChunkResult(chunk.chunk_id, outcome, counts, first)
+    metrics.record_chunk(result, records, write_seconds)
+    return result
 
 
 def _with_faults(refs: list[ImageRef], rt: Runtime) -> Iterator[ImageRef]:

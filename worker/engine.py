@@ -13,6 +13,7 @@ from imagemill.errors import ErrorKind
 from imagemill.schemas import ImageInfo, ImageRef, Record, RecordError, Task
 from imagemill.settings import Settings
 from imagemill.storage import ObjectReader
+from worker import metrics
 from worker.batching import batched
 from worker.models import load_runners
 from worker.models.runner import Runner, TaskOutput
@@ -33,10 +34,10 @@ class Outcome:
 class Engine:
     """Loads the models for `tasks` once; `annotate` turns refs into records, in order."""
 
-    def __init__(self, settings: Settings, tasks: tuple[Task, ...]) -> None:
+    def __init__(self, settings: Settings, tasks: tuple[Task, ...], runners: list[Runner] | None = None) -> None:
         self.settings = settings
         self.tasks = tasks
-        self.runners: list[Runner] = load_runners(settings, tasks)
+        self.runners: list[Runner] = runners if runners is not None else load_runners(settings, tasks)
         self.signature = pipeline_signature(self.runners)
         self.prefetcher = Prefetcher(
             ObjectReader(settings),
@@ -72,6 +73,7 @@ class Engine:
         outcomes = {id(item): Outcome(outputs={}) for item in items}
         if not items:
             return outcomes
+        metrics.record_batch(len(items))
         started = time.perf_counter()
         for runner in self.runners:
             self._run_task(runner, items, outcomes)

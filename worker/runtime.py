@@ -6,11 +6,17 @@ Built lazily in the process that runs tasks (after the fork), so CUDA starts in 
 import logging
 from dataclasses import dataclass, field
 
+from itertools import combinations
+
 from imagemill.jobs import JobRegistry
+from imagemill.pipeline import pipeline_key
 from imagemill.schemas import Task
 from imagemill.settings import Settings, get_settings
 from imagemill.stores import RecordWriter, open_writer
 from worker.engine import Engine
+from worker.models import load_runners
+from worker.models.runner import Runner
+from worker.signature import pipeline_signature
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     settings: Settings
+    runners: dict[Task, Runner] = field(default_factory=dict)
     engines: dict[tuple[Task, ...], Engine] = field(default_factory=dict)
     sinks: dict[str, RecordWriter] = field(default_factory=dict)
     _registry: JobRegistry | None = None
@@ -29,11 +36,28 @@ class Runtime:
         return self._registry
 
     def engine(self, tasks: tuple[Task, ...]) -> Engine:
-        """The engine for a task set; models are loaded on first use and kept for the process."""
+        """The engine for a task set; each model is loaded once per process and shared."""
         if tasks not in self.engines:
-            log.info("loading models for %s", ",".join(tasks))
-            self.engines[tasks] = Engine(self.settings, tasks)
+            self.load(tasks)
+            self.engines[tasks] = Engine(self.settings, tasks, [self.runners[task] for task in tasks])
         return self.engines[tasks]
+
+    def load(self, tasks: tuple[Task, ...]) -> None:
+        """Load the models of `tasks` not loaded yet, and publish the signatures they give."""
+        missing = tuple(task for task in tasks if task not in self.runners)
+        if not missing:
+            return
+        log.info("loading models for %s", ",".join(missing))
+        self.runners.update(zip(missing, load_runners(self.settings, missing), strict=True))
+        self.publish_signatures()
+
+    def publish_signatures(self) -> None:
+        """Every task set these models can serve, so producers can skip what is already done."""
+        loaded = [task for task in Task if task in self.runners]
+        for size in range(1, len(loaded) + 1):
+            for tasks in combinations(loaded, size):
+                signature = pipeline_signature([self.runners[task] for task in tasks])
+                self.registry.publish_signature(pipeline_key(tasks, self.settings), signature)
 
     def sink(self, url: str) -> RecordWriter:
         if url not in self.sinks:
@@ -47,6 +71,7 @@ class Runtime:
             sink.close()
         self.engines.clear()
         self.sinks.clear()
+        self.runners.clear()
 
 
 _runtime: Runtime | None = None

@@ -18,13 +18,15 @@ log = logging.getLogger(__name__)
 
 CPU = "cpu"
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+METRICS_PORT_VAR = "IMAGEMILL_METRICS_PORT"
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One worker process to run: a GPU index, or the CPU."""
+    """One worker process to run: a GPU index, or the CPU; `index` is its place among the slots."""
 
     gpu: str | None
+    index: int = 0
 
     @property
     def name(self) -> str:
@@ -42,6 +44,10 @@ class Slot:
             # the child sees exactly one GPU, as cuda:0
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
             env["IMAGEMILL_DEVICE"] = "cuda:0"
+        # one metrics endpoint per worker process: IMAGEMILL_METRICS_PORT + its index
+        base_port = env.get(METRICS_PORT_VAR, "").strip()
+        if base_port.isdigit():
+            env[METRICS_PORT_VAR] = str(int(base_port) + self.index)
         return env
 
 
@@ -69,20 +75,24 @@ def plan_slots(gpus: str, detect: Callable[[], list[str]] = detect_gpus) -> list
         found = detect()
         if not found:
             raise ValueError("--gpus all: no NVIDIA GPU found (nvidia-smi); use --gpus cpu to run on the CPU")
-        return [Slot(gpu) for gpu in found]
+        return [Slot(gpu, i) for i, gpu in enumerate(found)]
     indices = [part.strip() for part in spec.split(",") if part.strip()]
     if not indices or not all(index.isdigit() for index in indices):
         raise ValueError(f"--gpus {gpus}: expected all, cpu, or GPU indices such as 0,2")
     if len(set(indices)) != len(indices):
         raise ValueError(f"--gpus {gpus}: a GPU is listed twice")
-    return [Slot(index) for index in indices]
+    return [Slot(gpu, i) for i, gpu in enumerate(indices)]
 
 
-def celery_argv(slot: Slot, queues: Sequence[str], loglevel: str, hostname: str | None = None) -> list[str]:
-    """One model set per process: a single prefork child, prefetching one chunk at a time."""
+def celery_argv(
+    slot: Slot, queues: Sequence[str], loglevel: str, hostname: str | None = None, quiet: bool = False
+) -> list[str]:
+    """One model set per process: a single prefork child, prefetching one chunk at a time.
+
+    Task events are on (Flower, celery-exporter); `quiet` drops the start-up banner (JSON logs)."""
     host = hostname or socket.gethostname()
     return [
-        sys.executable, "-m", "celery", "-A", "worker", "worker",
+        sys.executable, "-m", "celery", "-A", "worker", *(["--quiet"] if quiet else []), "worker",
         "--queues", ",".join(queues),
         "--hostname", f"{slot.name}@{host}",
         "--concurrency", "1",
@@ -90,6 +100,7 @@ def celery_argv(slot: Slot, queues: Sequence[str], loglevel: str, hostname: str 
         "--prefetch-multiplier", "1",
         "--loglevel", loglevel,
         "--without-gossip", "--without-mingle",
+        "--task-events",
     ]
 
 
@@ -108,6 +119,7 @@ class Supervisor:
     slots: list[Slot]
     queues: list[str]
     loglevel: str = "INFO"
+    quiet: bool = False  # no Celery banner (JSON logs)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
@@ -116,7 +128,7 @@ class Supervisor:
         self.children = [self._spawn(slot) for slot in self.slots]
 
     def _spawn(self, slot: Slot, restarts: int = 0) -> Child:
-        argv = celery_argv(slot, self.queues, self.loglevel)
+        argv = celery_argv(slot, self.queues, self.loglevel, quiet=self.quiet)
         process = subprocess.Popen(argv, env=slot.env(self.env))
         log.info("started %s (pid %d): %s", slot.name, process.pid, " ".join(argv[3:]))
         return Child(slot, process, time.monotonic(), restarts)

@@ -11,7 +11,7 @@ import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Task as CeleryTask
 from celery.exceptions import Reject
-from celery.signals import task_rejected, task_unknown, worker_process_shutdown
+from celery.signals import task_rejected, task_unknown, worker_process_init, worker_process_shutdown
 from pydantic import ValidationError
 
 from imagemill.broker import CHUNK_TASK
@@ -61,6 +61,16 @@ def annotate_chunk(self: CeleryTask, message: Any) -> dict[str, Any]:
     result = run_chunk(chunk, runtime())
     log.info("chunk %s: %s %s", result.chunk_id, result.outcome, result.counts)
     return {"chunk_id": result.chunk_id, "outcome": result.outcome, "counts": result.counts}
+
+
+@worker_process_init.connect
+def _load_models(**_: Any) -> None:
+    # in the pool child, after the fork: CUDA starts here, and a bad model shows at start-up
+    rt = runtime()
+    try:
+        rt.load(rt.settings.worker_tasks)
+    except Exception:
+        log.exception("could not load the models at start-up; chunks will report the error")
 
 
 @worker_process_shutdown.connect

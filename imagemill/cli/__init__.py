@@ -5,7 +5,7 @@ Faults the user can fix print one line and exit non-zero; tracebacks are for bug
 
 import typer
 
-from imagemill.cli import annotate, jobs, models, worker
+from imagemill.cli import annotate, jobs, models, schedules, worker
 
 app = typer.Typer(
     name="imagemill",
@@ -22,3 +22,5 @@ app.command("jobs")(jobs.jobs)
 app.command("cancel")(jobs.cancel)
 app.command("retry")(jobs.retry)
 app.command("worker")(worker.worker)
+app.add_typer(schedules.app, name="schedule")
+app.command("beat")(schedules.beat)

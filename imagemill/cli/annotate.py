@@ -34,18 +34,25 @@ def annotate(
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per model batch [IMAGEMILL_BATCH_SIZE].")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [IMAGEMILL_DEVICE].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Re-annotate images OUT already has records for.")] = False,
 ) -> None:
     """Annotate every image in SOURCE in this process and write one record per image."""
     chosen = tasks_option(tasks)
     overrides = {k: v for k, v in {"batch_size": batch_size, "device": device}.items() if v is not None}
     settings = get_settings().model_copy(update=overrides)
-    run_reporting_errors(lambda: run_local(source, chosen, out, settings, quiet=quiet))
+    run_reporting_errors(lambda: run_local(source, chosen, out, settings, quiet=quiet, force=force))
 
 
-def run_local(source_spec: str, tasks: tuple[Task, ...], out: Path, settings: Settings, *, quiet: bool) -> Counter[str]:
-    """List, annotate and write; returns outcome counts ('annotated' or the error kind)."""
+def run_local(
+    source_spec: str, tasks: tuple[Task, ...], out: Path, settings: Settings, *, quiet: bool, force: bool = False
+) -> Counter[str]:
+    """List, annotate and write; returns outcome counts ('annotated', 'skipped' or the error kind).
+
+    Unless `force`, images OUT already holds an error-free record for (same etag and signature)
+    are skipped and their records kept."""
     # heavy imports here, so `imagemill --help` stays instant
     from imagemill.stores import open_writer
+    from producer.incremental import skip_existing
     from producer.sources import open_source
     from worker.batching import batched
     from worker.engine import Engine
@@ -53,14 +60,21 @@ def run_local(source_spec: str, tasks: tuple[Task, ...], out: Path, settings: Se
     source = open_source(source_spec, settings)
     with console.status(f"loading models for {', '.join(tasks)}…", spinner="dots"):
         engine = Engine(settings, tasks)
-    writer = open_writer(str(out))
+    writer = open_writer(str(out), keep_existing=not force)
     outcomes: Counter[str] = Counter()
     started = time.perf_counter()
     try:
         with engine, progress_bar("annotating", disable=quiet) as (progress, bar):
             if not quiet:  # the count costs a second listing; only a visible bar needs it
                 _count_in_background(source, progress, bar)
-            for records in batched(engine.annotate(source.refs()), WRITE_EVERY):
+
+            def skipped(refs: list) -> None:
+                writer.keep([(ref.uri, ref.etag, engine.signature) for ref in refs])
+                outcomes["skipped"] += len(refs)
+                progress.advance(bar, len(refs))
+
+            refs = source.refs() if force else skip_existing(source.refs(), writer, engine.signature, skipped)
+            for records in batched(engine.annotate(refs), WRITE_EVERY):
                 writer.write(records)
                 outcomes.update(_outcome(record) for record in records)
                 progress.advance(bar, len(records))

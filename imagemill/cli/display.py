@@ -69,12 +69,14 @@ def summary_table(
     title: str, outcomes: Counter[str], elapsed_s: float, extra: dict[str, str] | None = None
 ) -> Table:
     """Annotated, failed by error kind, elapsed and images/s."""
-    done = sum(outcomes.values())
+    done = sum(n for kind, n in outcomes.items() if kind != "skipped")
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_row("annotated", f"{outcomes.get('annotated', 0):,}")
-    failed = {kind: n for kind, n in outcomes.items() if kind != "annotated"}
+    if outcomes.get("skipped"):
+        table.add_row("skipped", f"{outcomes['skipped']:,}")
+    failed = {kind: n for kind, n in outcomes.items() if kind not in ("annotated", "skipped")}
     table.add_row("failed", f"{sum(failed.values()):,}")
     for kind, count in sorted(failed.items()):
         table.add_row(f"  {kind}", f"{count:,}")

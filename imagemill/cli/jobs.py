@@ -37,8 +37,10 @@ def submit(
     sink: Annotated[str | None, typer.Option(help="postgresql://…, s3://bucket/prefix/ [IMAGEMILL_SINK].")] = None,
     chunk_size: Annotated[int | None, typer.Option(min=1, help="Images per chunk [IMAGEMILL_CHUNK_SIZE].")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Re-annotate images the sink already has records for.")] = False,
 ) -> None:
-    """Enqueue a job for the workers; prints its id at once."""
+    """Enqueue a job for the workers; prints its id at once. Images the sink already holds
+    (same etag and pipeline signature) are skipped unless --force."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     chosen = tasks_option(tasks)
     settings = get_settings()
@@ -47,19 +49,21 @@ def submit(
     target = sink or settings.sink
     if not target:
         fail("no sink: pass --sink postgresql://… or s3://bucket/prefix/, or set IMAGEMILL_SINK")
-    run_reporting_errors(lambda: _submit(source, chosen, target, settings, wait))
+    run_reporting_errors(lambda: _submit(source, chosen, target, settings, wait, force))
 
 
-def _submit(source_spec: str, tasks, sink: str, settings: Settings, wait: bool) -> None:
+def _submit(source_spec: str, tasks, sink: str, settings: Settings, wait: bool, force: bool = False) -> None:
     from imagemill.stores import open_writer
     from producer.sources import open_source
     from producer.submit import Submission
 
+    if "://" not in sink:
+        raise UserError(f"sink {sink}: workers need a shared sink: postgresql://…, s3://bucket/prefix/ or file:///shared/dir/")
     writer = open_writer(sink)
     writer.check()  # a bad or unreachable sink fails here, before anything is queued
     writer.close()
     source = open_source(source_spec, settings)
-    _produce(Submission(source, tasks, sink, settings, registry_for(settings)), wait)
+    _produce(Submission(source, tasks, sink, settings, registry_for(settings), force=force), wait)
 
 
 def _produce(submission: "Submission", wait: bool) -> None:

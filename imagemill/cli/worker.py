@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from imagemill import logs
 from imagemill.cli.display import fail
 from imagemill.settings import get_settings
 
@@ -17,11 +18,11 @@ def worker(
     """Run annotation workers: one Celery worker process per GPU, restarted if it dies."""
     from worker.supervisor import Supervisor, plan_slots
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s imagemill.worker: %(message)s")
     settings = get_settings()
+    logs.configure(settings.log_format, logging.INFO, "%(asctime)s %(levelname)s imagemill.worker: %(message)s")
     try:
         slots = plan_slots(gpus)
     except ValueError as exc:
         fail(str(exc))
     chosen = [q.strip() for q in queues.split(",") if q.strip()] if queues else sorted({settings.queue, *settings.routes.values()})
-    raise typer.Exit(Supervisor(slots=slots, queues=chosen, loglevel=loglevel).run())
+    raise typer.Exit(Supervisor(slots=slots, queues=chosen, loglevel=loglevel, quiet=settings.log_format == "json").run())

@@ -23,13 +23,18 @@ class RecordWriter(Protocol):
     def close(self) -> None: ...
 
 
-def open_writer(target: str) -> RecordWriter:
+def open_writer(target: str, keep_existing: bool = False) -> RecordWriter:
     """The writer for a sink URL or `--out` path: postgresql://…, s3://bucket/prefix/,
-    file:///shared/dir/ (one file per chunk), or a *.jsonl / *.parquet file (local mode)."""
+    file:///shared/dir/ (one file per chunk), s3tags:// (results as tags on each record's own
+    S3 object), or a *.jsonl / *.parquet file (local mode)."""
     if target.startswith(("postgresql://", "postgres://")):
         from imagemill.stores.postgres import PostgresStore
 
         return PostgresStore(target)
+    if target.startswith("s3tags://"):
+        from imagemill.stores.s3tags import ObjectTagsSink
+
+        return ObjectTagsSink.from_url(target)
     if target.startswith("s3://"):
         from imagemill.stores.objects import ObjectStoreSink
 
@@ -39,7 +44,7 @@ def open_writer(target: str) -> RecordWriter:
 
         return DirectorySink.from_url(target)
     if "://" in target:
-        raise UserError(f"sink {target}: expected postgresql://…, s3://bucket/prefix/, file:///dir/ or a .jsonl/.parquet path")
+        raise UserError(f"sink {target}: expected postgresql://…, s3://bucket/prefix/, file:///dir/, s3tags:// or a .jsonl/.parquet path")
     from imagemill.stores.files import open_file_writer
 
-    return open_file_writer(target)
+    return open_file_writer(target, keep_existing)

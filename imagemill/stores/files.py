@@ -4,7 +4,8 @@ Both hold exactly the fields of `Record`; the Parquet schema mirrors it column f
 """
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -13,6 +14,8 @@ import pyarrow.parquet as pq
 
 from imagemill.errors import UserError
 from imagemill.schemas import Record
+
+Key = tuple[str, str | None, str]
 
 _OWNED = pa.struct([("model", pa.string()), ("revision", pa.string())])
 
@@ -38,36 +41,71 @@ PARQUET_SCHEMA = pa.schema(
 SUFFIXES = (".jsonl", ".parquet")
 
 
-class JsonlWriter:
-    """Appends one JSON object per record and flushes per batch, so a crash keeps what was done.
+class RecordFile:
+    """A local run's output file, written beside the target and moved into place on close.
 
-    A streaming file for one local run: chunks are appended, not replaced."""
+    With `keep_existing`, the error-free records of an earlier run are remembered; `existing_keys`
+    names them and `keep` copies those still wanted, so an incremental run redoes only the rest
+    and the file still holds one record per image of the current source."""
 
-    def __init__(self, path: Path) -> None:
-        self._handle: IO[str] = path.open("w", encoding="utf-8")
+    def __init__(self, path: Path, keep_existing: bool) -> None:
+        self.path = path
+        self.partial = path.with_name(f".{path.name}.partial")
+        self._previous: dict[Key, Record] = {}
+        if keep_existing and path.exists():
+            self._previous = {r.key: r for r in iter_records(path) if r.error is None}
+        self._open()
 
-    def write(self, records: Sequence[Record], chunk: str = "") -> None:
-        self._handle.writelines(record.model_dump_json() + "\n" for record in records)
-        self._handle.flush()
+    def existing_keys(self, keys: Iterable[Key]) -> set[Key]:
+        return {key for key in keys if key in self._previous}
+
+    def keep(self, keys: Iterable[Key]) -> None:
+        """Write the earlier records of these keys again, as they were."""
+        self.write([self._previous.pop(key) for key in keys if key in self._previous])
 
     def check(self) -> None:
         """Opened when made: nothing more to check."""
 
     def close(self) -> None:
+        self._close()
+        os.replace(self.partial, self.path)
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def write(self, records: Sequence[Record], chunk: str = "") -> None:
+        raise NotImplementedError
+
+
+class JsonlWriter(RecordFile):
+    """One JSON object per line, flushed per batch."""
+
+    def _open(self) -> None:
+        self._handle: IO[str] = self.partial.open("w", encoding="utf-8")
+
+    def write(self, records: Sequence[Record], chunk: str = "") -> None:
+        self._handle.writelines(record.model_dump_json() + "\n" for record in records)
+        self._handle.flush()
+
+    def _close(self) -> None:
         self._handle.close()
 
 
-class ParquetWriter:
-    """Buffers records into row groups of `row_group` rows."""
+class ParquetWriter(RecordFile):
+    """Typed columns, buffered into row groups of `ROW_GROUP` rows."""
 
-    def __init__(self, path: Path, row_group: int = 4096) -> None:
-        self._writer = pq.ParquetWriter(path, PARQUET_SCHEMA, compression="zstd")
+    ROW_GROUP = 4096
+
+    def _open(self) -> None:
+        self._writer = pq.ParquetWriter(self.partial, PARQUET_SCHEMA, compression="zstd")
         self._buffer: list[dict] = []
-        self._row_group = row_group
 
     def write(self, records: Sequence[Record], chunk: str = "") -> None:
         self._buffer.extend(parquet_row(record) for record in records)
-        if len(self._buffer) >= self._row_group:
+        if len(self._buffer) >= self.ROW_GROUP:
             self._flush()
 
     def _flush(self) -> None:
@@ -75,10 +113,7 @@ class ParquetWriter:
             self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=PARQUET_SCHEMA))
             self._buffer = []
 
-    def check(self) -> None:
-        """Opened when made: nothing more to check."""
-
-    def close(self) -> None:
+    def _close(self) -> None:
         self._flush()
         self._writer.close()
 
@@ -92,27 +127,35 @@ def parquet_row(record: Record) -> dict:
     return row
 
 
-def read_records(path: Path) -> list[Record]:
-    """Read back a JSONL or Parquet file of records (tests and incremental runs use it)."""
+def iter_records(path: Path) -> Iterator[Record]:
+    """Stream the records of a JSONL or Parquet file, a batch at a time."""
     if path.suffix == ".parquet":
-        rows = pq.read_table(path).to_pylist()
-        for row in rows:
-            if row.get("moderation"):
-                row["moderation"]["scores"] = dict(row["moderation"]["scores"])
-        return [Record.model_validate(row) for row in rows]
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                if row.get("moderation"):
+                    row["moderation"]["scores"] = dict(row["moderation"]["scores"])
+                yield Record.model_validate(row)
+        return
     with path.open(encoding="utf-8") as handle:
-        return [Record.model_validate(json.loads(line)) for line in handle if line.strip()]
+        for line in handle:
+            if line.strip():
+                yield Record.model_validate(json.loads(line))
 
 
-def open_file_writer(target: str) -> JsonlWriter | ParquetWriter:
+def read_records(path: Path) -> list[Record]:
+    """Read back a JSONL or Parquet file of records."""
+    return list(iter_records(path))
+
+
+def open_file_writer(target: str, keep_existing: bool = False) -> JsonlWriter | ParquetWriter:
     path = Path(target)
     if path.suffix.lower() not in SUFFIXES:
         raise UserError(f"--out {target}: the file name must end in .jsonl or .parquet")
     if not path.parent.is_dir():
         raise UserError(f"--out {target}: folder {path.parent} does not exist")
     if path.suffix.lower() == ".parquet":
-        return ParquetWriter(path)
-    return JsonlWriter(path)
+        return ParquetWriter(path, keep_existing)
+    return JsonlWriter(path, keep_existing)
 
 
 def encode_records(records: Sequence[Record], fmt: str) -> bytes:

@@ -1,8 +1,11 @@
 """The model runners, one per task, loaded once per process on one device and dtype."""
 
+import time
+
 from imagemill.errors import ModelLoadError
 from imagemill.schemas import Task
 from imagemill.settings import Settings
+from worker.metrics import record_model_load
 from worker.models.caption import CaptionRunner
 from worker.models.device import resolve_device, resolve_dtype
 from worker.models.moderation import ModerationRunner
@@ -23,4 +26,9 @@ def load_runners(settings: Settings, tasks: tuple[Task, ...]) -> list[Runner]:
     except (ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"IMAGEMILL_DEVICE={settings.device!r}: {exc}") from None
     dtype = resolve_dtype(settings.dtype, device)
-    return [RUNNERS[task](settings, device, dtype) for task in tasks]
+    runners = []
+    for task in tasks:
+        started = time.perf_counter()
+        runners.append(RUNNERS[task](settings, device, dtype))
+        record_model_load(task.value, time.perf_counter() - started)
+    return runners

@@ -1,0 +1,118 @@
+"""`imagemill schedule add|list|remove` and `imagemill beat`: scheduled incremental scans.
+
+Schedules live in Redis (RedBeat); `imagemill beat` fires them, and a lock keeps it to one.
+"""
+
+import os
+import re
+import sys
+from datetime import timedelta
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from imagemill.cli.annotate import ALL_TASKS, tasks_option
+from imagemill.cli.display import console, fail, run_reporting_errors, stdout
+from imagemill.redaction import redact_url
+from imagemill.settings import get_settings
+
+app = typer.Typer(help="Scheduled scans: incremental submits fired by `imagemill beat`.", no_args_is_help=True)
+
+_DURATION = re.compile(r"(\d+)([dhms])")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+
+
+def parse_every(text: str) -> timedelta:
+    """`1h`, `30m`, `1h30m`, `45s`, `1d` -> a timedelta; ValueError otherwise."""
+    parts = _DURATION.findall(text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise ValueError(f"--every {text}: expected a duration such as 30s, 15m, 1h or 1d")
+    every = timedelta(**{_UNITS[unit]: int(n) for n, unit in parts})
+    if every.total_seconds() < 1:
+        raise ValueError("--every must be at least 1s")
+    return every
+
+
+def _entry_class():
+    from redbeat import RedBeatSchedulerEntry
+    from redbeat.schedulers import ensure_conf
+
+    from producer.celery import make_producer_app
+
+    celery = make_producer_app(get_settings())
+    ensure_conf(celery)
+    return RedBeatSchedulerEntry, celery
+
+
+@app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="A name for the schedule.")],
+    source: Annotated[str, typer.Argument(help="A folder, s3://bucket/prefix, or a manifest.")],
+    every: Annotated[str, typer.Option(help="How often: 30s, 15m, 1h, 1d.")] = "1h",
+    tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderation, tags.")] = ALL_TASKS,
+    sink: Annotated[str | None, typer.Option(help="Where records go [IMAGEMILL_SINK].")] = None,
+) -> None:
+    """Scan SOURCE every so often; each firing annotates only new or changed images."""
+    from celery.schedules import schedule
+
+    from producer.celery import SCAN_TASK
+
+    chosen = tasks_option(tasks)
+    try:
+        interval = parse_every(every)
+    except ValueError as exc:
+        fail(str(exc))
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        fail(f"schedule name {name!r}: use letters, digits, '.', '_' or '-'")
+    target = sink or get_settings().sink
+    if not target:
+        fail("no sink: pass --sink postgresql://… or set IMAGEMILL_SINK")
+    entry_class, celery = _entry_class()
+    args = [name, source, ",".join(chosen), target]
+    run_reporting_errors(lambda: entry_class(name, SCAN_TASK, schedule(interval), args=args, app=celery).save())
+    console.print(f"schedule [bold]{name}[/]: {source} every {every} → {redact_url(target)}", highlight=False)
+
+
+@app.command("list")
+def list_schedules() -> None:
+    """Every schedule, with when it last ran and when it is due."""
+    from redbeat.schedulers import get_redis
+
+    from producer.celery import SCAN_TASK
+
+    entry_class, celery = _entry_class()
+
+    table = Table("name", "every", "source", "tasks", "sink", "last run", "due")
+    for key in get_redis(celery).zrange(celery.redbeat_conf.schedule_key, 0, -1):
+        entry = entry_class.from_key(key, app=celery)
+        if entry.task != SCAN_TASK:  # Celery's own periodic housekeeping, not a scan
+            continue
+        name, source, tasks, sink = entry.args
+        last = entry.last_run_at.strftime("%Y-%m-%d %H:%M:%S") if entry.total_run_count else "–"
+        due = entry.due_at.strftime("%Y-%m-%d %H:%M:%S") if entry.due_at else "–"
+        table.add_row(name, str(entry.schedule.run_every), source, tasks, redact_url(sink), last, due)
+    stdout.print(table)
+
+
+@app.command("remove")
+def remove(name: Annotated[str, typer.Argument(help="The schedule to delete.")]) -> None:
+    """Delete a schedule (a scan already running finishes)."""
+    entry_class, celery = _entry_class()
+    try:
+        entry = entry_class.from_key(entry_class.generate_key(celery, name), app=celery)
+    except KeyError:
+        fail(f"no schedule {name} (see `imagemill schedule list`)")
+    entry.delete()
+    console.print(f"schedule {name} removed")
+
+
+def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
+    """Fire scheduled scans (run exactly one; a second waits on the lock) and run them."""
+    settings = get_settings()
+    argv = [
+        sys.executable, "-m", "celery", "-A", "producer", "worker", "--beat",
+        "--queues", settings.schedule_queue, "--pool", "solo", "--loglevel", loglevel,
+        "--hostname", f"beat-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+    ]
+    os.execv(sys.executable, argv)

@@ -1,0 +1,135 @@
+"""Incremental runs and scheduled scans: only new or changed images are annotated again."""
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from imagemill.cli.schedules import parse_every
+from imagemill.jobs import JobRegistry, JobState
+from imagemill.stores.files import read_records
+from tests.fixtures.cli import REPO, run_cli
+from tests.fixtures.distributed import rows, submitted, upload_photos, wait_for
+from tests.fixtures.images import photo_jpeg, write_mixed
+from tests.fixtures.workers import start_worker
+
+
+def summary_count(stderr: str, label: str) -> int:
+    match = re.search(rf"{label}\s*│\s*([\d,]+)", stderr)
+    return int(match.group(1).replace(",", "")) if match else 0
+
+
+def test_annotate_again_skips_what_the_output_holds_and_redoes_changes_and_errors(
+    model_env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    cases = write_mixed(folder)
+    broken = sum(1 for c in cases if c.expected_error)
+    out = tmp_path / "out.jsonl"
+    first = run_cli("annotate", str(folder), "--tasks", "moderation", "--out", str(out), env=model_env)
+    assert first.returncode == 0, first.stderr
+
+    (folder / "new.jpg").write_bytes(photo_jpeg(200, 150, seed=9))
+    changed = folder / "photo_medium.jpg"
+    changed.write_bytes(photo_jpeg(640, 480, seed=5))
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new version: a new etag
+    second = run_cli("annotate", str(folder), "--tasks", "moderation", "--out", str(out), env=model_env)
+    assert second.returncode == 0, second.stderr
+    good = len(cases) - broken
+    assert summary_count(second.stderr, "skipped") == good - 1
+    assert summary_count(second.stderr, "annotated") == 2  # the new and the changed photo
+    records = read_records(out)
+    assert len(records) == len({r.uri for r in records}) == len(cases) + 1  # one record per image
+
+    forced = run_cli("annotate", str(folder), "--tasks", "moderation", "--out", str(out), "--force", env=model_env)
+    assert summary_count(forced.stderr, "skipped") == 0 and summary_count(forced.stderr, "annotated") == good + 1
+
+
+def test_a_threshold_that_changes_outputs_changes_the_signature_so_everything_is_redone(
+    model_env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(photo_jpeg(120, 90, seed=i))
+    out = tmp_path / "out.parquet"
+    assert run_cli("annotate", str(folder), "--tasks", "moderation", "--out", str(out), env=model_env).returncode == 0
+    before = {r.signature for r in read_records(out)}
+    env = {**model_env, "IMAGEMILL_MODERATION_THRESHOLDS": '{"nsfw": 0.9}'}
+    again = run_cli("annotate", str(folder), "--tasks", "moderation", "--out", str(out), env=env)
+    assert summary_count(again.stderr, "skipped") == 0 and summary_count(again.stderr, "annotated") == 3
+    after = read_records(out)
+    assert len(after) == 3 and len({r.signature for r in after}) == 1 and after[0].signature not in before
+
+
+def test_submit_again_skips_objects_the_sink_already_holds(
+    dist_env, bucket, pg_url, workers, tmp_path: Path
+) -> None:
+    keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "inc/", 6)
+    workers.append(start_worker(dist_env, tmp_path / "worker.log").wait_ready())
+    args = ("submit", f"s3://{bucket}/inc/", "--tasks", "moderation", "--wait")
+    first = submitted(run_cli(*args, env=dist_env))
+    upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "inc/", 0, ["late.jpg"])
+    second = submitted(run_cli(*args, env=dist_env))
+    registry = JobRegistry(dist_env["IMAGEMILL_BROKER_URL"])
+    job = registry.get(second)
+    assert second != first and job.state == JobState.DONE
+    assert (job.listed, job.skipped, job.annotated) == (len(keys) + 1, len(keys), 1)
+    assert [r[0] for r in rows(pg_url, second)] == [f"s3://{bucket}/inc/late.jpg"]
+    forced = registry.get(submitted(run_cli(*args, "--force", env=dist_env)))
+    assert (forced.skipped, forced.annotated) == (0, len(keys) + 1)
+
+
+@pytest.mark.parametrize("text, seconds", [("45s", 45), ("15m", 900), ("1h30m", 5400), ("1d", 86400)])
+def test_schedule_intervals_parse(text: str, seconds: int) -> None:
+    assert parse_every(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1x", "h", "10", "1h 2q"])
+def test_bad_schedule_intervals_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="--every"):
+        parse_every(text)
+
+
+def test_scheduled_scans_annotate_only_what_was_added_between_firings_and_a_second_beat_waits(
+    dist_env, bucket, pg_url, workers, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "sched/", 4)
+    env = {**dist_env, "IMAGEMILL_BEAT_INTERVAL_S": "1"}
+    added = run_cli("schedule", "add", "nightly", f"s3://{bucket}/sched/", "--every", "3s", "--tasks", "moderation", env=env)
+    assert added.returncode == 0, added.stderr
+    workers.append(start_worker(env, tmp_path / "worker.log").wait_ready())
+    beats = []
+    for name in ("beat-a", "beat-b"):
+        log = (tmp_path / f"{name}.log").open("w")
+        beats.append((subprocess.Popen(
+            [sys.executable, "-m", "imagemill", "beat"], env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        ), tmp_path / f"{name}.log"))
+    registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
+    try:
+        def finished_jobs():
+            return [j for j in registry.recent(50) if j.state == JobState.DONE]
+
+        wait_for(lambda: any(j.annotated == 4 for j in finished_jobs()), 120, "the first scan to annotate everything")
+        upload_photos(env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "sched/", 0, ["new-1.jpg", "new-2.jpg"])
+        wait_for(lambda: any(j.annotated == 2 and j.skipped == 4 for j in finished_jobs()), 120, "a scan of the new objects")
+        listing = run_cli("schedule", "list", env=env)
+        assert "nightly" in listing.stdout and "0:00:03" in listing.stdout
+    finally:
+        for process, _ in beats:
+            process.terminate()
+            process.wait(timeout=30)
+    logs = [path.read_text() for _, path in beats]
+    fired = [log.count("Sending due task nightly") for log in logs]
+    assert sorted(fired)[0] == 0 and sorted(fired)[1] >= 2, fired  # one beat held the lock
+    uris = [r[0] for r in rows(pg_url)]
+    expected = [f"s3://{bucket}/{k}" for k in keys] + [f"s3://{bucket}/sched/new-{i}.jpg" for i in (1, 2)]
+    assert sorted(u for u in uris if "/sched/" in u) == sorted(expected)
+    removed = run_cli("schedule", "remove", "nightly", env=env)
+    assert removed.returncode == 0 and "nightly" not in run_cli("schedule", "list", env=env).stdout
