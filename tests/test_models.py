@@ -13,7 +13,7 @@ from imagemill.storage import file_uri
 from tests.fixtures.images import photo_image
 from worker.engine import Engine
 from worker.models import load_runners
-from worker.models.device import resolve_device, resolve_dtype
+from worker.models.device import pins_memory, resolve_device, resolve_dtype
 from worker.models.runner import weights_hash
 
 
@@ -144,3 +144,21 @@ def test_preprocessing_on_decode_threads_equals_the_hugging_face_processor(tiny_
         expected = processor(images=[picture], return_tensors="np")["pixel_values"][0]
         assert recipe(picture).shape == expected.shape
         assert abs(recipe(picture) - expected).max() < 1e-4
+
+
+def test_batches_are_pinned_and_copied_asynchronously_only_towards_a_gpu() -> None:
+    assert pins_memory(torch.device("cuda:0")) and not pins_memory(torch.device("cpu"))
+
+
+def test_runners_infer_without_autograd_in_the_configured_dtype(tiny_models) -> None:
+    runner, = load_runners(settings_for(tiny_models, dtype="bfloat16"), (Task.MODERATION,))
+    pixels = runner.batch([runner.preprocess(picture) for picture in pictures(2)])
+    assert pixels.dtype == torch.bfloat16 and next(runner.model.parameters()).dtype == torch.bfloat16
+    with torch.enable_grad():
+        assert len(runner.infer(pixels)) == 2  # inference_mode inside: no graph is built
+
+
+@pytest.mark.parametrize("task", [Task.MODERATION, Task.TAGS])
+def test_vision_encoders_use_scaled_dot_product_attention(tiny_models, task: Task) -> None:
+    runner, = load_runners(settings_for(tiny_models), (task,))
+    assert runner.model.config._attn_implementation == "sdpa"

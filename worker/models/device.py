@@ -23,3 +23,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def pins_memory(device: torch.device) -> bool:
+    """Host batches go through pinned memory (and non-blocking copies) only on the way to a GPU."""
+    return device.type == "cuda"

@@ -17,6 +17,7 @@ from PIL import Image
 
 from imagemill.errors import ModelLoadError
 from imagemill.schemas import Caption, Moderation, Tags, Task
+from worker.models.device import pins_memory
 from worker.preprocess import from_processor
 
 TaskOutput = Caption | Moderation | Tags
@@ -61,7 +62,7 @@ class Runner(ABC):
     def batch(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
         """Preprocessed images -> one tensor on the model's device and dtype."""
         pixels = torch.from_numpy(np.stack(inputs))
-        if self.device.type == "cuda":
+        if pins_memory(self.device):
             # pinned host memory lets the copy overlap with the previous batch's compute
             return pixels.pin_memory().to(self.device, dtype=self.dtype, non_blocking=True)
         return pixels.to(dtype=self.dtype)
