@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
 
 from imagemill.stores.files import read_records
 from imagemill.storage import file_uri

@@ -5,7 +5,6 @@ Private Redis and PostgreSQL databases only; the machine's shared services are n
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys

@@ -155,36 +155,21 @@ CHUNK_SIZE = 2
 
 
 @pytest.fixture
-def chaos_env(model_env: dict[str, str], redis_url: str, s3_env: str, chaos_db: str) -> dict[str, str]:
-    return {
-        **model_env,
-        "IMAGEMILL_BROKER_URL": redis_url,
-        "IMAGEMILL_S3_ENDPOINT_URL": s3_env,
-        "IMAGEMILL_SINK": chaos_db,
-        "IMAGEMILL_VISIBILITY_TIMEOUT": "60",
-        "IMAGEMILL_TASK_MAX_RETRIES": "20",
-    }
-
-
-@pytest.fixture
-def worker_list() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.stop()
+def chaos_env(dist_env: dict[str, str], chaos_db: str) -> dict[str, str]:
+    return {**dist_env, "IMAGEMILL_SINK": chaos_db, "IMAGEMILL_TASK_MAX_RETRIES": "20"}
 
 
 def test_distributed_job_completes_when_postgres_restarts_mid_job(
     private_pg: PrivatePostgres, chaos_env: dict[str, str], bucket: str, chaos_db: str,
-    worker_list: list[WorkerProcess], tmp_path: Path,
+    workers: list[WorkerProcess], tmp_path: Path,
 ) -> None:
     client = s3_client(chaos_env["IMAGEMILL_S3_ENDPOINT_URL"])
     data = photo_jpeg(160, 120)
     keys = [f"chaos/p{i:04d}.jpg" for i in range(PHOTOS)]
     for key in keys:
         client.put_object(Bucket=bucket, Key=key, Body=data)
-    worker_list.append(start_worker(chaos_env, tmp_path / "worker.log").wait_ready())
-    worker = worker_list[0]
+    workers.append(start_worker(chaos_env, tmp_path / "worker.log").wait_ready())
+    worker = workers[0]
 
     submit = subprocess.Popen(
         [sys.executable, "-m", "imagemill", "submit", f"s3://{bucket}/chaos/", "--tasks", "moderation",

@@ -11,7 +11,7 @@ import pytest
 from psycopg import sql
 
 from imagemill.errors import ErrorKind, UserError
-from imagemill.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, TagScore
+from imagemill.schemas import Caption, ImageInfo, Moderation, Record, Tags, TagScore
 from imagemill.stores import open_writer
 from imagemill.redaction import redact_url
 from imagemill.stores.postgres import PostgresStore, SchemaVersionError

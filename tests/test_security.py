@@ -1,7 +1,6 @@
 """Security: TLS and passwords for Redis, JSON-only messages, secrets kept out of every output."""
 
 import base64
-import pickle
 from pathlib import Path
 
 import pytest

@@ -8,7 +8,8 @@ import typer
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
 from imagemill.cli.display import console, fail
 from imagemill.schemas import Task
-from imagemill.settings import Settings, get_settings
+from imagemill.pipeline import configured_model
+from imagemill.settings import get_settings
 
 app = typer.Typer(help="Manage the models imagemill runs.", no_args_is_help=True)
 
@@ -17,10 +18,6 @@ ENV_NAMES = {
     Task.MODERATION: "IMAGEMILL_MODERATION_MODEL",
     Task.TAGS: "IMAGEMILL_TAGS_MODEL",
 }
-
-
-def configured_model(settings: Settings, task: Task) -> str:
-    return {Task.CAPTION: settings.caption_model, Task.MODERATION: settings.moderation_model, Task.TAGS: settings.tags_model}[task]
 
 
 @app.command("download")

@@ -7,25 +7,17 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from imagemill.schemas import Caption, Task
 from imagemill.settings import Settings
-from worker.models.runner import (
-    Runner,
-    load_options,
-    load_pretrained,
-    model_id,
-)
+from worker.models.runner import Runner
 
 
 class CaptionRunner(Runner):
     task = Task.CAPTION
 
+    processor_loader = AutoProcessor
+    model_loader = AutoModelForImageTextToText
+
     def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
-        name, revision = settings.caption_model, settings.model_revision
-        self.processor = load_pretrained(self.task, AutoProcessor, name, revision)
-        model = load_pretrained(
-            self.task, AutoModelForImageTextToText, name, revision, **load_options(dtype)
-        )
-        self.model = model.to(device).eval()
-        super().__init__(model_id(name, revision), device, dtype, self.processor.image_processor)
+        super().__init__(settings, device, dtype)
         self.max_new_tokens = settings.caption_max_new_tokens
         self.num_beams = settings.caption_num_beams
 

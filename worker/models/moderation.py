@@ -8,26 +8,23 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from imagemill.errors import ModelLoadError
 from imagemill.schemas import Moderation, Task
 from imagemill.settings import Settings
-from worker.models.runner import Runner, load_options, load_pretrained, model_id
+from worker.models.runner import Runner
 
 
 class ModerationRunner(Runner):
     task = Task.MODERATION
 
+    processor_loader = AutoImageProcessor
+    model_loader = AutoModelForImageClassification
+
     def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
-        name, revision = settings.moderation_model, settings.model_revision
-        self.processor = load_pretrained(self.task, AutoImageProcessor, name, revision)
-        model = load_pretrained(
-            self.task, AutoModelForImageClassification, name, revision, **load_options(dtype)
-        )
-        self.model = model.to(device).eval()
-        super().__init__(model_id(name, revision), device, dtype, self.processor)
+        super().__init__(settings, device, dtype)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.thresholds = settings.moderation_thresholds
         unknown = sorted(set(self.thresholds) - set(self.labels))
         if unknown:
             raise ModelLoadError(
-                f"IMAGEMILL_MODERATION_THRESHOLDS names {unknown}, but {name!r} has labels {self.labels}"
+                f"IMAGEMILL_MODERATION_THRESHOLDS names {unknown}, but {self.model_id.name!r} has labels {self.labels}"
             )
         self.multi_label = self.model.config.problem_type == "multi_label_classification"
 

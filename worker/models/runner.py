@@ -16,7 +16,9 @@ import transformers
 from PIL import Image
 
 from imagemill.errors import ModelLoadError
+from imagemill.pipeline import configured_model
 from imagemill.schemas import Caption, Moderation, Tags, Task
+from imagemill.settings import Settings
 from worker.models.device import pins_memory
 from worker.preprocess import from_processor
 
@@ -37,13 +39,20 @@ class Runner(ABC):
 
     task: Task
 
-    def __init__(self, model_id: ModelId, device: torch.device, dtype: torch.dtype, image_processor: Any) -> None:
-        self.model_id = model_id
+    processor_loader: Any  # the transformers Auto class of its processor
+    model_loader: Any  # and of its model
+
+    def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
+        name, revision = configured_model(settings, self.task), settings.model_revision
+        self.processor = load_pretrained(self.task, self.processor_loader, name, revision)
+        model = load_pretrained(self.task, self.model_loader, name, revision, dtype=dtype)
+        self.model = model.to(device).eval()
+        self.model_id = model_id(name, revision)
         self.device = device
         self.dtype = dtype
-        self.image_processor = image_processor
-        self.preprocess: Callable[[Image.Image], np.ndarray] = from_processor(image_processor) or (
-            lambda image: image_processor(images=[image], return_tensors="np")["pixel_values"][0]
+        self.image_processor = getattr(self.processor, "image_processor", self.processor)
+        self.preprocess: Callable[[Image.Image], np.ndarray] = from_processor(self.image_processor) or (
+            lambda image: self.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
         )
 
     @property
@@ -124,8 +133,3 @@ def processor_min_side(image_processor: Any) -> int:
         if "height" in size and "width" in size:
             return max(int(size["height"]), int(size["width"]))
     return 224
-
-
-def load_options(dtype: torch.dtype) -> dict[str, Any]:
-    """Keyword arguments every `from_pretrained` of a model gets."""
-    return {"dtype": dtype}

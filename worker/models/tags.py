@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoProcessor
 from imagemill.errors import ModelLoadError
 from imagemill.schemas import Tags, TagScore, Task
 from imagemill.settings import Settings
-from worker.models.runner import Runner, load_options, load_pretrained, model_id
+from worker.models.runner import Runner
 
 SIGMOID_MODEL_TYPES = {"siglip", "siglip2"}
 TEXT_BATCH = 256
@@ -18,12 +18,11 @@ TEXT_BATCH = 256
 class TagsRunner(Runner):
     task = Task.TAGS
 
+    processor_loader = AutoProcessor
+    model_loader = AutoModel
+
     def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
-        name, revision = settings.tags_model, settings.model_revision
-        self.processor = load_pretrained(self.task, AutoProcessor, name, revision)
-        model = load_pretrained(self.task, AutoModel, name, revision, **load_options(dtype))
-        self.model = model.to(device).eval()
-        super().__init__(model_id(name, revision), device, dtype, self.processor.image_processor)
+        super().__init__(settings, device, dtype)
         self.vocabulary = _vocabulary(settings)
         self.prompt = settings.tags_prompt
         self.top_k = min(settings.tags_top_k, len(self.vocabulary))
