@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     # inference
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    batch_size: int = Field(default=16, ge=1, le=4096)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for the models; default: the cores decoding leaves"
+    )
 
     # outputs (these change records, so they enter the pipeline signature)
     caption_max_new_tokens: int = Field(default=30, ge=1, le=512)

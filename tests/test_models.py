@@ -13,7 +13,7 @@ from imagemill.storage import file_uri
 from tests.fixtures.images import photo_image
 from worker.engine import Engine
 from worker.models import load_runners
-from worker.models.device import pins_memory, resolve_device, resolve_dtype
+from worker.models.device import cpu_threads, pins_memory, resolve_device, resolve_dtype
 from worker.models.runner import weights_hash
 
 
@@ -162,3 +162,11 @@ def test_runners_infer_without_autograd_in_the_configured_dtype(tiny_models) -> 
 def test_vision_encoders_use_scaled_dot_product_attention(tiny_models, task: Task) -> None:
     runner, = load_runners(settings_for(tiny_models), (task,))
     assert runner.model.config._attn_implementation == "sdpa"
+
+
+def test_on_a_cpu_the_models_get_the_cores_decoding_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert cpu_threads(torch.device("cpu"), None, decode_threads=2) == 6
+    assert cpu_threads(torch.device("cpu"), None, decode_threads=8) == 1
+    assert cpu_threads(torch.device("cpu"), 3, decode_threads=8) == 3
+    assert cpu_threads(torch.device("cuda"), None, decode_threads=8) is None
