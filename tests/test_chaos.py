@@ -135,7 +135,7 @@ def test_sigterm_lets_the_chunk_finish_or_hands_it_back_never_half_written(
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
     first = start_worker(env, tmp_path / "first.log")
     workers.append(first)
-    wait_for(lambda: "received" in first.log, 60, "a chunk to start")
+    wait_for(lambda: registry.get(job_id).started_at is not None, 60, "a chunk to start")
     assert first.stop(timeout=90) == 0
     written = len(rows(pg_url, job_id))
     assert written in (0, 4, 8)  # whole chunks only
