@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     batch_size: int = Field(default=64, ge=1, le=4096)
     torch_threads: int | None = Field(
-        default=None, ge=1, description="CPU threads for the models; default: the cores decoding leaves"
+        default=None, ge=1, description="CPU threads for the models; default: torch's (every core)"
     )
 
     # outputs (these change records, so they enter the pipeline signature)

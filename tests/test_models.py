@@ -1,5 +1,6 @@
 """Model runners on tiny real checkpoints: thresholds, top-k, signatures, failure isolation."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from imagemill.storage import file_uri
 from tests.fixtures.images import photo_image
 from worker.engine import Engine
 from worker.models import load_runners
-from worker.models.device import cpu_threads, pins_memory, resolve_device, resolve_dtype
+from worker.models.device import pins_memory, resolve_device, resolve_dtype
 from worker.models.runner import weights_hash
 
 
@@ -164,9 +165,12 @@ def test_vision_encoders_use_scaled_dot_product_attention(tiny_models, task: Tas
     assert runner.model.config._attn_implementation == "sdpa"
 
 
-def test_on_a_cpu_the_models_get_the_cores_decoding_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert cpu_threads(torch.device("cpu"), None, decode_threads=2) == 6
-    assert cpu_threads(torch.device("cpu"), None, decode_threads=8) == 1
-    assert cpu_threads(torch.device("cpu"), 3, decode_threads=8) == 3
-    assert cpu_threads(torch.device("cuda"), None, decode_threads=8) is None
+def test_model_threads_sleep_when_idle_instead_of_spinning_against_decoding() -> None:
+    import subprocess
+    import sys
+
+    code = "import os, worker.engine; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={
+        k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"
+    })
+    assert out.stdout.strip() == "PASSIVE"

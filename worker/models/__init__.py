@@ -9,7 +9,7 @@ from imagemill.schemas import Task
 from imagemill.settings import Settings
 from worker.metrics import record_model_load
 from worker.models.caption import CaptionRunner
-from worker.models.device import cpu_threads, resolve_device, resolve_dtype
+from worker.models.device import resolve_device, resolve_dtype
 from worker.models.moderation import ModerationRunner
 from worker.models.runner import Runner
 from worker.models.tags import TagsRunner
@@ -28,9 +28,8 @@ def load_runners(settings: Settings, tasks: tuple[Task, ...]) -> list[Runner]:
     except (ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"IMAGEMILL_DEVICE={settings.device!r}: {exc}") from None
     dtype = resolve_dtype(settings.dtype, device)
-    threads = cpu_threads(device, settings.torch_threads, settings.decode_threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     runners = []
     for task in tasks:
         started = time.perf_counter()
