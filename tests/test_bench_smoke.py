@@ -1,0 +1,35 @@
+"""The benchmark harness runs end to end on a few small images and writes its report.
+
+No timing assertions: speed goals are judged by the benchmark's report, never by tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fixtures.cli import REPO
+
+SCENARIOS = ("limit", "naive", "model-only", "local", "distributed")
+
+
+def test_bench_writes_a_report_with_a_rate_for_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--count", "8", "--size", "320x240", "--models", "tiny",
+         "--scenarios", ",".join(SCENARIOS), "--out", str(out), "--cache", str(tmp_path / "cache"), "--idle-wait", "0"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = sorted(out.glob("*-tiny.json"))
+    assert len(reports) == 1 and reports[0].with_suffix(".md").is_file(), list(out.iterdir())
+    report = json.loads(reports[0].read_text())
+    scenarios = report["sets"]["tiny"]["scenarios"]
+    assert set(scenarios) == set(SCENARIOS)
+    for name in SCENARIOS:
+        assert "error" not in scenarios[name], scenarios[name]
+        assert scenarios[name]["images"] == 8, name
+        assert scenarios[name]["images_per_s"] > 0, name
+    ratios = {row["ratio"] for row in report["sets"]["tiny"]["ratios"]}
+    assert {"local / limit", "local / naive", "distributed / local"} <= ratios
