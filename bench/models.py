@@ -10,14 +10,12 @@
 Both are built once into the cache folder (`bench/.cache/models/`) and reused.
 """
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.fixtures.tiny_models import MODERATION_LABELS, build_tiny_models
+from tests.fixtures.tiny_models import MODERATION_LABELS, build_tiny_models, quiet_transformers
 
 MARKER = "built.json"
 REAL_VERSION = 1  # bump when the real-size builders change, to rebuild cached folders
@@ -80,7 +78,7 @@ def real_set(cache: Path, rebuild: bool = False) -> ModelSet:
     built = False
     current = marker.is_file() and json.loads(marker.read_text()).get("version") == REAL_VERSION
     if rebuild or not current:
-        with _quiet_transformers():
+        with quiet_transformers():
             build_blip_base(root / "blip-base-caption", tiny.caption)
             build_vit_base_moderation(root / "vit-base-moderation")
             build_clip_b32_tags(root / "clip-b32-tags", tiny.tags)
@@ -166,15 +164,3 @@ def build_clip_b32_tags(out: Path, tiny_tags: Path) -> Path:
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
 
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
