@@ -37,7 +37,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_keepalive": True,
             "health_check_interval": 30,
         },
-        # JSON only: a pickle payload is refused before it is ever deserialised
+        # JSON only: any other serializer is refused before its payload is ever deserialised
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

@@ -81,7 +81,7 @@ def _close_runtime(**_: Any) -> None:
 @task_rejected.connect
 @task_unknown.connect
 def _count_refused(message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
-    # e.g. a pickle payload (refused by accept_content before it is deserialised) or an unknown task
+    # e.g. a payload in a foreign serializer (refused by accept_content unread) or an unknown task
     content_type = getattr(message, "content_type", "?")
     log.error("refused a message of type %s without running it: %s", content_type, exc)
     runtime().registry.count_rejected()
