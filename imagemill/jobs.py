@@ -163,22 +163,19 @@ class JobRegistry:
             "id": job_id, "source": source, "tasks": ",".join(tasks), "sink": sink, "queue": queue,
             "state": JobState.RUNNING.value, "created_at": now, "updated_at": now, "producer_seen": now,
         }
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(active)
-                    existing = pipe.get(active)
-                    if existing and pipe.hget(self.key(existing), "state") == JobState.RUNNING.value:
-                        pipe.unwatch()
-                        return self.get(existing), False
-                    pipe.multi()
-                    pipe.set(active, job_id)
-                    pipe.hset(self.key(job_id), mapping=fields)
-                    pipe.zadd(JOBS_INDEX, {job_id: now})
-                    pipe.execute()
-                    return self.get(job_id), True
-                except redis.WatchError:
-                    continue
+
+        def claim(pipe: redis.client.Pipeline) -> str | None:
+            existing = pipe.get(active)
+            if existing and pipe.hget(self.key(existing), "state") == JobState.RUNNING.value:
+                return existing
+            pipe.multi()
+            pipe.set(active, job_id)
+            pipe.hset(self.key(job_id), mapping=fields)
+            pipe.zadd(JOBS_INDEX, {job_id: now})
+            return None
+
+        existing = self.redis.transaction(claim, active, value_from_callable=True)
+        return (self.get(existing), False) if existing else (self.get(job_id), True)
 
     def heartbeat(self, job_id: str) -> None:
         """The producer of this job is alive (it is listing or waiting for room in the queue)."""
@@ -187,20 +184,16 @@ class JobRegistry:
     def take_over(self, job_id: str, stale_after_s: float) -> bool:
         """Become the producer of a job whose producer stopped heartbeating; False if it is alive."""
         key = self.key(job_id)
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    listing_done, seen = pipe.hmget(key, "listing_done", "producer_seen")
-                    if listing_done == "1" or time.time() - float(seen or 0) < stale_after_s:
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    pipe.hset(key, "producer_seen", time.time())
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+
+        def claim(pipe: redis.client.Pipeline) -> bool:
+            listing_done, seen = pipe.hmget(key, "listing_done", "producer_seen")
+            if listing_done == "1" or time.time() - float(seen or 0) < stale_after_s:
+                return False
+            pipe.multi()
+            pipe.hset(key, "producer_seen", time.time())
+            return True
+
+        return self.redis.transaction(claim, key, value_from_callable=True)
 
     def get(self, job_id: str) -> Job | None:
         data = self.redis.hgetall(self.key(job_id))
@@ -284,18 +277,15 @@ class JobRegistry:
 
     def _transition(self, job_id: str, state: JobState) -> bool:
         key = self.key(job_id)
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    if pipe.hget(key, "state") != JobState.RUNNING.value:
-                        return False
-                    pipe.multi()
-                    pipe.hset(key, mapping={"state": state.value, "finished_at": time.time()})
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+
+        def move(pipe: redis.client.Pipeline) -> bool:
+            if pipe.hget(key, "state") != JobState.RUNNING.value:
+                return False
+            pipe.multi()
+            pipe.hset(key, mapping={"state": state.value, "finished_at": time.time()})
+            return True
+
+        return self.redis.transaction(move, key, value_from_callable=True)
 
     def close(self) -> None:
         self.redis.close()
