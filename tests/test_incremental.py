@@ -133,3 +133,20 @@ def test_scheduled_scans_annotate_only_what_was_added_between_firings_and_a_seco
     assert sorted(u for u in uris if "/sched/" in u) == sorted(expected)
     removed = run_cli("schedule", "remove", "nightly", env=env)
     assert removed.returncode == 0 and "nightly" not in run_cli("schedule", "list", env=env).stdout
+
+
+def test_an_interrupted_run_leaves_the_earlier_output_untouched(model_env: dict[str, str], tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(photo_jpeg(120, 90, seed=i))
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text("".join(f'{{"uri": "{folder / f"{i}.jpg"}"}}\n' for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    assert run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), env=model_env).returncode == 0
+    before = out.read_text()
+    with manifest.open("a") as handle:
+        handle.write("{broken json\n")  # the listing fails part-way through the next run
+    failed = run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), "--force", env=model_env)
+    assert failed.returncode == 2 and "list.jsonl:4" in failed.stderr
+    assert out.read_text() == before

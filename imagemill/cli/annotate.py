@@ -78,8 +78,12 @@ def run_local(
                 writer.write(records)
                 outcomes.update(_outcome(record) for record in records)
                 progress.advance(bar, len(records))
-    finally:
-        writer.close()
+    except BaseException:
+        # an interrupted run must not replace a complete earlier output with a partial one
+        partial = writer.abort()
+        console.print(f"interrupted: {out} left as it was; this run's records are in {partial}", highlight=False)
+        raise
+    writer.close()
     elapsed = time.perf_counter() - started
     console.print(summary_table(f"{source} → {out}", outcomes, elapsed, {"signature": engine.signature}))
     return outcomes

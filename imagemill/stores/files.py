@@ -67,8 +67,14 @@ class RecordFile:
         """Opened when made: nothing more to check."""
 
     def close(self) -> None:
+        """The run completed: the new file replaces the old one."""
         self._close()
         os.replace(self.partial, self.path)
+
+    def abort(self) -> Path:
+        """The run failed: the old file stays as it was; what was written is left beside it."""
+        self._close()
+        return self.partial
 
     def _open(self) -> None:
         raise NotImplementedError
