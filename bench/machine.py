@@ -36,18 +36,15 @@ def own_cpu_s() -> float:
 
 def live_children_cpu_s() -> float:
     """CPU seconds of this process's descendants still running (not yet in os.times())."""
-    from bench.memory import descendants
+    from bench.memory import descendants, stat_fields
 
     total = 0.0
     for pid in descendants(os.getpid()):
         if pid == os.getpid():
             continue
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:
+        fields = stat_fields(pid)
+        if fields is None:
             continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
         total += (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
     return total
 

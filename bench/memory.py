@@ -41,18 +41,26 @@ def peak_rss(pid: int) -> int | None:
     return None
 
 
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
 def descendants(pid: int) -> dict[int, int]:
     """`pid` and every process below it, each with its number of children."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:
+        fields = stat_fields(entry.name)
+        if fields is None:
             continue
-        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+        ppid = int(fields[1])
         children.setdefault(ppid, []).append(int(entry.name))
     tree, todo = {}, [pid]
     while todo:

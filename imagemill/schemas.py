@@ -115,6 +115,11 @@ class Record(BaseModel):
         return data
 
     @property
+    def outcome(self) -> str:
+        """`annotated`, or the error kind: what counters and summaries count it as."""
+        return self.error.kind.value if self.error else "annotated"
+
+    @property
     def key(self) -> tuple[str, str | None, str]:
         """The idempotency key: writing the same key twice leaves one record."""
         return (self.uri, self.etag, self.signature)

@@ -30,7 +30,7 @@ class ChunkResult:
 
 
 def outcome_counts(records: list[Record]) -> Counter[str]:
-    return Counter(record.error.kind.value if record.error else "annotated" for record in records)
+    return Counter(record.outcome for record in records)
 
 
 def run_chunk(chunk: ChunkMessage, rt: Runtime) -> ChunkResult:

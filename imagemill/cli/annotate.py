@@ -13,7 +13,7 @@ import typer
 from rich.progress import Progress, TaskID
 
 from imagemill.cli.display import console, progress_bar, run_reporting_errors, summary_table
-from imagemill.schemas import Record, Task, parse_tasks
+from imagemill.schemas import Task, parse_tasks
 from imagemill.settings import Settings, get_settings
 
 ALL_TASKS = ",".join(t.value for t in Task)
@@ -76,7 +76,7 @@ def run_local(
             refs = source.refs() if force else skip_existing(source.refs(), writer, engine.signature, skipped)
             for records in batched(engine.annotate(refs), WRITE_EVERY):
                 writer.write(records)
-                outcomes.update(_outcome(record) for record in records)
+                outcomes.update(record.outcome for record in records)
                 progress.advance(bar, len(records))
     except BaseException:
         # an interrupted run must not replace a complete earlier output with a partial one
@@ -87,10 +87,6 @@ def run_local(
     elapsed = time.perf_counter() - started
     console.print(summary_table(f"{source} → {out}", outcomes, elapsed, {"signature": engine.signature}))
     return outcomes
-
-
-def _outcome(record: Record) -> str:
-    return record.error.kind.value if record.error else "annotated"
 
 
 def _count_in_background(source, progress: Progress, bar: TaskID) -> None:
