@@ -81,7 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     log = Console(stderr=True)
-    from imagemill.settings import get_settings
+    from imagemill.core.settings import get_settings
 
     base = get_settings()
     overrides = {
@@ -202,7 +202,7 @@ def run_scenario(name: str, bench: scenarios.Bench, args: argparse.Namespace) ->
 
 def ambient_settings() -> dict[str, str]:
     """IMAGEMILL_* variables this run inherited (they reach every child process); URLs redacted."""
-    from imagemill.redaction import redact_url
+    from imagemill.core.redaction import redact_url
 
     return {
         key: redact_url(value) if "://" in value else value

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from imagemill.settings import Settings
+from imagemill.core.settings import Settings
 
 TASKS = ("caption", "moderation", "tags")
 
@@ -70,7 +70,7 @@ class DirectModels:
 
 def min_side(models: "DirectModels | dict[str, Any]") -> int:
     """The shortest side the models' preprocessing needs (what the engine decodes JPEGs down to)."""
-    from worker.models.runner import processor_min_side
+    from imagemill.pipeline.models.runner import processor_min_side
 
     processors = models.image_processors if isinstance(models, DirectModels) else models
     return max(processor_min_side(p) for p in processors.values())

@@ -1,7 +1,7 @@
 """The producer's listing at scale, alone in a process: `python -m bench.listing MANIFEST`.
 
 Lists a manifest through `ManifestSource.refs()` and cuts it into chunk messages with
-`producer.chunking.chunks` exactly as `submit` does, without enqueueing anything, while a thread
+`imagemill.producer.chunking.chunks` exactly as `submit` does, without enqueueing anything, while a thread
 samples this process's RSS. Prints one JSON object: start, peak and end RSS, the drift between
 the first and last tenth of the run, and the listing rate.
 """
@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from bench.memory import MIB, Sampler, curve, drift, peak_rss, rss
-from imagemill.schemas import Task
-from producer.chunking import chunks
-from producer.sources import ManifestSource
+from imagemill.core.schemas import Task
+from imagemill.producer.chunking import chunks
+from imagemill.pipeline.sources import ManifestSource
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from bench.images import ImageSet, cycling_manifest, synthetic_manifest
 from bench.memory import MIB, Sampler, curve, deciles, drift
 from bench.models import ModelSet
 from bench.services import QueueWatch, distributed_stack, record_count, submit_and_wait
-from imagemill.settings import Settings
+from imagemill.core.settings import Settings
 
 SUBPROCESS_TIMEOUT_S = 4 * 3600
 
@@ -73,10 +73,10 @@ def batches(items: list, size: int) -> list[list]:
 
 
 def limit(b: Bench) -> Result:
-    """Draft decode alone (`worker.decode.decode` at the models' min side) on os.cpu_count() threads.
+    """Draft decode alone (`imagemill.pipeline.decode.decode` at the models' min side) on os.cpu_count() threads.
 
     The best of `limit_repeats` passes: a ceiling should not carry another process's noise."""
-    from worker.decode import decode
+    from imagemill.pipeline.decode import decode
 
     side = direct.min_side(direct.load_processors(b.folders, b.tasks))
     blobs = [path.read_bytes() for path in b.images.paths]
@@ -126,7 +126,7 @@ def naive(b: Bench) -> Result:
 
 def model_only(b: Bench) -> Result:
     """The models alone, on tensors decoded and preprocessed beforehand and held in memory."""
-    from worker.decode import decode
+    from imagemill.pipeline.decode import decode
 
     started = time.perf_counter()
     models = direct.load(b.folders, b.tasks, b.settings)

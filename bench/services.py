@@ -16,8 +16,8 @@ from pathlib import Path
 import redis
 
 from bench import REPO
-from imagemill.broker import queue_depth
-from imagemill.jobs import Job, JobRegistry
+from imagemill.core.broker import queue_depth
+from imagemill.core.jobs import Job, JobRegistry
 from tests.fixtures.postgres import admin_url, fresh_database
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.workers import WorkerProcess, start_worker

@@ -15,7 +15,7 @@ COPY imagemill /src/imagemill
 COPY producer /src/producer
 COPY worker /src/worker
 RUN pip install /src \
- && python -c "import sys, imagemill.cli, producer.submit; assert 'torch' not in sys.modules"
+ && python -c "import sys, imagemill.cli, imagemill.producer.submit; assert 'torch' not in sys.modules"
 
 FROM ${PYTHON_IMAGE}
 RUN apt-get update \

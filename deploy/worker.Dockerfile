@@ -28,7 +28,7 @@ COPY imagemill /src/imagemill
 COPY producer /src/producer
 COPY worker /src/worker
 RUN pip install "/src[worker]" \
- && python -c "import torch, transformers, imagemill.cli, worker.celery"
+ && python -c "import torch, transformers, imagemill.cli, imagemill.worker.celery"
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 
-from imagemill.stores.files import read_records
-from imagemill.storage import file_uri
+from imagemill.core.stores.files import read_records
+from imagemill.core.storage import file_uri
 from tests.fixtures.cli import run_cli
 from tests.fixtures.images import Case, write_mixed
 from tests.fixtures.s3 import s3_client

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from imagemill.jobs import JobRegistry, JobState
+from imagemill.core.jobs import JobRegistry, JobState
 from tests.fixtures.cli import REPO, run_cli
 from tests.fixtures.distributed import job_id_of, rows, submitted, upload_photos, wait_for
 from tests.fixtures.redis import RedisServer
@@ -41,7 +41,7 @@ def test_worker_killed_mid_chunk_its_chunk_is_redelivered_and_counted_once(
     dist_env, bucket, pg_url, workers, tmp_path: Path
 ) -> None:
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "kill/", 16)
-    env = {**dist_env, "IMAGEMILL_VISIBILITY_TIMEOUT": "4", "IMAGEMILL_FAULTS": json.dumps({"sleep_per_image_s": 0.15})}
+    env = {**dist_env, "IMAGEMILL_VISIBILITY_TIMEOUT": "4", "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.15})}
     job_id = submitted(run_cli("submit", f"s3://{bucket}/kill/", "--tasks", "moderation", "--chunk-size", "4", env=env))
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
     victim = start_worker(env, tmp_path / "victim.log")
@@ -65,7 +65,7 @@ def test_poison_chunk_is_dead_lettered_after_bounded_retries_and_retry_redoes_it
 ) -> None:
     names = ["a.jpg", "b.jpg", "c.jpg", "poison.jpg", "e.jpg", "f.jpg"]
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "batch/", 0, names)
-    env = {**dist_env, "IMAGEMILL_MAX_WORKER_LOSSES": "2", "IMAGEMILL_FAULTS": json.dumps({"crash_on_uri": "poison"})}
+    env = {**dist_env, "IMAGEMILL_MAX_WORKER_LOSSES": "2", "IMAGEMILL_TEST_FAULTS": json.dumps({"crash_on_uri": "poison"})}
     workers.append(start_worker(env, tmp_path / "worker.log").wait_ready())
     result = run_cli("submit", f"s3://{bucket}/batch/", "--tasks", "moderation", "--chunk-size", "3", "--wait", env=env, timeout=240)
     job_id = submitted(result)
@@ -80,7 +80,7 @@ def test_poison_chunk_is_dead_lettered_after_bounded_retries_and_retry_redoes_it
     assert "worker_lost" in status.stdout and "1 dead-lettered" in status.stdout
 
     workers[0].stop()
-    healthy = {**env, "IMAGEMILL_FAULTS": "{}"}
+    healthy = {**env, "IMAGEMILL_TEST_FAULTS": "{}"}
     workers.append(start_worker(healthy, tmp_path / "healthy.log").wait_ready())
     retried = submitted(run_cli("retry", job_id, "--kind", "worker_lost", "--wait", env=healthy))
     assert retried != job_id
@@ -98,7 +98,7 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(
         env = {
             **model_env, "IMAGEMILL_BROKER_URL": server.url, "IMAGEMILL_S3_ENDPOINT_URL": s3_env,
             "IMAGEMILL_SINK": pg_url, "IMAGEMILL_VISIBILITY_TIMEOUT": "5",
-            "IMAGEMILL_FAULTS": json.dumps({"sleep_per_image_s": 0.1}),
+            "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.1}),
         }
         keys = upload_photos(s3_env, bucket, "redis/", 24)
         workers.append(start_worker(env, tmp_path / "worker.log").wait_ready())
@@ -129,7 +129,7 @@ def test_sigterm_lets_the_chunk_finish_or_hands_it_back_never_half_written(
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, f"term{soft_timeout}/", 8)
     env = {
         **dist_env, "IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT": soft_timeout, "IMAGEMILL_VISIBILITY_TIMEOUT": "4",
-        "IMAGEMILL_FAULTS": json.dumps({"sleep_per_image_s": 0.4}),
+        "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.4}),
     }
     job_id = submitted(run_cli("submit", f"s3://{bucket}/term{soft_timeout}/", "--tasks", "moderation", "--chunk-size", "4", env=env))
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
@@ -143,7 +143,7 @@ def test_sigterm_lets_the_chunk_finish_or_hands_it_back_never_half_written(
         assert written >= 4 and registry.get(job_id).chunks_done >= 1
     else:
         assert written == 0 and registry.get(job_id).chunks_done == 0
-    workers.append(start_worker({**env, "IMAGEMILL_FAULTS": "{}"}, tmp_path / "second.log"))
+    workers.append(start_worker({**env, "IMAGEMILL_TEST_FAULTS": "{}"}, tmp_path / "second.log"))
     wait_for(lambda: registry.state(job_id) != JobState.RUNNING, 120, "the job to end")
     assert registry.get(job_id).state == JobState.DONE
     assert exactly_once(pg_url, [job_id], [f"s3://{bucket}/{k}" for k in keys]) == {None: 8}

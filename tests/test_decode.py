@@ -5,9 +5,9 @@ import io
 import pytest
 from PIL import Image
 
-from imagemill.errors import ErrorKind, ImageError
+from imagemill.core.errors import ErrorKind, ImageError
 from tests.fixtures.images import mixed_cases, photo_jpeg
-from worker.decode import decode, to_rgb
+from imagemill.pipeline.decode import decode, to_rgb
 
 LIMIT = 64_000_000
 

@@ -26,8 +26,8 @@ import typer.main
 import yaml
 
 from imagemill.cli import app as cli_app
-from imagemill.settings import Settings
-from worker.supervisor import Slot, celery_argv, plan_slots
+from imagemill.core.settings import Settings
+from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -742,8 +742,8 @@ CELERY_PROBE = textwrap.dedent(
     import json, sys
     from celery import Celery
     from celery.app.utils import find_app
-    from imagemill.broker import CHUNK_TASK
-    from imagemill.settings import Settings
+    from imagemill.core.broker import CHUNK_TASK
+    from imagemill.core.settings import Settings
 
     app = find_app(sys.argv[1])  # what `celery -A <name>` does, from the working directory
     settings = Settings()
@@ -792,7 +792,7 @@ def test_celery_dash_a_finds_our_app() -> None:
     assert report["task_acks_late"] is True
     assert report["visibility_timeout"] == report["settings_visibility"]
     assert report["soft_shutdown_timeout"] == report["settings_soft"]
-    assert "worker.tasks" in report["include"]
+    assert "imagemill.worker.tasks" in report["include"]
     assert report["has_chunk_task"]
 
 
@@ -831,9 +831,9 @@ def test_submit_and_the_supervisor_import_no_torch(tmp_path: Path) -> None:
         sys.meta_path.insert(0, Block())
         from typer.testing import CliRunner
         from imagemill.cli import app
-        import imagemill.stores.postgres, imagemill.stores.objects, producer.submit, producer.sources
+        import imagemill.core.stores.postgres, imagemill.core.stores.objects, imagemill.producer.submit, imagemill.pipeline.sources
         result = CliRunner().invoke(app, ["submit", sys.argv[1], "--sink", "bogus://nowhere"])
-        from worker.supervisor import plan_slots, celery_argv
+        from imagemill.worker.supervisor import plan_slots, celery_argv
         plan_slots("cpu")
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print(json.dumps({"exit": result.exit_code, "output": result.output,

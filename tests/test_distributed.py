@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from imagemill.broker import queue_depth
-from imagemill.jobs import JobRegistry, JobState
+from imagemill.core.broker import queue_depth
+from imagemill.core.jobs import JobRegistry, JobState
 from tests.fixtures.cli import REPO, run_cli
 from tests.fixtures.distributed import job_id_of, rows, upload, upload_photos
 from tests.fixtures.images import write_mixed
@@ -123,8 +123,8 @@ def test_cancel_stops_the_remaining_chunks(
 def test_a_malformed_message_is_rejected_and_the_worker_goes_on(
     dist_env: dict[str, str], bucket: str, pg_url: str, workers: list, tmp_path: Path
 ) -> None:
-    from imagemill.broker import CHUNK_TASK, make_celery
-    from imagemill.settings import Settings
+    from imagemill.core.broker import CHUNK_TASK, make_celery
+    from imagemill.core.settings import Settings
 
     workers.append(start_worker(dist_env, tmp_path / "worker.log").wait_ready())
     celery = make_celery(Settings(broker_url=dist_env["IMAGEMILL_BROKER_URL"]))

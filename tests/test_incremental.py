@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from imagemill.cli.schedules import parse_every
-from imagemill.jobs import JobRegistry, JobState
-from imagemill.stores.files import read_records
+from imagemill.core.jobs import JobRegistry, JobState
+from imagemill.core.stores.files import read_records
 from tests.fixtures.cli import REPO, run_cli
 from tests.fixtures.distributed import rows, submitted, upload_photos, wait_for
 from tests.fixtures.images import photo_jpeg, write_mixed

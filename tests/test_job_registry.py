@@ -2,8 +2,8 @@
 
 from concurrent.futures import ThreadPoolExecutor
 
-from imagemill.jobs import JobRegistry, JobState
-from imagemill.schemas import Task
+from imagemill.core.jobs import JobRegistry, JobState
+from imagemill.core.schemas import Task
 
 
 def new_job(registry: JobRegistry, job_id: str = "job1"):

@@ -21,20 +21,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from imagemill.broker import celery_config, make_celery
-from imagemill.errors import ErrorKind
-from imagemill.jobs import JobRegistry, JobState
-from imagemill.logs import ContextFilter, JsonFormatter, log_context
-from imagemill.schemas import Record, RecordError, Timings
-from imagemill.settings import Settings
+from imagemill.core.broker import celery_config, make_celery
+from imagemill.core.errors import ErrorKind
+from imagemill.core.jobs import JobRegistry, JobState
+from imagemill.core.logs import ContextFilter, JsonFormatter, log_context
+from imagemill.core.schemas import Record, RecordError, Timings
+from imagemill.core.settings import Settings
 from tests.fixtures.cli import REPO
 from tests.fixtures.distributed import job_id_of, upload, upload_photos, wait_for
 from tests.fixtures.images import write_mixed
 from tests.fixtures.s3 import free_port
 from tests.fixtures.workers import start_worker
-from worker import metrics
-from worker.chunks import ChunkResult
-from worker.supervisor import Slot, celery_argv, plan_slots
+from imagemill.worker import metrics
+from imagemill.worker.chunks import ChunkResult
+from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -145,7 +145,7 @@ def test_metrics_endpoint_adds_up_to_the_job_totals_and_celery_sends_events(
         "IMAGEMILL_METRICS_PORT": str(port),
         "IMAGEMILL_METRICS_ADDR": "127.0.0.1",
         # slow enough (about a second per chunk) to scrape the endpoint while the job runs
-        "IMAGEMILL_FAULTS": json.dumps({"sleep_per_image_s": 0.2}),
+        "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.2}),
     }
     workers.append(start_worker(env, tmp_path / "worker.log").wait_ready())
     worker = workers[0]
@@ -249,8 +249,8 @@ def test_worker_json_logs_carry_job_and_chunk_ids(
     entries = [json.loads(line) for line in lines]
     for entry in entries:
         assert {"ts", "level", "logger", "message", "job_id", "chunk_id"} <= set(entry)
-    assert any(e["logger"] == "worker.supervisor" and e["message"].startswith("started cpu") for e in entries)
-    done = [e for e in entries if e["logger"] == "worker.tasks" and ": annotated" in e["message"]]
+    assert any(e["logger"] == "imagemill.worker.supervisor" and e["message"].startswith("started cpu") for e in entries)
+    done = [e for e in entries if e["logger"] == "imagemill.worker.tasks" and ": annotated" in e["message"]]
     chunks = sorted(e["chunk_id"] for e in done)
     assert len(chunks) == 2 and all(c.startswith(f"{job_id}/") for c in chunks), done
     assert all(e["chunk_id"] in e["message"] for e in done), done
@@ -354,7 +354,7 @@ def test_celery_events_are_on() -> None:
     argv = celery_argv(Slot("0"), ["imagemill"], "INFO", hostname="box")
     assert "--task-events" in argv and "--quiet" not in argv
     quiet = celery_argv(Slot("0"), ["imagemill"], "INFO", hostname="box", quiet=True)
-    assert quiet[3:7] == ["-A", "worker", "--quiet", "worker"]  # a global option, before the subcommand
+    assert quiet[3:7] == ["-A", "imagemill.worker", "--quiet", "worker"]  # a global option, before the subcommand
 
 
 def _record(error: ErrorKind | None, fetch_ms: float = 1.0, decode_ms: float = 2.0, infer_ms: float = 3.0) -> Record:
@@ -431,7 +431,7 @@ def test_serve_over_http_and_a_busy_port_never_raises(caplog: pytest.LogCaptureF
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        caplog.set_level(logging.WARNING, logger="worker.metrics")
+        caplog.set_level(logging.WARNING, logger="imagemill.worker.metrics")
         thread = metrics.serve(
             Settings(metrics_port=taken, metrics_addr="127.0.0.1"), registry=CollectorRegistry(), attempts=3, pause_s=0.05
         )

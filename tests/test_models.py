@@ -7,15 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from imagemill.errors import ErrorKind, ModelLoadError
-from imagemill.schemas import ImageRef, Task
-from imagemill.settings import Settings
-from imagemill.storage import file_uri
+from imagemill.core.errors import ErrorKind, ModelLoadError
+from imagemill.core.schemas import ImageRef, Task
+from imagemill.core.settings import Settings
+from imagemill.core.storage import file_uri
 from tests.fixtures.images import photo_image
-from worker.engine import Engine
-from worker.models import load_runners
-from worker.models.device import pins_memory, resolve_device, resolve_dtype
-from worker.models.runner import weights_hash
+from imagemill.pipeline.engine import Engine
+from imagemill.pipeline.models import load_runners
+from imagemill.pipeline.models.device import pins_memory, resolve_device, resolve_dtype
+from imagemill.pipeline.models.runner import weights_hash
 
 
 def settings_for(models: dict[str, Path], **overrides) -> Settings:
@@ -135,7 +135,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tiny_models) -> None:
 def test_preprocessing_on_decode_threads_equals_the_hugging_face_processor(tiny_models, model: str) -> None:
     from transformers import AutoImageProcessor
 
-    from worker.preprocess import from_processor
+    from imagemill.pipeline.preprocess import from_processor
 
     processor = AutoImageProcessor.from_pretrained(tiny_models[model])
     recipe = from_processor(processor)
@@ -169,7 +169,7 @@ def test_model_threads_sleep_when_idle_instead_of_spinning_against_decoding() ->
     import subprocess
     import sys
 
-    code = "import os, worker.engine; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import os, imagemill.pipeline.engine; print(os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={
         k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"
     })

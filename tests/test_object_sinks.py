@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from imagemill.errors import ErrorKind, UserError
-from imagemill.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, TagScore
-from imagemill.settings import Settings
-from imagemill.stores.objects import DirectorySink, ObjectStoreSink, chunk_object_name
+from imagemill.core.errors import ErrorKind, UserError
+from imagemill.core.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, TagScore
+from imagemill.core.settings import Settings
+from imagemill.core.stores.objects import DirectorySink, ObjectStoreSink, chunk_object_name
 from tests.fixtures.s3 import s3_client
 
 

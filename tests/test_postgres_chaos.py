@@ -16,9 +16,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from imagemill.jobs import JobRegistry, JobState
-from imagemill.schemas import Record
-from imagemill.stores.postgres import DEFAULT_TABLE, PostgresStore
+from imagemill.core.jobs import JobRegistry, JobState
+from imagemill.core.schemas import Record
+from imagemill.core.stores.postgres import DEFAULT_TABLE, PostgresStore
 from tests.fixtures.cli import REPO
 from tests.fixtures.postgres import PrivatePostgres, fresh_database, private_postgres
 from tests.fixtures.images import photo_jpeg

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from imagemill.errors import ErrorKind, UserError
-from imagemill.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, TagScore, Task, parse_tasks
-from imagemill.stores import open_writer
-from imagemill.stores.files import read_records
+from imagemill.core.errors import ErrorKind, UserError
+from imagemill.core.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, TagScore, Task, parse_tasks
+from imagemill.core.stores import open_writer
+from imagemill.core.stores.files import read_records
 
 
 def full_record() -> Record:

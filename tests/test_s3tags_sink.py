@@ -9,11 +9,11 @@ from botocore.client import BaseClient
 from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 
-from imagemill.errors import ErrorKind, UserError
-from imagemill.schemas import Moderation, Record, RecordError, Tags, TagScore
-from imagemill.settings import Settings
-from imagemill.stores import open_writer
-from imagemill.stores.s3tags import ObjectTagsSink, TaggingDenied, join_labels, object_tags
+from imagemill.core.errors import ErrorKind, UserError
+from imagemill.core.schemas import Moderation, Record, RecordError, Tags, TagScore
+from imagemill.core.settings import Settings
+from imagemill.core.stores import open_writer
+from imagemill.core.stores.s3tags import ObjectTagsSink, TaggingDenied, join_labels, object_tags
 from tests.fixtures.s3 import s3_client
 
 ALLOWED_VALUE = re.compile(r"[A-Za-z0-9 +\-=._:/@]*")
@@ -109,7 +109,7 @@ def test_an_object_near_the_ten_tag_limit_keeps_every_user_tag_and_our_most_impo
 ) -> None:
     user = {f"user{i}": str(i) for i in range(8)}
     uri = put(s3_endpoint, bucket, "f.jpg", user)
-    with caplog.at_level(logging.WARNING, logger="imagemill.stores.s3tags"):
+    with caplog.at_level(logging.WARNING, logger="imagemill.core.stores.s3tags"):
         sink(s3_endpoint).write([annotated(uri, flagged=True)], "job/000001")
     tags = tags_of(s3_endpoint, bucket, "f.jpg")
     assert len(tags) == 10
@@ -191,7 +191,7 @@ def test_file_records_are_skipped_with_a_counted_warning(
 ) -> None:
     uri = put(s3_endpoint, bucket, "m.jpg")
     out = sink(s3_endpoint)
-    with caplog.at_level(logging.WARNING, logger="imagemill.stores.s3tags"):
+    with caplog.at_level(logging.WARNING, logger="imagemill.core.stores.s3tags"):
         out.write([annotated("file:///photos/1.jpg"), annotated("file:///photos/2.jpg"), annotated(uri)], "job/000001")
     assert out.counts == {"not_s3": 2, "tagged": 1}
     assert "skipped 2 records" in caplog.text

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from imagemill.jobs import JobRegistry, JobState
-from imagemill.schemas import MAX_CHUNK_REFS, ChunkMessage
+from imagemill.core.jobs import JobRegistry, JobState
+from imagemill.core.schemas import MAX_CHUNK_REFS, ChunkMessage
 from tests.fixtures.cli import run_cli
 from tests.fixtures.distributed import rows, submitted, upload_photos, wait_for
 from tests.fixtures.redis import RedisServer, self_signed_cert
@@ -72,8 +72,8 @@ def test_a_bad_sink_url_is_one_clear_line(dist_env, tmp_path: Path) -> None:
 
 
 def test_a_pickle_payload_is_refused_counted_and_never_deserialised(dist_env, workers, tmp_path: Path) -> None:
-    from imagemill.broker import CHUNK_TASK, make_celery
-    from imagemill.settings import Settings
+    from imagemill.core.broker import CHUNK_TASK, make_celery
+    from imagemill.core.settings import Settings
 
     marker = tmp_path / "pwned"
     workers.append(start_worker(dist_env, tmp_path / "worker.log").wait_ready())

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from imagemill.errors import SourceError
-from imagemill.settings import Settings
-from imagemill.storage import file_uri
-from producer.sources import DirectorySource, ManifestSource, S3Source, open_source
+from imagemill.core.errors import SourceError
+from imagemill.core.settings import Settings
+from imagemill.core.storage import file_uri
+from imagemill.pipeline.sources import DirectorySource, ManifestSource, S3Source, open_source
 from tests.fixtures.s3 import s3_client
 
 

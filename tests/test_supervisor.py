@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.workers import start_worker
-from worker.supervisor import Slot, celery_argv, plan_slots
+from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
 
 
 def test_cpu_means_one_worker_that_sees_no_gpu() -> None:
@@ -45,7 +45,7 @@ def test_all_without_gpus_says_to_use_cpu() -> None:
 def test_each_worker_runs_one_model_set_with_a_unique_hostname() -> None:
     argv = celery_argv(Slot("2"), ["imagemill", "captions"], "INFO", hostname="box")
     joined = " ".join(argv)
-    assert "-A worker worker" in joined and "--queues imagemill,captions" in joined
+    assert "-A imagemill.worker worker" in joined and "--queues imagemill,captions" in joined
     assert "--hostname gpu2@box" in joined and "--concurrency 1" in joined and "--prefetch-multiplier 1" in joined
 
 
@@ -53,7 +53,7 @@ def test_the_parent_never_imports_torch() -> None:
     import subprocess
     import sys
 
-    code = "import imagemill.cli, worker.supervisor, sys; print('torch' in sys.modules)"
+    code = "import imagemill.cli, imagemill.worker.supervisor, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

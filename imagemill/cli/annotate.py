@@ -13,8 +13,8 @@ import typer
 from rich.progress import Progress, TaskID
 
 from imagemill.cli.display import console, progress_bar, run_reporting_errors, summary_table
-from imagemill.schemas import Task, parse_tasks
-from imagemill.settings import Settings, get_settings
+from imagemill.core.schemas import Task, parse_tasks
+from imagemill.core.settings import Settings, get_settings
 
 ALL_TASKS = ",".join(t.value for t in Task)
 WRITE_EVERY = 64  # records per write: small enough to lose little on a crash
@@ -51,11 +51,11 @@ def run_local(
     Unless `force`, images OUT already holds an error-free record for (same etag and signature)
     are skipped and their records kept."""
     # heavy imports here, so `imagemill --help` stays instant
-    from imagemill.stores import open_writer
-    from producer.incremental import skip_existing
-    from producer.sources import open_source
-    from worker.batching import batched
-    from worker.engine import Engine
+    from imagemill.core.stores import open_writer
+    from imagemill.pipeline.incremental import skip_existing
+    from imagemill.pipeline.sources import open_source
+    from imagemill.pipeline.batching import batched
+    from imagemill.pipeline.engine import Engine
 
     source = open_source(source_spec, settings)
     with console.status(f"loading models for {', '.join(tasks)}…", spinner="dots"):

@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from imagemill.errors import UserError
+from imagemill.core.errors import UserError
 
 console = Console(stderr=True)  # progress, summaries and errors
 stdout = Console()  # a command's own answer (status, jobs), for pipes and scripts

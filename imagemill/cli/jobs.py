@@ -13,13 +13,13 @@ from rich.table import Table
 
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
 from imagemill.cli.display import console, fail, progress_bar, run_reporting_errors, stdout
-from imagemill.errors import UserError
-from imagemill.jobs import Job, JobRegistry, JobState
-from imagemill.redaction import redact_url
-from imagemill.settings import Settings, get_settings
+from imagemill.core.errors import UserError
+from imagemill.core.jobs import Job, JobRegistry, JobState
+from imagemill.core.redaction import redact_url
+from imagemill.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from producer.submit import Submission
+    from imagemill.producer.submit import Submission
 
 POLL_S = 0.5
 
@@ -53,9 +53,9 @@ def submit(
 
 
 def _submit(source_spec: str, tasks, sink: str, settings: Settings, wait: bool, force: bool = False) -> None:
-    from imagemill.stores import open_writer
-    from producer.sources import open_source
-    from producer.submit import Submission
+    from imagemill.core.stores import open_writer
+    from imagemill.pipeline.sources import open_source
+    from imagemill.producer.submit import Submission
 
     if "://" not in sink:
         raise UserError(f"sink {sink}: workers need a shared sink: postgresql://…, s3://bucket/prefix/ or file:///shared/dir/")
@@ -109,10 +109,10 @@ def retry(
 
 
 def _retry(job_id: str, kinds: set[str], wait: bool) -> None:
-    from imagemill.schemas import ImageRef
-    from imagemill.stores import open_writer
-    from producer.sources import RefListSource
-    from producer.submit import Submission
+    from imagemill.core.schemas import ImageRef
+    from imagemill.core.stores import open_writer
+    from imagemill.pipeline.sources import RefListSource
+    from imagemill.producer.submit import Submission
 
     settings = get_settings()
     job = _get_job(job_id)

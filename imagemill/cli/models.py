@@ -7,9 +7,9 @@ import typer
 
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
 from imagemill.cli.display import console, fail
-from imagemill.schemas import Task
-from imagemill.pipeline import configured_model
-from imagemill.settings import get_settings
+from imagemill.core.schemas import Task
+from imagemill.core.pipeline_key import configured_model
+from imagemill.core.settings import get_settings
 
 app = typer.Typer(help="Manage the models imagemill runs.", no_args_is_help=True)
 

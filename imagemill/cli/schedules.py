@@ -14,8 +14,8 @@ from rich.table import Table
 
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
 from imagemill.cli.display import console, fail, run_reporting_errors, stdout
-from imagemill.redaction import redact_url
-from imagemill.settings import get_settings
+from imagemill.core.redaction import redact_url
+from imagemill.core.settings import get_settings
 
 app = typer.Typer(help="Scheduled scans: incremental submits fired by `imagemill beat`.", no_args_is_help=True)
 
@@ -38,7 +38,7 @@ def _entry_class():
     from redbeat import RedBeatSchedulerEntry
     from redbeat.schedulers import ensure_conf
 
-    from producer.celery import make_producer_app
+    from imagemill.producer.celery import make_producer_app
 
     celery = make_producer_app(get_settings())
     ensure_conf(celery)
@@ -56,7 +56,7 @@ def add(
     """Scan SOURCE every so often; each firing annotates only new or changed images."""
     from celery.schedules import schedule
 
-    from producer.celery import SCAN_TASK
+    from imagemill.producer.celery import SCAN_TASK
 
     chosen = tasks_option(tasks)
     try:
@@ -79,7 +79,7 @@ def list_schedules() -> None:
     """Every schedule, with when it last ran and when it is due."""
     from redbeat.schedulers import get_redis
 
-    from producer.celery import SCAN_TASK
+    from imagemill.producer.celery import SCAN_TASK
 
     entry_class, celery = _entry_class()
 
@@ -111,7 +111,7 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INF
     """Fire scheduled scans (run exactly one; a second waits on the lock) and run them."""
     settings = get_settings()
     argv = [
-        sys.executable, "-m", "celery", "-A", "producer", "worker", "--beat",
+        sys.executable, "-m", "celery", "-A", "imagemill.producer", "worker", "--beat",
         "--queues", settings.schedule_queue, "--pool", "solo", "--loglevel", loglevel,
         "--hostname", f"beat-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
     ]

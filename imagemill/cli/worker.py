@@ -5,9 +5,9 @@ from typing import Annotated
 
 import typer
 
-from imagemill import logs
+from imagemill.core import logs
 from imagemill.cli.display import fail
-from imagemill.settings import get_settings
+from imagemill.core.settings import get_settings
 
 
 def worker(
@@ -16,7 +16,7 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run annotation workers: one Celery worker process per GPU, restarted if it dies."""
-    from worker.supervisor import Supervisor, plan_slots
+    from imagemill.worker.supervisor import Supervisor, plan_slots
 
     settings = get_settings()
     logs.configure(settings.log_format, logging.INFO, "%(asctime)s %(levelname)s imagemill.worker: %(message)s")

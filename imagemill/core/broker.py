@@ -1,0 +1,78 @@
+"""The Celery app both services share: broker settings, JSON-only serialisation, routing by task.
+
+Producers send chunk messages with it; workers consume with it (`worker/celery.py`).
+"""
+
+import ssl
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu import Queue
+
+from imagemill.core.schemas import Task
+from imagemill.core.settings import Settings
+
+CHUNK_TASK = "imagemill.annotate_chunk"
+KOMBU_PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport keeps priorities in suffixed lists
+KOMBU_PRIORITIES = (0, 3, 6, 9)
+
+
+def queue_for(tasks: tuple[Task, ...], settings: Settings) -> str:
+    """The queue a job's chunks go to: the first of its tasks with a route, else the default."""
+    for task in tasks:
+        if task.value in settings.routes:
+            return settings.routes[task.value]
+    return settings.queue
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    queues = {settings.queue, *settings.routes.values()}
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # a Redis restart is waited out, not fatal
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            "socket_keepalive": True,
+            "health_check_interval": 30,
+        },
+        # JSON only: any other serializer is refused before its payload is ever deserialised
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        # a chunk is acknowledged when done; a lost worker's chunk goes back to the queue
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue,
+        "task_queues": [Queue(name) for name in sorted(queues)],
+        "task_create_missing_queues": True,
+        "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout,
+        "worker_enable_soft_shutdown_on_idle": False,  # an idle worker stops at once
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # events for Flower and celery-exporter: workers report task-received/started/succeeded/…,
+        # producers task-sent
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+    }
+    if settings.broker_url.startswith("rediss://") and "ssl_cert_reqs" not in settings.broker_url:
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("imagemill")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in a Redis-backed Celery queue (all priority levels)."""
+    pipe = client.pipeline()
+    for priority in KOMBU_PRIORITIES:
+        pipe.llen(queue if priority == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{priority}")
+    return sum(pipe.execute())

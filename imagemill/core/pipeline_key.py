@@ -1,0 +1,27 @@
+"""What a pipeline is called before its models load: the tasks and the configured models.
+
+Workers publish the signature their loaded models give under this key; producers look it up.
+"""
+
+import hashlib
+import json
+
+from imagemill.core.schemas import Task
+from imagemill.core.settings import Settings
+
+
+def configured_model(settings: Settings, task: Task) -> str:
+    return {
+        Task.CAPTION: settings.caption_model,
+        Task.MODERATION: settings.moderation_model,
+        Task.TAGS: settings.tags_model,
+    }[task]
+
+
+def pipeline_key(tasks: tuple[Task, ...], settings: Settings) -> str:
+    spec = {
+        "tasks": list(tasks),
+        "models": [configured_model(settings, task) for task in tasks],
+        "revision": settings.model_revision,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]

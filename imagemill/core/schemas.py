@@ -1,0 +1,139 @@
+"""The data that crosses boundaries: image references in, records out.
+
+Pydantic models, validated on arrival; a record is defined here once for every writer.
+"""
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from imagemill.core.errors import ErrorKind
+
+
+class Task(StrEnum):
+    """What can be asked of a pipeline; the order here is the order they run in."""
+
+    CAPTION = "caption"
+    MODERATION = "moderation"
+    TAGS = "tags"
+
+
+def parse_tasks(text: str) -> tuple[Task, ...]:
+    """`"caption,tags"` -> tasks in canonical order; raises ValueError naming an unknown task."""
+    names = {part.strip().lower() for part in text.split(",") if part.strip()}
+    if not names:
+        raise ValueError("no tasks given; choose from " + ", ".join(t.value for t in Task))
+    unknown = names - {t.value for t in Task}
+    if unknown:
+        known = ", ".join(t.value for t in Task)
+        raise ValueError(f"unknown task {', '.join(sorted(unknown))}; choose from {known}")
+    return tuple(t for t in Task if t.value in names)
+
+
+class ImageRef(BaseModel):
+    """Where an image is, as listed: never its bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str = Field(min_length=1, max_length=4096)
+    etag: str | None = Field(default=None, max_length=256)
+    size: int | None = Field(default=None, ge=0)
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    format: str | None
+
+
+class ModelOutput(BaseModel):
+    """Fields every task's output carries: which model made it."""
+
+    model: str
+    revision: str | None = None
+
+
+class Caption(ModelOutput):
+    text: str
+
+
+class Moderation(ModelOutput):
+    flagged: bool
+    scores: dict[str, float]
+
+
+class TagScore(BaseModel):
+    tag: str
+    score: float
+
+
+class Tags(ModelOutput):
+    labels: list[TagScore]
+
+
+class RecordError(BaseModel):
+    kind: ErrorKind
+    message: str
+
+
+class Timings(BaseModel):
+    """Milliseconds spent on this image per stage (inference is its share of the batch)."""
+
+    fetch_ms: float = 0.0
+    decode_ms: float = 0.0
+    infer_ms: float = 0.0
+
+
+TASK_FIELDS = tuple(t.value for t in Task)
+
+
+class Record(BaseModel):
+    """One image's annotation (or its error) under one pipeline signature."""
+
+    uri: str
+    etag: str | None = None
+    bytes: int | None = None
+    image: ImageInfo | None = None
+    caption: Caption | None = None
+    moderation: Moderation | None = None
+    tags: Tags | None = None
+    error: RecordError | None = None
+    signature: str
+    job_id: str | None = None
+    timings: Timings = Field(default_factory=Timings)
+    processed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @model_serializer(mode="wrap")
+    def _only_asked_tasks(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a task that was not asked for is absent, not null: readers can tell "not run" apart
+        data = handler(self)
+        for name in TASK_FIELDS:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+    @property
+    def outcome(self) -> str:
+        """`annotated`, or the error kind: what counters and summaries count it as."""
+        return self.error.kind.value if self.error else "annotated"
+
+    @property
+    def key(self) -> tuple[str, str | None, str]:
+        """The idempotency key: writing the same key twice leaves one record."""
+        return (self.uri, self.etag, self.signature)
+
+
+MAX_CHUNK_REFS = 10_000
+
+
+class ChunkMessage(BaseModel):
+    """What a chunk task carries through the broker: references only, never image bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    chunk_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}/[0-9]{1,12}$")
+    tasks: tuple[Task, ...] = Field(min_length=1, max_length=len(Task))
+    refs: list[ImageRef] = Field(min_length=1, max_length=MAX_CHUNK_REFS)

@@ -1,0 +1,190 @@
+"""Record files: JSON Lines (one object per line) and Parquet (pyarrow, typed columns).
+
+Both hold exactly the fields of `Record`; the Parquet schema mirrors it column for column.
+"""
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imagemill.core.errors import UserError
+from imagemill.core.schemas import Record
+
+Key = tuple[str, str | None, str]
+
+_OWNED = pa.struct([("model", pa.string()), ("revision", pa.string())])
+
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("etag", pa.string()),
+        ("bytes", pa.int64()),
+        ("image", pa.struct([("width", pa.int32()), ("height", pa.int32()), ("format", pa.string())])),
+        ("caption", pa.struct([*_OWNED, ("text", pa.string())])),
+        ("moderation", pa.struct([*_OWNED, ("flagged", pa.bool_()), ("scores", pa.map_(pa.string(), pa.float64()))])),
+        (
+            "tags",
+            pa.struct([*_OWNED, ("labels", pa.list_(pa.struct([("tag", pa.string()), ("score", pa.float64())])))]),
+        ),
+        ("error", pa.struct([("kind", pa.string()), ("message", pa.string())])),
+        ("signature", pa.string()),
+        ("job_id", pa.string()),
+        ("timings", pa.struct([("fetch_ms", pa.float64()), ("decode_ms", pa.float64()), ("infer_ms", pa.float64())])),
+        ("processed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+SUFFIXES = (".jsonl", ".parquet")
+
+
+class RecordFile:
+    """A local run's output file, written beside the target and moved into place on close.
+
+    With `keep_existing`, the error-free records of an earlier run are remembered; `existing_keys`
+    names them and `keep` copies those still wanted, so an incremental run redoes only the rest
+    and the file still holds one record per image of the current source."""
+
+    def __init__(self, path: Path, keep_existing: bool) -> None:
+        self.path = path
+        self.partial = path.with_name(f".{path.name}.partial")
+        self._previous: dict[Key, Record] = {}
+        if keep_existing and path.exists():
+            self._previous = {r.key: r for r in iter_records(path) if r.error is None}
+        self._open()
+
+    def existing_keys(self, keys: Iterable[Key]) -> set[Key]:
+        return {key for key in keys if key in self._previous}
+
+    def keep(self, keys: Iterable[Key]) -> None:
+        """Write the earlier records of these keys again, as they were."""
+        self.write([self._previous.pop(key) for key in keys if key in self._previous])
+
+    def check(self) -> None:
+        """Opened when made: nothing more to check."""
+
+    def close(self) -> None:
+        """The run completed: the new file replaces the old one."""
+        self._close()
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> Path:
+        """The run failed: the old file stays as it was; what was written is left beside it."""
+        self._close()
+        return self.partial
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def write(self, records: Sequence[Record], chunk: str = "") -> None:
+        raise NotImplementedError
+
+
+class JsonlWriter(RecordFile):
+    """One JSON object per line, flushed per batch."""
+
+    def _open(self) -> None:
+        self._handle: IO[str] = self.partial.open("w", encoding="utf-8")
+
+    def write(self, records: Sequence[Record], chunk: str = "") -> None:
+        self._handle.writelines(record.model_dump_json() + "\n" for record in records)
+        self._handle.flush()
+
+    def _close(self) -> None:
+        self._handle.close()
+
+
+class ParquetWriter(RecordFile):
+    """Typed columns, buffered into row groups of `ROW_GROUP` rows."""
+
+    ROW_GROUP = 4096
+
+    def _open(self) -> None:
+        self._writer = pq.ParquetWriter(self.partial, PARQUET_SCHEMA, compression="zstd")
+        self._buffer: list[dict] = []
+
+    def write(self, records: Sequence[Record], chunk: str = "") -> None:
+        self._buffer.extend(parquet_row(record) for record in records)
+        if len(self._buffer) >= self.ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=PARQUET_SCHEMA))
+            self._buffer = []
+
+    def _close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+def parquet_row(record: Record) -> dict:
+    row = record.model_dump(mode="python")
+    if row.get("moderation"):
+        row["moderation"]["scores"] = list(row["moderation"]["scores"].items())
+    if row.get("error"):
+        row["error"]["kind"] = str(row["error"]["kind"])
+    return row
+
+
+def iter_records(path: Path) -> Iterator[Record]:
+    """Stream the records of a JSONL or Parquet file, a batch at a time."""
+    if path.suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                if row.get("moderation"):
+                    row["moderation"]["scores"] = dict(row["moderation"]["scores"])
+                yield Record.model_validate(row)
+        return
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield Record.model_validate(json.loads(line))
+
+
+def read_records(path: Path) -> list[Record]:
+    """Read back a JSONL or Parquet file of records."""
+    return list(iter_records(path))
+
+
+def open_file_writer(target: str, keep_existing: bool = False) -> JsonlWriter | ParquetWriter:
+    path = Path(target)
+    if path.suffix.lower() not in SUFFIXES:
+        raise UserError(f"--out {target}: the file name must end in .jsonl or .parquet")
+    if not path.parent.is_dir():
+        raise UserError(f"--out {target}: folder {path.parent} does not exist")
+    if path.suffix.lower() == ".parquet":
+        return ParquetWriter(path, keep_existing)
+    return JsonlWriter(path, keep_existing)
+
+
+def encode_records(records: Sequence[Record], fmt: str) -> bytes:
+    """A whole chunk of records as one JSONL or Parquet document (for one-object-per-chunk sinks)."""
+    if fmt == "jsonl":
+        return "".join(record.model_dump_json() + "\n" for record in records).encode()
+    if fmt == "parquet":
+        sink = pa.BufferOutputStream()
+        table = pa.Table.from_pylist([parquet_row(r) for r in records], schema=PARQUET_SCHEMA)
+        pq.write_table(table, sink, compression="zstd")
+        return sink.getvalue().to_pybytes()
+    raise ValueError(f"unknown record format {fmt!r}; expected jsonl or parquet")
+
+
+def decode_records(data: bytes, fmt: str) -> list[Record]:
+    """The inverse of `encode_records`: one JSONL or Parquet document back into records."""
+    if fmt == "jsonl":
+        return [Record.model_validate_json(line) for line in data.splitlines() if line.strip()]
+    if fmt == "parquet":
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+        for row in rows:
+            # Parquet has no dict type: the map column comes back as (key, value) pairs
+            if row.get("moderation"):
+                row["moderation"]["scores"] = dict(row["moderation"]["scores"])
+        return [Record.model_validate(row) for row in rows]
+    raise ValueError(f"unknown record format {fmt!r}; expected jsonl or parquet")

@@ -1,0 +1,122 @@
+"""The annotation engine: image references in, one record per image out.
+
+fetch ▸ decode on threads ahead of the models ▸ micro-batches through every task. Local mode
+calls it directly; the Celery chunk task wraps it. Models are loaded once per Engine.
+"""
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from imagemill.core.errors import ErrorKind
+from imagemill.core.schemas import ImageInfo, ImageRef, Record, RecordError, Task
+from imagemill.core.settings import Settings
+from imagemill.core.storage import ObjectReader
+from imagemill.worker import metrics
+from imagemill.pipeline.batching import batched
+from imagemill.pipeline.models import load_runners
+from imagemill.pipeline.models.runner import Runner, TaskOutput
+from imagemill.pipeline.prefetch import Prefetcher, Prepared
+from imagemill.pipeline.signature import pipeline_signature
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What the models made of one prepared image."""
+
+    outputs: dict[Task, TaskOutput]
+    error: RecordError | None = None
+
+
+class Engine:
+    """Loads the models for `tasks` once; `annotate` turns refs into records, in order."""
+
+    def __init__(self, settings: Settings, tasks: tuple[Task, ...], runners: list[Runner] | None = None) -> None:
+        self.settings = settings
+        self.tasks = tasks
+        self.runners: list[Runner] = runners if runners is not None else load_runners(settings, tasks)
+        self.signature = pipeline_signature(self.runners)
+        self.prefetcher = Prefetcher(
+            ObjectReader(settings),
+            fetch_threads=settings.fetch_threads,
+            decode_threads=settings.decode_threads,
+            max_pixels=settings.max_image_pixels,
+        )
+        self.prefetcher.min_side = max(runner.min_side for runner in self.runners)
+        # runners with the same input recipe share one preprocessed array per image
+        recipes = list(dict.fromkeys(runner.preprocess for runner in self.runners))
+        self.prefetcher.preprocessors = recipes
+        self._input_of = {id(runner): recipes.index(runner.preprocess) for runner in self.runners}
+
+    def annotate(self, refs: Iterable[ImageRef], job_id: str | None = None) -> Iterator[Record]:
+        """One record per ref, in the refs' order; a bad image is an error record, never a raise."""
+        size = self.settings.batch_size
+        window = max(2 * size, 2 * self.settings.fetch_threads)
+        for batch in batched(self.prefetcher.prepared(refs, window), size):
+            outcomes = self._infer([item for item in batch if item.decoded is not None])
+            for item in batch:
+                yield self._record(item, outcomes.get(id(item)), job_id)
+
+    def close(self) -> None:
+        self.prefetcher.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _infer(self, items: list[Prepared]) -> dict[int, Outcome]:
+        outcomes = {id(item): Outcome(outputs={}) for item in items}
+        if not items:
+            return outcomes
+        metrics.record_batch(len(items))
+        started = time.perf_counter()
+        for runner in self.runners:
+            self._run_task(runner, items, outcomes)
+        share_ms = (time.perf_counter() - started) * 1000 / len(items)
+        for item in items:
+            item.timings.infer_ms = share_ms
+        return outcomes
+
+    def _run_task(self, runner: Runner, items: list[Prepared], outcomes: dict[int, Outcome]) -> None:
+        slot = self._input_of[id(runner)]
+        try:
+            results = runner.infer(runner.batch([item.inputs[slot] for item in items]))
+            for item, result in zip(items, results, strict=True):
+                outcomes[id(item)].outputs[runner.task] = result
+        except Exception:
+            # the batch failed: run images alone so that one bad input costs only itself
+            log.warning("%s batch of %d failed; retrying image by image", runner.task, len(items))
+            for item in items:
+                self._run_one(runner, item, outcomes[id(item)])
+
+    def _run_one(self, runner: Runner, item: Prepared, outcome: Outcome) -> None:
+        try:
+            slot = self._input_of[id(runner)]
+            outcome.outputs[runner.task] = runner.infer(runner.batch([item.inputs[slot]]))[0]
+        except Exception as exc:
+            log.exception("%s failed on %s", runner.task, item.ref.uri)
+            outcome.error = RecordError(
+                kind=ErrorKind.MODEL_FAILED, message=f"{runner.task} model failed: {type(exc).__name__}: {exc}"
+            )
+
+    def _record(self, item: Prepared, outcome: Outcome | None, job_id: str | None) -> Record:
+        decoded = item.decoded
+        outputs = outcome.outputs if outcome else {}
+        return Record(
+            uri=item.ref.uri,
+            etag=item.etag,
+            bytes=item.size,
+            image=ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format) if decoded else None,
+            caption=outputs.get(Task.CAPTION),
+            moderation=outputs.get(Task.MODERATION),
+            tags=outputs.get(Task.TAGS),
+            error=item.error or (outcome.error if outcome else None),
+            signature=self.signature,
+            job_id=job_id,
+            timings=item.timings,
+        )

@@ -1,0 +1,38 @@
+"""The model runners, one per task, loaded once per process on one device and dtype."""
+
+import time
+
+import torch
+
+from imagemill.core.errors import ModelLoadError
+from imagemill.core.schemas import Task
+from imagemill.core.settings import Settings
+from imagemill.worker.metrics import record_model_load
+from imagemill.pipeline.models.caption import CaptionRunner
+from imagemill.pipeline.models.device import resolve_device, resolve_dtype
+from imagemill.pipeline.models.moderation import ModerationRunner
+from imagemill.pipeline.models.runner import Runner
+from imagemill.pipeline.models.tags import TagsRunner
+
+RUNNERS: dict[Task, type[Runner]] = {
+    Task.CAPTION: CaptionRunner,
+    Task.MODERATION: ModerationRunner,
+    Task.TAGS: TagsRunner,
+}
+
+
+def load_runners(settings: Settings, tasks: tuple[Task, ...]) -> list[Runner]:
+    """Load the model of every task asked for, in task order; ModelLoadError if one cannot load."""
+    try:
+        device = resolve_device(settings.device)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"IMAGEMILL_DEVICE={settings.device!r}: {exc}") from None
+    dtype = resolve_dtype(settings.dtype, device)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    runners = []
+    for task in tasks:
+        started = time.perf_counter()
+        runners.append(RUNNERS[task](settings, device, dtype))
+        record_model_load(task.value, time.perf_counter() - started)
+    return runners

@@ -1,0 +1,100 @@
+"""Fetch, decode and preprocess on CPU threads ahead of the model, in listing order.
+
+A bounded window of in-flight images keeps memory flat while the model never waits for I/O.
+"""
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from imagemill.core.errors import ErrorKind, ImageError
+from imagemill.core.schemas import ImageRef, RecordError, Timings
+from imagemill.core.storage import ObjectReader
+from imagemill.pipeline.decode import Decoded, decode
+
+
+@dataclass
+class Prepared:
+    """One image after fetch and decode: either `decoded` (with `inputs`) or `error` is set."""
+
+    ref: ImageRef
+    etag: str | None = None
+    size: int | None = None
+    decoded: Decoded | None = None
+    inputs: list[np.ndarray] = field(default_factory=list)  # one per preprocessor, in order
+    error: RecordError | None = None
+    timings: Timings = field(default_factory=Timings)
+
+
+class Prefetcher:
+    """Runs fetch on `fetch_threads` and decode on at most `decode_threads` at once."""
+
+    def __init__(
+        self, reader: ObjectReader, *, fetch_threads: int, decode_threads: int, max_pixels: int
+    ) -> None:
+        self._reader = reader
+        self._pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="imagemill-fetch")
+        # decode is CPU-bound: more threads than cores only adds contention
+        self._decode_slots = threading.BoundedSemaphore(decode_threads)
+        self._max_pixels = max_pixels
+        self.min_side: int | None = None
+        self.preprocessors: Sequence[Callable[[Image.Image], np.ndarray]] = ()
+
+    def prepared(self, refs: Iterable[ImageRef], window: int) -> Iterator[Prepared]:
+        """Yield every ref's `Prepared`, in order, keeping up to `window` in flight."""
+        in_flight: deque[Future[Prepared]] = deque()
+        for ref in refs:
+            in_flight.append(self._pool.submit(self._prepare, ref))
+            if len(in_flight) >= window:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+    def _prepare(self, ref: ImageRef) -> Prepared:
+        item = Prepared(ref=ref, etag=ref.etag, size=ref.size)
+        try:
+            started = time.perf_counter()
+            data = self._fetch(item)
+            fetched = time.perf_counter()
+            item.timings.fetch_ms = (fetched - started) * 1000
+            with self._decode_slots:
+                item.decoded = self._decode(data)
+                item.inputs = self._preprocess(item.decoded.image)
+            item.timings.decode_ms = (time.perf_counter() - fetched) * 1000
+        except ImageError as exc:
+            item.error = RecordError(kind=exc.kind, message=exc.message)
+        return item
+
+    def _fetch(self, item: Prepared) -> bytes:
+        try:
+            blob = self._reader.read(item.ref)
+        except ImageError:
+            raise
+        except Exception as exc:  # a surprise from a client library still costs one image only
+            raise ImageError(ErrorKind.FETCH_FAILED, f"{type(exc).__name__}: {exc}") from exc
+        item.etag, item.size = blob.etag or item.ref.etag, len(blob.data)
+        return blob.data
+
+    def _decode(self, data: bytes) -> Decoded:
+        try:
+            return decode(data, max_pixels=self._max_pixels, min_side=self.min_side)
+        except ImageError:
+            raise
+        except Exception as exc:  # malformed files make Pillow raise nearly anything
+            message = f"the decoder failed on this file: {type(exc).__name__}: {exc}"
+            raise ImageError(ErrorKind.UNSUPPORTED, message) from exc
+
+    def _preprocess(self, image: Image.Image) -> list[np.ndarray]:
+        try:
+            return [prepare(image) for prepare in self.preprocessors]
+        except Exception as exc:  # an input the resize cannot take costs this image only
+            raise ImageError(ErrorKind.UNSUPPORTED, f"cannot prepare this image for the models: {exc}") from exc
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

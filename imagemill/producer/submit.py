@@ -1,0 +1,147 @@
+"""Submitting a job: register it, list the source, enqueue chunks under backpressure, finish.
+
+Runs in the `imagemill submit` process; workers anywhere pick the chunks up from Redis. The same
+source, sink and pipeline submitted again while its job runs attaches to that job instead of
+doubling the work; a producer that died is taken over and resumed after its last chunk.
+"""
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import redis
+from celery import Celery
+
+from imagemill.core.broker import CHUNK_TASK, make_celery, queue_for
+from imagemill.core.errors import UserError
+from imagemill.core.jobs import Job, JobRegistry, JobState, new_job_id
+from imagemill.core.pipeline_key import pipeline_key
+from imagemill.core.schemas import ChunkMessage, ImageRef, Task
+from imagemill.core.settings import Settings
+from imagemill.core.stores import open_writer
+from imagemill.producer.backpressure import Backpressure
+from imagemill.producer.chunking import chunks
+from imagemill.pipeline.incremental import skip_existing
+from imagemill.pipeline.sources import Source
+
+log = logging.getLogger(__name__)
+
+def job_key(source: str, sink: str, tasks: tuple[Task, ...], settings: Settings) -> str:
+    """The idempotency key of a job: what is annotated, by which models, and where it goes."""
+    spec = {"source": source, "sink": sink, "pipeline": pipeline_key(tasks, settings)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Submission:
+    """One job being enqueued; `register` then `run` lists and enqueues everything."""
+
+    source: Source
+    tasks: tuple[Task, ...]
+    sink: str
+    settings: Settings
+    registry: JobRegistry
+    job_id: str = field(default_factory=new_job_id)
+    on_chunk: Callable[[ChunkMessage], None] = lambda chunk: None
+    producing: bool = True  # False when attached to a job another live producer is listing
+    resume_after: str | None = None
+    first_seq: int = 0
+    force: bool = False  # annotate again even what the sink already holds
+
+    def __post_init__(self) -> None:
+        self.queue = queue_for(self.tasks, self.settings)
+        self.celery: Celery = make_celery(self.settings)
+        broker = redis.Redis.from_url(self.settings.broker_url)
+        self.backpressure = Backpressure(broker, self.queue, self.settings.queue_high_water)
+
+    def register(self) -> tuple[Job, bool]:
+        """Create the job, or attach to the running one with the same key. True when created."""
+        key = job_key(str(self.source), self.sink, self.tasks, self.settings)
+        job, created = self.registry.create(
+            self.job_id, str(self.source), self.tasks, self.sink, self.queue, idempotency_key=key
+        )
+        self.job_id = job.id
+        self.producing = created or self._take_over()
+        return job, created
+
+    def _take_over(self) -> bool:
+        """Become the producer if the job's own went silent; resume after its last chunk."""
+        if not self.registry.take_over(self.job_id, self.settings.producer_stale_s):
+            return False
+        job = self.registry.get(self.job_id)
+        log.warning("job %s lost its producer; resuming after %s", job.id, job.resume_after)
+        self.resume_after, self.first_seq = job.resume_after, job.chunks_queued
+        return True
+
+    def run(self, standby: bool = False) -> int:
+        """Enqueue every chunk not enqueued yet; returns how many. Stops early if the job ends.
+
+        With `standby`, a submission attached to a job another producer is listing waits, and
+        takes over if that producer dies before the listing ends."""
+        while not self.producing:
+            job = self.registry.get(self.job_id)
+            if not standby or job.listing_done or job.state != JobState.RUNNING:
+                return 0
+            time.sleep(min(1.0, self.settings.producer_stale_s / 2))
+            self.producing = self._take_over()
+        count = 0
+        refs = self._incremental(_after(self.source.refs, self.resume_after))
+        try:
+            for chunk in chunks(self.job_id, self.tasks, refs, self.settings.chunk_size, self.first_seq):
+                if not self.backpressure.wait_for_room(self._alive) or not self._alive():
+                    log.info("job %s is no longer running; stopped enqueueing", self.job_id)
+                    break
+                self._enqueue(chunk)
+                count += 1
+        except UserError as exc:
+            self.registry.fail(self.job_id, str(exc))
+            raise
+        self.registry.end_listing(self.job_id, self.first_seq + count)
+        return count
+
+    def _incremental(self, refs: Iterable[ImageRef]) -> Iterable[ImageRef]:
+        """Skip what the sink holds for the signature the workers published for this pipeline."""
+        if self.force:
+            return refs
+        signature = self.registry.signature_for(pipeline_key(self.tasks, self.settings))
+        store = open_writer(self.sink)
+        if signature is None or not hasattr(store, "existing_keys"):
+            reason = "no worker has run this pipeline yet" if signature is None else "the sink cannot be searched"
+            log.info("job %s annotates everything: %s", self.job_id, reason)
+            return refs
+
+        def skipped(refs: list[ImageRef]) -> None:
+            self.registry.add_queued(self.job_id, listed=len(refs), queued=0, skipped=len(refs), last_uri=refs[-1].uri)
+
+        return skip_existing(refs, store, signature, skipped)
+
+    def _enqueue(self, chunk: ChunkMessage) -> None:
+        self.celery.send_task(CHUNK_TASK, args=[chunk.model_dump(mode="json")], queue=self.queue)
+        n = len(chunk.refs)
+        self.registry.add_queued(self.job_id, listed=n, queued=n, last_uri=chunk.refs[-1].uri)
+        self.on_chunk(chunk)
+
+    def _alive(self) -> bool:
+        """Heartbeat, and whether the job still wants chunks."""
+        self.registry.heartbeat(self.job_id)
+        return self.registry.state(self.job_id) == JobState.RUNNING
+
+
+def _after(list_refs: Callable[[], Iterable[ImageRef]], resume_after: str | None) -> Iterator[ImageRef]:
+    """The refs listed after `resume_after` (listings are in a stable order).
+
+    If that ref has vanished from the listing, everything is enqueued again: redelivered images
+    rewrite their own records, so doing work twice is the price of never losing any."""
+    if resume_after is None:
+        yield from list_refs()
+        return
+    iterator = iter(list_refs())
+    for ref in iterator:
+        if ref.uri == resume_after:
+            yield from iterator
+            return
+    log.warning("resume point %s is gone from the listing; enqueueing the whole listing again", resume_after)
+    yield from list_refs()

@@ -1,0 +1,85 @@
+"""What a worker process keeps between chunks: engines per task set, sinks, the job registry.
+
+Built lazily in the process that runs tasks (after the fork), so CUDA starts in the pinned child.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+from itertools import combinations
+
+from imagemill.core.jobs import JobRegistry
+from imagemill.core.pipeline_key import pipeline_key
+from imagemill.core.schemas import Task
+from imagemill.core.settings import Settings, get_settings
+from imagemill.core.stores import RecordWriter, open_writer
+from imagemill.pipeline.engine import Engine
+from imagemill.pipeline.models import load_runners
+from imagemill.pipeline.models.runner import Runner
+from imagemill.pipeline.signature import pipeline_signature
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    runners: dict[Task, Runner] = field(default_factory=dict)
+    engines: dict[tuple[Task, ...], Engine] = field(default_factory=dict)
+    sinks: dict[str, RecordWriter] = field(default_factory=dict)
+    _registry: JobRegistry | None = None
+
+    @property
+    def registry(self) -> JobRegistry:
+        if self._registry is None:
+            self._registry = JobRegistry(self.settings.registry_url)
+        return self._registry
+
+    def engine(self, tasks: tuple[Task, ...]) -> Engine:
+        """The engine for a task set; each model is loaded once per process and shared."""
+        if tasks not in self.engines:
+            self.load(tasks)
+            self.engines[tasks] = Engine(self.settings, tasks, [self.runners[task] for task in tasks])
+        return self.engines[tasks]
+
+    def load(self, tasks: tuple[Task, ...]) -> None:
+        """Load the models of `tasks` not loaded yet, and publish the signatures they give."""
+        missing = tuple(task for task in tasks if task not in self.runners)
+        if not missing:
+            return
+        log.info("loading models for %s", ",".join(missing))
+        self.runners.update(zip(missing, load_runners(self.settings, missing), strict=True))
+        self.publish_signatures()
+
+    def publish_signatures(self) -> None:
+        """Every task set these models can serve, so producers can skip what is already done."""
+        loaded = [task for task in Task if task in self.runners]
+        for size in range(1, len(loaded) + 1):
+            for tasks in combinations(loaded, size):
+                signature = pipeline_signature([self.runners[task] for task in tasks])
+                self.registry.publish_signature(pipeline_key(tasks, self.settings), signature)
+
+    def sink(self, url: str) -> RecordWriter:
+        if url not in self.sinks:
+            self.sinks[url] = open_writer(url)
+        return self.sinks[url]
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        for sink in self.sinks.values():
+            sink.close()
+        self.engines.clear()
+        self.sinks.clear()
+        self.runners.clear()
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """This process's runtime (one per worker process)."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(get_settings())
+    return _runtime

@@ -1,0 +1,167 @@
+"""GPU pinning: one Celery worker process per GPU, `CUDA_VISIBLE_DEVICES` set before it starts.
+
+This parent never imports torch, so CUDA is never initialised in a process that forks; it
+restarts children that die and forwards SIGTERM for a graceful (soft) shutdown.
+"""
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+CPU = "cpu"
+RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+METRICS_PORT_VAR = "IMAGEMILL_METRICS_PORT"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One worker process to run: a GPU index, or the CPU; `index` is its place among the slots."""
+
+    gpu: str | None
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"gpu{self.gpu}" if self.gpu is not None else f"cpu{os.getpid()}"
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        env = dict(base)
+        # SIGTERM starts Celery's soft shutdown: the running chunk gets IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT
+        # seconds to finish, then goes back to the queue, instead of an unbounded warm shutdown
+        env.setdefault("REMAP_SIGTERM", "SIGQUIT")
+        if self.gpu is None:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            env.setdefault("IMAGEMILL_DEVICE", "cpu")
+        else:
+            # the child sees exactly one GPU, as cuda:0
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu
+            env["IMAGEMILL_DEVICE"] = "cuda:0"
+        # one metrics endpoint per worker process: IMAGEMILL_METRICS_PORT + its index
+        base_port = env.get(METRICS_PORT_VAR, "").strip()
+        if base_port.isdigit():
+            env[METRICS_PORT_VAR] = str(int(base_port) + self.index)
+        return env
+
+
+def detect_gpus() -> list[str]:
+    """GPU indices from nvidia-smi (not torch: CUDA must stay uninitialised here)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip():
+        return [gpu.strip() for gpu in visible.split(",") if gpu.strip()]
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def plan_slots(gpus: str, detect: Callable[[], list[str]] = detect_gpus) -> list[Slot]:
+    """`all`, `0,2` or `cpu` -> the worker processes to run. ValueError when none can run."""
+    spec = gpus.strip().lower()
+    if spec == CPU:
+        return [Slot(None)]
+    if spec == "all":
+        found = detect()
+        if not found:
+            raise ValueError("--gpus all: no NVIDIA GPU found (nvidia-smi); use --gpus cpu to run on the CPU")
+        return [Slot(gpu, i) for i, gpu in enumerate(found)]
+    indices = [part.strip() for part in spec.split(",") if part.strip()]
+    if not indices or not all(index.isdigit() for index in indices):
+        raise ValueError(f"--gpus {gpus}: expected all, cpu, or GPU indices such as 0,2")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"--gpus {gpus}: a GPU is listed twice")
+    return [Slot(gpu, i) for i, gpu in enumerate(indices)]
+
+
+def celery_argv(
+    slot: Slot, queues: Sequence[str], loglevel: str, hostname: str | None = None, quiet: bool = False
+) -> list[str]:
+    """One model set per process: a single prefork child, prefetching one chunk at a time.
+
+    Task events are on (Flower, celery-exporter); `quiet` drops the start-up banner (JSON logs)."""
+    host = hostname or socket.gethostname()
+    return [
+        sys.executable, "-m", "celery", "-A", "imagemill.worker", *(["--quiet"] if quiet else []), "worker",
+        "--queues", ",".join(queues),
+        "--hostname", f"{slot.name}@{host}",
+        "--concurrency", "1",
+        "--pool", "prefork",
+        "--prefetch-multiplier", "1",
+        "--loglevel", loglevel,
+        "--without-gossip", "--without-mingle",
+        "--task-events",
+    ]
+
+
+@dataclass
+class Child:
+    slot: Slot
+    process: subprocess.Popen
+    started: float
+    restarts: int = 0
+
+
+@dataclass
+class Supervisor:
+    """Runs one Celery worker per slot and keeps them running until told to stop."""
+
+    slots: list[Slot]
+    queues: list[str]
+    loglevel: str = "INFO"
+    quiet: bool = False  # no Celery banner (JSON logs)
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    children: list[Child] = field(default_factory=list)
+    stopping: bool = False
+
+    def start(self) -> None:
+        self.children = [self._spawn(slot) for slot in self.slots]
+
+    def _spawn(self, slot: Slot, restarts: int = 0) -> Child:
+        argv = celery_argv(slot, self.queues, self.loglevel, quiet=self.quiet)
+        process = subprocess.Popen(argv, env=slot.env(self.env))
+        log.info("started %s (pid %d): %s", slot.name, process.pid, " ".join(argv[3:]))
+        return Child(slot, process, time.monotonic(), restarts)
+
+    def watch_once(self) -> None:
+        """Restart any child that died, with a growing pause when it keeps dying."""
+        for i, child in enumerate(self.children):
+            code = child.process.poll()
+            if code is None or self.stopping:
+                continue
+            healthy = time.monotonic() - child.started > 60
+            restarts = 0 if healthy else child.restarts + 1
+            pause = RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)] if restarts else 0
+            log.error("%s (pid %d) exited with %s; restarting in %ss", child.slot.name, child.process.pid, code, pause)
+            time.sleep(pause)
+            self.children[i] = self._spawn(child.slot, restarts)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.start()
+        while not self.stopping:
+            self.watch_once()
+            time.sleep(0.5)
+        return self.shutdown()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("received %s: stopping workers (current chunks finish or go back to the queue)", signal.Signals(signum).name)
+        self.stopping = True
+
+    def shutdown(self) -> int:
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        codes = [child.process.wait() for child in self.children]
+        return max((code for code in codes if code and code > 0), default=0)
