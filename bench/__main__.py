@@ -10,20 +10,20 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import asdict  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from bench import DEFAULT_CACHE, DEFAULT_RESULTS, report, scenarios  # noqa: E402
-from bench.machine import Interference, describe, loadavg, wait_for_idle  # noqa: E402
-from bench.images import parse_size, photo_set  # noqa: E402
-from bench.models import MODEL_SETS, model_set  # noqa: E402
+from bench import DEFAULT_CACHE, DEFAULT_RESULTS, report, scenarios
+from bench.images import parse_size, photo_set
+from bench.machine import Interference, describe, loadavg, wait_for_idle
+from bench.models import MODEL_SETS, model_set
 
 SCENARIOS = ("limit", "naive", "model-only", "local", "distributed", "memory")
 RUNNERS = {
@@ -47,19 +47,40 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: caption, moderation, tags")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="report folder (default bench/results)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="images and models (default bench/.cache)")
-    parser.add_argument("--batch-size", type=int, help="images per model batch (default: the setting, IMAGEMILL_BATCH_SIZE)")
+    parser.add_argument(
+        "--batch-size", type=int, help="images per model batch (default: the setting, IMAGEMILL_BATCH_SIZE)"
+    )
     parser.add_argument("--max-new-tokens", type=int, help="caption length bound (default: the setting, 30)")
     parser.add_argument("--naive-batch-size", type=int, default=16, help="the naive loop's batch (default 16)")
-    parser.add_argument("--limit-repeats", type=int, default=3, help="decode passes in `limit`; the best counts (default 3)")
+    parser.add_argument(
+        "--limit-repeats", type=int, default=3, help="decode passes in `limit`; the best counts (default 3)"
+    )
     parser.add_argument("--chunk-size", type=int, help="images per distributed chunk (default: the setting, 128)")
-    parser.add_argument("--memory-images", type=int, default=10_000, help="images through the worker in `memory` (default 10000)")
-    parser.add_argument("--memory-models", help="model sets `memory` runs the worker with (default: tiny with --models both)")
-    parser.add_argument("--producer-objects", type=int, default=1_000_000, help="objects the producer lists in `memory` (default 1000000)")
+    parser.add_argument(
+        "--memory-images", type=int, default=10_000, help="images through the worker in `memory` (default 10000)"
+    )
+    parser.add_argument(
+        "--memory-models", help="model sets `memory` runs the worker with (default: tiny with --models both)"
+    )
+    parser.add_argument(
+        "--producer-objects",
+        type=int,
+        default=1_000_000,
+        help="objects the producer lists in `memory` (default 1000000)",
+    )
     parser.add_argument("--sample-interval", type=float, default=0.5, help="seconds between RSS samples (default 0.5)")
-    parser.add_argument("--idle-wait", type=float, default=300.0,
-                        help="before each scenario, wait up to this many seconds for other processes to leave the CPUs (default 300; 0: never wait)")
-    parser.add_argument("--idle-cores", type=float, default=0.25,
-                        help="the machine counts as idle when others use under this many cores (default 0.25)")
+    parser.add_argument(
+        "--idle-wait",
+        type=float,
+        default=300.0,
+        help="before each scenario, wait up to this many seconds for other processes to leave the CPUs (default 300; 0: never wait)",
+    )
+    parser.add_argument(
+        "--idle-cores",
+        type=float,
+        default=0.25,
+        help="the machine counts as idle when others use under this many cores (default 0.25)",
+    )
     parser.add_argument("--rebuild-models", action="store_true", help="rebuild the cached checkpoints")
     args = parser.parse_args(argv)
     args.width, args.height = parse_size(args.size)
@@ -133,16 +154,27 @@ def main(argv: list[str] | None = None) -> int:
                 "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1",
             }
-            settings = base.model_copy(update={
-                **overrides,
-                "caption_model": str(models.caption),
-                "moderation_model": str(models.moderation),
-                "tags_model": str(models.tags),
-            })
+            settings = base.model_copy(
+                update={
+                    **overrides,
+                    "caption_model": str(models.caption),
+                    "moderation_model": str(models.moderation),
+                    "tags_model": str(models.tags),
+                }
+            )
             bench = scenarios.Bench(
-                images, models, args.task_list, settings, env, scratch, overrides["chunk_size"],
-                args.memory_images, args.producer_objects, args.sample_interval,
-                args.naive_batch_size, args.limit_repeats,
+                images,
+                models,
+                args.task_list,
+                settings,
+                env,
+                scratch,
+                overrides["chunk_size"],
+                args.memory_images,
+                args.producer_objects,
+                args.sample_interval,
+                args.naive_batch_size,
+                args.limit_repeats,
             )
             section: dict[str, Any] = {
                 "description": models.description,
@@ -156,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                 log.print(f"  {set_name}/{name} …", end=" ")
                 section["scenarios"][name] = outcome = run_scenario(name, bench, args)
                 failures += "error" in outcome
-                log.print(outcome.get("error", "").splitlines()[0] if "error" in outcome
-                          else f"{outcome['images_per_s']:,.2f} images/s (others used {outcome['others_cores']:.2f} cores)")
+                log.print(
+                    outcome.get("error", "").splitlines()[0]
+                    if "error" in outcome
+                    else f"{outcome['images_per_s']:,.2f} images/s (others used {outcome['others_cores']:.2f} cores)"
+                )
             section["ratios"] = report.ratios_for(set_name, section["scenarios"])
             result["sets"][set_name] = section
         if "memory" in args.scenario_list:

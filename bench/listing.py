@@ -14,8 +14,8 @@ from pathlib import Path
 
 from bench.memory import MIB, Sampler, curve, drift, peak_rss, rss
 from imagemill.core.schemas import Task
-from imagemill.producer.chunking import chunks
 from imagemill.pipeline.sources import ManifestSource
+from imagemill.producer.chunking import chunks
 
 
 def main() -> None:
@@ -36,18 +36,22 @@ def main() -> None:
             chunk.model_dump(mode="json")  # what `submit` does to each chunk before sending it
     elapsed = time.perf_counter() - started
     values = [s.rss for s in sampler.samples]
-    print(json.dumps({
-        "objects": listed,
-        "seconds": elapsed,
-        "objects_per_s": listed / elapsed,
-        "start_mib": start / MIB,
-        "peak_mib": max(peak_rss(pid) or 0, *values) / MIB,
-        "end_mib": rss(pid) / MIB,
-        "drift": drift(values),
-        "growth": (max(values) - start) / start,
-        "samples": len(values),
-        "curve": curve(sampler.samples),
-    }))
+    print(
+        json.dumps(
+            {
+                "objects": listed,
+                "seconds": elapsed,
+                "objects_per_s": listed / elapsed,
+                "start_mib": start / MIB,
+                "peak_mib": max(peak_rss(pid) or 0, *values) / MIB,
+                "end_mib": rss(pid) / MIB,
+                "drift": drift(values),
+                "growth": (max(values) - start) / start,
+                "samples": len(values),
+                "curve": curve(sampler.samples),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

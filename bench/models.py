@@ -98,7 +98,13 @@ def real_set(cache: Path, rebuild: bool = False) -> ModelSet:
 def build_blip_base(out: Path, tiny_caption: Path) -> Path:
     """BLIP-base captioning: BlipConfig's defaults are the base model (ViT-B/16 at 384 px, BERT-base)."""
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = BertTokenizer.from_pretrained(tiny_caption)
@@ -132,9 +138,7 @@ def build_vit_base_moderation(out: Path) -> Path:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
     out.mkdir(parents=True, exist_ok=True)
-    config = ViTConfig(
-        id2label=dict(MODERATION_LABELS), label2id={v: k for k, v in MODERATION_LABELS.items()}
-    )
+    config = ViTConfig(id2label=dict(MODERATION_LABELS), label2id={v: k for k, v in MODERATION_LABELS.items()})
     torch.manual_seed(0)
     ViTForImageClassification(config).eval().save_pretrained(out)
     ViTImageProcessorPil(
@@ -163,4 +167,3 @@ def build_clip_b32_tags(out: Path, tiny_tags: Path) -> Path:
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
-

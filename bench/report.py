@@ -48,12 +48,14 @@ def ratios_for(set_name: str, scenarios: dict[str, dict[str, Any]]) -> list[dict
             continue
         value = top["images_per_s"] / bottom["images_per_s"]
         target = ratio.target if set_name in ratio.applies_to else None
-        rows.append({
-            "ratio": ratio.name,
-            "value": round(value, 3),
-            "target": target,
-            "pass": None if target is None else value >= target,
-        })
+        rows.append(
+            {
+                "ratio": ratio.name,
+                "value": round(value, 3),
+                "target": target,
+                "pass": None if target is None else value >= target,
+            }
+        )
     return rows
 
 
@@ -65,20 +67,34 @@ def memory_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         details = memory.get("details")
         if details:
             ok = abs(details["drift"]) <= RSS_DRIFT_TARGET
-            checks.append({
-                "check": f"{name}: worker RSS drift over {details['images']:,} images",
-                "value": details["drift"],
-                "target": f"±{RSS_DRIFT_TARGET:.0%}" + ("" if details["images"] >= WORKER_IMAGES_TARGET else f" (target run: {WORKER_IMAGES_TARGET:,} images)"),
-                "pass": ok,
-            })
+            checks.append(
+                {
+                    "check": f"{name}: worker RSS drift over {details['images']:,} images",
+                    "value": details["drift"],
+                    "target": f"±{RSS_DRIFT_TARGET:.0%}"
+                    + (
+                        ""
+                        if details["images"] >= WORKER_IMAGES_TARGET
+                        else f" (target run: {WORKER_IMAGES_TARGET:,} images)"
+                    ),
+                    "pass": ok,
+                }
+            )
     producer = report.get("producer_memory")
     if producer and "drift" in producer:
-        checks.append({
-            "check": f"producer RSS drift listing {producer['objects']:,} objects",
-            "value": round(producer["drift"], 4),
-            "target": f"±{RSS_DRIFT_TARGET:.0%}" + ("" if producer["objects"] >= PRODUCER_OBJECTS_TARGET else f" (target run: {PRODUCER_OBJECTS_TARGET:,})"),
-            "pass": abs(producer["drift"]) <= RSS_DRIFT_TARGET,
-        })
+        checks.append(
+            {
+                "check": f"producer RSS drift listing {producer['objects']:,} objects",
+                "value": round(producer["drift"], 4),
+                "target": f"±{RSS_DRIFT_TARGET:.0%}"
+                + (
+                    ""
+                    if producer["objects"] >= PRODUCER_OBJECTS_TARGET
+                    else f" (target run: {PRODUCER_OBJECTS_TARGET:,})"
+                ),
+                "pass": abs(producer["drift"]) <= RSS_DRIFT_TARGET,
+            }
+        )
     return checks
 
 
@@ -108,20 +124,25 @@ def scenario_rows(section: dict[str, Any]) -> list[tuple[str, ...]]:
         if "error" in result:
             rows.append((name, "–", "–", "error", "–", result["error"].splitlines()[0][:160]))
             continue
-        rows.append((
-            name,
-            f"{result['images']:,}",
-            f"{result['seconds']:.2f}",
-            f"{result['images_per_s']:,.2f}",
-            f"{result['others_cores']:.2f}",
-            short_details(result["details"]),
-        ))
+        rows.append(
+            (
+                name,
+                f"{result['images']:,}",
+                f"{result['seconds']:.2f}",
+                f"{result['images_per_s']:,.2f}",
+                f"{result['others_cores']:.2f}",
+                short_details(result["details"]),
+            )
+        )
     return rows
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
     for name, section in report["sets"].items():
-        table = Table(title=f"{name} models — {report['images']['count']:,} images {report['images']['size']}", title_justify="left")
+        table = Table(
+            title=f"{name} models — {report['images']['count']:,} images {report['images']['size']}",
+            title_justify="left",
+        )
         for column in COLUMNS:
             table.add_column(column, justify="left" if column in ("scenario", "details") else "right", overflow="fold")
         for row in scenario_rows(section):
@@ -166,8 +187,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"commit {m['commit']}{' (working tree modified)' if m['dirty'] else ''}. "
         f"Load average {m['loadavg_start']} at the start, {m['loadavg_end']} at the end.",
         "",
-        *([f"Inherited settings: {', '.join(f'{k}={v}' for k, v in report['environment'].items())}.", ""]
-          if report.get("environment") else []),
+        *(
+            [f"Inherited settings: {', '.join(f'{k}={v}' for k, v in report['environment'].items())}.", ""]
+            if report.get("environment")
+            else []
+        ),
         "*others' cores*: the CPU that processes outside this benchmark used while a scenario ran "
         f"(of {m['cpus']}); numbers taken beside a busy machine are low and noisy.",
         "",
@@ -178,8 +202,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     for name, section in report["sets"].items():
-        lines += [f"## {name} models", "", section["description"], "",
-                  "| " + " | ".join(COLUMNS) + " |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+        lines += [
+            f"## {name} models",
+            "",
+            section["description"],
+            "",
+            "| " + " | ".join(COLUMNS) + " |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
+        ]
         lines += [f"| {' | '.join(row)} |" for row in scenario_rows(section)]
         if section["ratios"]:
             lines += ["", "| ratio | value | target | result |", "| --- | ---: | --- | --- |"]

@@ -181,8 +181,18 @@ def parse_summary(text: str) -> tuple[float, float]:
 def local(b: Bench) -> Result:
     """`imagemill annotate DIR -q` in a child process; the rate over the annotation part of its summary."""
     out = b.scratch / f"{b.models.name}-local.jsonl"
-    args = [sys.executable, "-m", "imagemill", "annotate", str(b.images.folder), "--tasks", ",".join(b.tasks),
-            "--out", str(out), "-q"]
+    args = [
+        sys.executable,
+        "-m",
+        "imagemill",
+        "annotate",
+        str(b.images.folder),
+        "--tasks",
+        ",".join(b.tasks),
+        "--out",
+        str(out),
+        "-q",
+    ]
     started = time.perf_counter()
     result = subprocess.run(args, env=b.child_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     wall = time.perf_counter() - started
@@ -273,8 +283,16 @@ def producer_memory(scratch: Path, objects: int, chunk_size: int, interval: floa
 
     manifest = synthetic_manifest(scratch / "producer-manifest.txt", objects)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-m", "bench.listing", str(manifest), "--chunk-size", str(chunk_size),
-            "--interval", str(interval)]
+    args = [
+        sys.executable,
+        "-m",
+        "bench.listing",
+        str(manifest),
+        "--chunk-size",
+        str(chunk_size),
+        "--interval",
+        str(interval),
+    ]
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, cwd=REPO)
     manifest.unlink()
     if result.returncode != 0:

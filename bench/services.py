@@ -98,12 +98,23 @@ class Submitted:
     output: str
 
 
-def submit_and_wait(
-    stack: Stack, source: str, tasks: str, chunk_size: int, timeout: float, *extra: str
-) -> Submitted:
+def submit_and_wait(stack: Stack, source: str, tasks: str, chunk_size: int, timeout: float, *extra: str) -> Submitted:
     """`imagemill submit SOURCE --wait [EXTRA…]`; the finished job as the registry tells it."""
-    args = [sys.executable, "-m", "imagemill", "submit", source, "--tasks", tasks,
-            "--sink", stack.pg_url, "--chunk-size", str(chunk_size), "--wait", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "imagemill",
+        "submit",
+        source,
+        "--tasks",
+        tasks,
+        "--sink",
+        stack.pg_url,
+        "--chunk-size",
+        str(chunk_size),
+        "--wait",
+        *extra,
+    ]
     env = {**os.environ, **stack.env, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     started = time.perf_counter()
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)

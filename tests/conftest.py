@@ -11,8 +11,8 @@ from tests.fixtures.images import Case, write_mixed
 from tests.fixtures.postgres import admin_url, fresh_database
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.s3 import moto_server, s3_client
-from tests.fixtures.workers import WorkerProcess
 from tests.fixtures.tiny_models import build_tiny_models
+from tests.fixtures.workers import WorkerProcess
 
 # tests never reach the hub, and never read a developer's real AWS credentials
 os.environ["HF_HUB_OFFLINE"] = "1"

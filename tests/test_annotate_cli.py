@@ -3,9 +3,8 @@
 import json
 from pathlib import Path
 
-
-from imagemill.core.stores.files import read_records
 from imagemill.core.storage import file_uri
+from imagemill.core.stores.files import read_records
 from tests.fixtures.cli import run_cli
 from tests.fixtures.images import Case, write_mixed
 from tests.fixtures.s3 import s3_client
@@ -109,7 +108,9 @@ def test_hub_models_without_a_cache_say_how_to_get_them(model_env: dict[str, str
     assert "imagemill models download" in result.stderr
 
 
-def test_models_download_skips_local_directories_and_fails_clearly_offline(model_env: dict[str, str], tmp_path: Path) -> None:
+def test_models_download_skips_local_directories_and_fails_clearly_offline(
+    model_env: dict[str, str], tmp_path: Path
+) -> None:
     local = run_cli("models", "download", "--tasks", "caption", env=model_env)
     assert local.returncode == 0 and "local directory already" in local.stderr
     env = {**model_env, "IMAGEMILL_TAGS_MODEL": "openai/clip-vit-base-patch32", "HF_HOME": str(tmp_path / "hf")}

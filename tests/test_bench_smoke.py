@@ -17,9 +17,30 @@ SCENARIOS = ("limit", "naive", "model-only", "local", "distributed")
 def test_bench_writes_a_report_with_a_rate_for_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "results"
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--count", "8", "--size", "320x240", "--models", "tiny",
-         "--scenarios", ",".join(SCENARIOS), "--out", str(out), "--cache", str(tmp_path / "cache"), "--idle-wait", "0"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--count",
+            "8",
+            "--size",
+            "320x240",
+            "--models",
+            "tiny",
+            "--scenarios",
+            ",".join(SCENARIOS),
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--idle-wait",
+            "0",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reports = sorted(out.glob("*-tiny.json"))

@@ -33,7 +33,9 @@ def start_submit(env: dict[str, str], *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "imagemill", "submit", *args],
         env={**os.environ, **env, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -41,7 +43,11 @@ def test_worker_killed_mid_chunk_its_chunk_is_redelivered_and_counted_once(
     dist_env, bucket, pg_url, workers, tmp_path: Path
 ) -> None:
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "kill/", 16)
-    env = {**dist_env, "IMAGEMILL_VISIBILITY_TIMEOUT": "4", "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.15})}
+    env = {
+        **dist_env,
+        "IMAGEMILL_VISIBILITY_TIMEOUT": "4",
+        "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.15}),
+    }
     job_id = submitted(run_cli("submit", f"s3://{bucket}/kill/", "--tasks", "moderation", "--chunk-size", "4", env=env))
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
     victim = start_worker(env, tmp_path / "victim.log")
@@ -65,9 +71,15 @@ def test_poison_chunk_is_dead_lettered_after_bounded_retries_and_retry_redoes_it
 ) -> None:
     names = ["a.jpg", "b.jpg", "c.jpg", "poison.jpg", "e.jpg", "f.jpg"]
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "batch/", 0, names)
-    env = {**dist_env, "IMAGEMILL_MAX_WORKER_LOSSES": "2", "IMAGEMILL_TEST_FAULTS": json.dumps({"crash_on_uri": "poison"})}
+    env = {
+        **dist_env,
+        "IMAGEMILL_MAX_WORKER_LOSSES": "2",
+        "IMAGEMILL_TEST_FAULTS": json.dumps({"crash_on_uri": "poison"}),
+    }
     workers.append(start_worker(env, tmp_path / "worker.log").wait_ready())
-    result = run_cli("submit", f"s3://{bucket}/batch/", "--tasks", "moderation", "--chunk-size", "3", "--wait", env=env, timeout=240)
+    result = run_cli(
+        "submit", f"s3://{bucket}/batch/", "--tasks", "moderation", "--chunk-size", "3", "--wait", env=env, timeout=240
+    )
     job_id = submitted(result)
     job = JobRegistry(env["IMAGEMILL_BROKER_URL"]).get(job_id)
     assert job.state == JobState.DONE and job.chunks_dead_lettered == 1
@@ -96,8 +108,11 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(
     server = RedisServer(tmp_path / "redis", password="s3cr3t-pass").start()
     try:
         env = {
-            **model_env, "IMAGEMILL_BROKER_URL": server.url, "IMAGEMILL_S3_ENDPOINT_URL": s3_env,
-            "IMAGEMILL_SINK": pg_url, "IMAGEMILL_VISIBILITY_TIMEOUT": "5",
+            **model_env,
+            "IMAGEMILL_BROKER_URL": server.url,
+            "IMAGEMILL_S3_ENDPOINT_URL": s3_env,
+            "IMAGEMILL_SINK": pg_url,
+            "IMAGEMILL_VISIBILITY_TIMEOUT": "5",
             "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.1}),
         }
         keys = upload_photos(s3_env, bucket, "redis/", 24)
@@ -128,10 +143,14 @@ def test_sigterm_lets_the_chunk_finish_or_hands_it_back_never_half_written(
 ) -> None:
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, f"term{soft_timeout}/", 8)
     env = {
-        **dist_env, "IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT": soft_timeout, "IMAGEMILL_VISIBILITY_TIMEOUT": "4",
+        **dist_env,
+        "IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT": soft_timeout,
+        "IMAGEMILL_VISIBILITY_TIMEOUT": "4",
         "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.4}),
     }
-    job_id = submitted(run_cli("submit", f"s3://{bucket}/term{soft_timeout}/", "--tasks", "moderation", "--chunk-size", "4", env=env))
+    job_id = submitted(
+        run_cli("submit", f"s3://{bucket}/term{soft_timeout}/", "--tasks", "moderation", "--chunk-size", "4", env=env)
+    )
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
     first = start_worker(env, tmp_path / "first.log")
     workers.append(first)
@@ -153,7 +172,12 @@ def test_resubmitting_a_running_job_attaches_and_a_dead_producer_is_resumed(
     dist_env, bucket, pg_url, workers, tmp_path: Path
 ) -> None:
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "resume/", 20)
-    env = {**dist_env, "IMAGEMILL_QUEUE_HIGH_WATER": "3", "IMAGEMILL_CHUNK_SIZE": "2", "IMAGEMILL_PRODUCER_STALE_S": "2"}
+    env = {
+        **dist_env,
+        "IMAGEMILL_QUEUE_HIGH_WATER": "3",
+        "IMAGEMILL_CHUNK_SIZE": "2",
+        "IMAGEMILL_PRODUCER_STALE_S": "2",
+    }
     args = (f"s3://{bucket}/resume/", "--tasks", "moderation")
     first = start_submit(env, *args)
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from imagemill.core.errors import ErrorKind, ImageError
-from tests.fixtures.images import mixed_cases, photo_jpeg
 from imagemill.pipeline.decode import decode, to_rgb
+from tests.fixtures.images import mixed_cases, photo_jpeg
 
 LIMIT = 64_000_000
 

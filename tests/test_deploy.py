@@ -173,7 +173,8 @@ def exec_form(rest: str) -> list[str]:
 def dockerignore_patterns() -> list[str]:
     path = ROOT / ".dockerignore"
     return [
-        line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+        line.strip()
+        for line in path.read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.strip().startswith("#")
     ]
 
@@ -248,7 +249,9 @@ def deployed_commands() -> list[tuple[str, list[str]]]:
     for obj in k8s_objects():
         if obj["kind"] in {"Deployment", "Job"}:
             for container in obj["spec"]["template"]["spec"]["containers"]:
-                found.append((f"k8s {obj['metadata']['name']}", [*container.get("command", []), *container.get("args", [])]))
+                found.append(
+                    (f"k8s {obj['metadata']['name']}", [*container.get("command", []), *container.get("args", [])])
+                )
     return found
 
 
@@ -333,7 +336,9 @@ def test_compose_services_that_are_waited_on_have_healthchecks(services: dict) -
         for dependency, spec in (service.get("depends_on") or {}).items():
             assert dependency in services, f"{name} depends on unknown service {dependency}"
             if spec.get("condition") == "service_healthy":
-                assert services[dependency].get("healthcheck"), f"{name} waits for {dependency} to be healthy; it has no healthcheck"
+                assert services[dependency].get("healthcheck"), (
+                    f"{name} waits for {dependency} to be healthy; it has no healthcheck"
+                )
     for name in ("worker", "producer"):
         deps = services[name]["depends_on"]
         assert deps["redis"]["condition"] == "service_healthy"
@@ -362,7 +367,7 @@ def test_compose_redis_runs_the_durable_config(services: dict) -> None:
     assert conf["appendfsync"] == "everysec"
     assert conf["maxmemory-policy"] == "noeviction"
     assert conf["dir"] == "/data"
-    assert conf.get("save", None) == "", "RDB snapshots should be off (`save \"\"`): the AOF is the durable copy"
+    assert conf.get("save", None) == "", 'RDB snapshots should be off (`save ""`): the AOF is the durable copy'
     assert conf["protected-mode"] == "yes"
     assert "requirepass" not in conf, "the password must not be in redis.conf"
     assert "--requirepass" in command_line, "protected-mode needs a password for other containers to connect"
@@ -391,7 +396,8 @@ def test_compose_passwords_agree(services: dict) -> None:
 
 def test_compose_dev_defaults_match_env_example(compose: dict) -> None:
     example = dict(
-        line.split("=", 1) for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines()
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     )
     text = COMPOSE.read_text(encoding="utf-8")
@@ -512,7 +518,9 @@ def test_worker_image_is_cuda_torch_and_the_worker_extra() -> None:
     base = args["CUDA_IMAGE"]
     assert base.startswith("nvidia/cuda:") and "runtime" in base
     text = WORKER_DOCKERFILE.read_text(encoding="utf-8")
-    assert re.search(r"torch==\$\{?TORCH_VERSION", text) and re.fullmatch(r"\d+\.\d+\.\d+", global_args_all(WORKER_DOCKERFILE)["TORCH_VERSION"])
+    assert re.search(r"torch==\$\{?TORCH_VERSION", text) and re.fullmatch(
+        r"\d+\.\d+\.\d+", global_args_all(WORKER_DOCKERFILE)["TORCH_VERSION"]
+    )
     assert "download.pytorch.org/whl/cu" in global_args_all(WORKER_DOCKERFILE)["TORCH_INDEX_URL"]
     assert "python3.11" in text
     assert re.search(r"pip install \S*\[worker\]", text)
@@ -524,8 +532,11 @@ def test_worker_image_is_cuda_torch_and_the_worker_extra() -> None:
 
 def global_args_all(path: Path) -> dict[str, str]:
     return {
-        k: v for stage in dockerfile_stages(path) for name, rest in stage
-        if name == "ARG" and "=" in rest for k, v in [rest.split("=", 1)]
+        k: v
+        for stage in dockerfile_stages(path)
+        for name, rest in stage
+        if name == "ARG" and "=" in rest
+        for k, v in [rest.split("=", 1)]
     }
 
 
@@ -552,9 +563,11 @@ def test_dockerfile_copies_what_the_package_needs(path: Path) -> None:
     patterns = dockerignore_patterns()
     for source in sorted(sources):
         assert (ROOT / source).exists(), f"{path.name}: COPY {source}: no such file in the build context"
-        files = [ROOT / source] if (ROOT / source).is_file() else [
-            f for f in (ROOT / source).rglob("*") if f.is_file() and "__pycache__" not in f.parts
-        ]
+        files = (
+            [ROOT / source]
+            if (ROOT / source).is_file()
+            else [f for f in (ROOT / source).rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+        )
         for file in files:
             rel = file.relative_to(ROOT).as_posix()
             assert not dockerignored(rel, patterns), f"{path.name} copies {rel}, but .dockerignore leaves it out"
@@ -586,10 +599,14 @@ def test_k8s_references_resolve() -> None:
         spec = obj["spec"]["template"]["spec"]
         for container in spec["containers"]:
             refs = container["envFrom"]
-            assert ("ConfigMap", "imagemill-config") in {("ConfigMap", r["configMapRef"]["name"]) for r in refs if "configMapRef" in r}
+            assert ("ConfigMap", "imagemill-config") in {
+                ("ConfigMap", r["configMapRef"]["name"]) for r in refs if "configMapRef" in r
+            }
             for ref in refs:
                 kind, key = ("ConfigMap", "configMapRef") if "configMapRef" in ref else ("Secret", "secretRef")
-                assert (kind, ref[key]["name"]) in names, f"{obj['metadata']['name']} uses a missing {kind} {ref[key]['name']}"
+                assert (kind, ref[key]["name"]) in names, (
+                    f"{obj['metadata']['name']} uses a missing {kind} {ref[key]['name']}"
+                )
             mounted = {m["name"] for m in container.get("volumeMounts", [])}
             assert mounted <= {v["name"] for v in spec.get("volumes", [])}
         for volume in spec.get("volumes", []):
@@ -708,7 +725,8 @@ def test_redis_conf_loads_in_a_real_redis(tmp_path: Path) -> None:
     with log.open("w") as out:
         proc = subprocess.Popen(
             ["redis-server", str(conf), "--port", "0", "--unixsocket", str(sock), "--maxmemory", "64mb"],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         client = redis.Redis(unix_socket_path=str(sock), decode_responses=True)
@@ -721,8 +739,17 @@ def test_redis_conf_loads_in_a_real_redis(tmp_path: Path) -> None:
                 assert proc.poll() is None, f"redis-server refused the config:\n{log.read_text()}"
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.05)
-        got = {k: client.config_get(k)[k] for k in ("appendonly", "appendfsync", "maxmemory-policy", "save", "protected-mode")}
-        assert got == {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction", "save": "", "protected-mode": "yes"}
+        got = {
+            k: client.config_get(k)[k]
+            for k in ("appendonly", "appendfsync", "maxmemory-policy", "save", "protected-mode")
+        }
+        assert got == {
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "maxmemory-policy": "noeviction",
+            "save": "",
+            "protected-mode": "yes",
+        }
         client.set("k", "v")
         client.shutdown(nosave=True)
     except redis.ConnectionError:
@@ -773,7 +800,11 @@ def celery_probe(app_name: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEMILL_")}
     proc = subprocess.run(
         [sys.executable, "-c", CELERY_PROBE, app_name],
-        cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -844,7 +875,11 @@ def test_submit_and_the_supervisor_import_no_torch(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEMILL_")}
     proc = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "photos")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])

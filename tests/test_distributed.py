@@ -25,8 +25,14 @@ def test_submit_wait_writes_one_row_per_object_and_status_says_done(
     upload(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "photos/2026/", cases)
     workers.append(start_worker(dist_env, tmp_path / "worker.log").wait_ready())
     result = run_cli(
-        "submit", f"s3://{bucket}/photos/2026/", "--tasks", "caption,moderation,tags",
-        "--chunk-size", "5", "--wait", env=dist_env,
+        "submit",
+        f"s3://{bucket}/photos/2026/",
+        "--tasks",
+        "caption,moderation,tags",
+        "--chunk-size",
+        "5",
+        "--wait",
+        env=dist_env,
     )
     assert result.returncode == 0, result.stderr + workers[0].log[-3000:]
     job_id = job_id_of(result.stdout)
@@ -57,7 +63,9 @@ def test_two_workers_share_a_job_without_double_writing(
         workers.append(start_worker(dist_env, tmp_path / f"worker-{name}.log"))
     for worker in workers:
         worker.wait_ready()
-    result = run_cli("submit", f"s3://{bucket}/shared/", "--tasks", "moderation", "--chunk-size", "2", "--wait", env=dist_env)
+    result = run_cli(
+        "submit", f"s3://{bucket}/shared/", "--tasks", "moderation", "--chunk-size", "2", "--wait", env=dist_env
+    )
     assert result.returncode == 0, result.stderr
     job_id = job_id_of(result.stdout)
     uris = [uri for uri, *_ in rows(pg_url, job_id)]
@@ -76,7 +84,9 @@ def test_backpressure_holds_the_queue_under_its_mark_while_a_worker_drains(
     submit = subprocess.Popen(
         [sys.executable, "-m", "imagemill", "submit", f"s3://{bucket}/many/", "--tasks", "moderation"],
         env={**os.environ, **env, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
     depths: list[int] = []

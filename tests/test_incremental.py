@@ -64,9 +64,7 @@ def test_a_threshold_that_changes_outputs_changes_the_signature_so_everything_is
     assert len(after) == 3 and len({r.signature for r in after}) == 1 and after[0].signature not in before
 
 
-def test_submit_again_skips_objects_the_sink_already_holds(
-    dist_env, bucket, pg_url, workers, tmp_path: Path
-) -> None:
+def test_submit_again_skips_objects_the_sink_already_holds(dist_env, bucket, pg_url, workers, tmp_path: Path) -> None:
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "inc/", 6)
     workers.append(start_worker(dist_env, tmp_path / "worker.log").wait_ready())
     args = ("submit", f"s3://{bucket}/inc/", "--tasks", "moderation", "--wait")
@@ -101,24 +99,37 @@ def test_scheduled_scans_annotate_only_what_was_added_between_firings_and_a_seco
 
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "sched/", 4)
     env = {**dist_env, "IMAGEMILL_BEAT_INTERVAL_S": "1"}
-    added = run_cli("schedule", "add", "nightly", f"s3://{bucket}/sched/", "--every", "3s", "--tasks", "moderation", env=env)
+    added = run_cli(
+        "schedule", "add", "nightly", f"s3://{bucket}/sched/", "--every", "3s", "--tasks", "moderation", env=env
+    )
     assert added.returncode == 0, added.stderr
     workers.append(start_worker(env, tmp_path / "worker.log").wait_ready())
     beats = []
     for name in ("beat-a", "beat-b"):
         log = (tmp_path / f"{name}.log").open("w")
-        beats.append((subprocess.Popen(
-            [sys.executable, "-m", "imagemill", "beat"], env={**os.environ, **env, "PYTHONPATH": str(REPO)},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ), tmp_path / f"{name}.log"))
+        beats.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-m", "imagemill", "beat"],
+                    env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ),
+                tmp_path / f"{name}.log",
+            )
+        )
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
     try:
+
         def finished_jobs():
             return [j for j in registry.recent(50) if j.state == JobState.DONE]
 
         wait_for(lambda: any(j.annotated == 4 for j in finished_jobs()), 120, "the first scan to annotate everything")
         upload_photos(env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "sched/", 0, ["new-1.jpg", "new-2.jpg"])
-        wait_for(lambda: any(j.annotated == 2 and j.skipped == 4 for j in finished_jobs()), 120, "a scan of the new objects")
+        wait_for(
+            lambda: any(j.annotated == 2 and j.skipped == 4 for j in finished_jobs()), 120, "a scan of the new objects"
+        )
         listing = run_cli("schedule", "list", env=env)
         assert "nightly" in listing.stdout and "0:00:03" in listing.stdout
     finally:

@@ -27,14 +27,14 @@ from imagemill.core.jobs import JobRegistry, JobState
 from imagemill.core.logs import ContextFilter, JsonFormatter, log_context
 from imagemill.core.schemas import Record, RecordError, Timings
 from imagemill.core.settings import Settings
+from imagemill.worker import metrics
+from imagemill.worker.chunks import ChunkResult
+from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
 from tests.fixtures.cli import REPO
 from tests.fixtures.distributed import job_id_of, upload, upload_photos, wait_for
 from tests.fixtures.images import write_mixed
 from tests.fixtures.s3 import free_port
 from tests.fixtures.workers import start_worker
-from imagemill.worker import metrics
-from imagemill.worker.chunks import ChunkResult
-from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -91,7 +91,9 @@ def popen_submit(env: dict[str, str], *args: str, stderr_path: Path) -> subproce
     return subprocess.Popen(
         [sys.executable, "-m", "imagemill", "submit", *args],
         env={**os.environ, **env, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE, stderr=stderr_path.open("w"), text=True,
+        stdout=subprocess.PIPE,
+        stderr=stderr_path.open("w"),
+        text=True,
     )
 
 
@@ -159,8 +161,14 @@ def test_metrics_endpoint_adds_up_to_the_job_totals_and_celery_sends_events(
         wait_for(lambda: listener.types()["worker-heartbeat"] > 0, 30, "a worker heartbeat event")
         chunk_size = 4
         submit = popen_submit(
-            env, f"s3://{bucket}/mixed/", "--tasks", "caption,moderation,tags",
-            "--chunk-size", str(chunk_size), "--wait", stderr_path=tmp_path / "submit.err",
+            env,
+            f"s3://{bucket}/mixed/",
+            "--tasks",
+            "caption,moderation,tags",
+            "--chunk-size",
+            str(chunk_size),
+            "--wait",
+            stderr_path=tmp_path / "submit.err",
         )
         job_id = read_job_id(submit)
         registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
@@ -218,7 +226,9 @@ def test_metrics_endpoint_adds_up_to_the_job_totals_and_celery_sends_events(
     assert value(after, "imagemill_batch_size_sum") == decoded
     assert value(after, "imagemill_batch_size_count") >= decoded / int(env["IMAGEMILL_BATCH_SIZE"])
     # model load time per task, queue depth (drained), and no GPU on a CPU worker
-    loads = {task: value(after, "imagemill_model_load_seconds", task=task) for task in ("caption", "moderation", "tags")}
+    loads = {
+        task: value(after, "imagemill_model_load_seconds", task=task) for task in ("caption", "moderation", "tags")
+    }
     assert all(loads.values()), loads  # every model's load was recorded
     assert value(after, "imagemill_queue_depth", queue="imagemill") == 0
     assert ("imagemill_queue_depth", frozenset({("queue", "imagemill")})) in after
@@ -343,7 +353,7 @@ def test_each_worker_process_gets_its_own_metrics_port() -> None:
     slots = plan_slots("all", detect=lambda: ["0", "1", "3"])
     envs = [slot.env({"IMAGEMILL_METRICS_PORT": "9100"}) for slot in slots]
     assert [e["IMAGEMILL_METRICS_PORT"] for e in envs] == ["9100", "9101", "9102"]
-    assert [s.index for s in plan_slots("0,2", detect=lambda: [])] == [0, 1]
+    assert [s.index for s in plan_slots("0,2", detect=list)] == [0, 1]
     assert "IMAGEMILL_METRICS_PORT" not in plan_slots("cpu")[0].env({})
     assert plan_slots("cpu")[0].env({"IMAGEMILL_METRICS_PORT": "9100"})["IMAGEMILL_METRICS_PORT"] == "9100"
 
@@ -359,7 +369,9 @@ def test_celery_events_are_on() -> None:
 
 def _record(error: ErrorKind | None, fetch_ms: float = 1.0, decode_ms: float = 2.0, infer_ms: float = 3.0) -> Record:
     return Record(
-        uri="s3://b/k.jpg", etag="e", signature="s",
+        uri="s3://b/k.jpg",
+        etag="e",
+        signature="s",
         error=RecordError(kind=error, message="x") if error else None,
         timings=Timings(fetch_ms=fetch_ms, decode_ms=decode_ms, infer_ms=infer_ms),
     )
@@ -371,7 +383,11 @@ def test_a_redelivered_chunk_is_not_counted_twice() -> None:
     def get(name: str, **labels: str) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
-    records = [_record(None), _record(ErrorKind.TRUNCATED, decode_ms=0, infer_ms=0), _record(ErrorKind.NOT_FOUND, 0, 0, 0)]
+    records = [
+        _record(None),
+        _record(ErrorKind.TRUNCATED, decode_ms=0, infer_ms=0),
+        _record(ErrorKind.NOT_FOUND, 0, 0, 0),
+    ]
     start = {
         "ok": get("imagemill_images_total", outcome="annotated", kind=""),
         "trunc": get("imagemill_images_total", outcome="failed", kind="truncated"),
@@ -421,7 +437,9 @@ def test_gpu_memory_is_reported_only_where_cuda_is_in_use_and_never_starts_it() 
 def test_serve_over_http_and_a_busy_port_never_raises(caplog: pytest.LogCaptureFixture, redis_url: str) -> None:
     registry = CollectorRegistry()
     port = free_port()
-    thread = metrics.serve(Settings(metrics_port=port, metrics_addr="127.0.0.1", broker_url=redis_url), registry=registry)
+    thread = metrics.serve(
+        Settings(metrics_port=port, metrics_addr="127.0.0.1", broker_url=redis_url), registry=registry
+    )
     thread.join(timeout=10)
     samples = parse(scrape(port))
     assert ("imagemill_queue_depth", frozenset({("queue", "imagemill")})) in samples
@@ -433,7 +451,10 @@ def test_serve_over_http_and_a_busy_port_never_raises(caplog: pytest.LogCaptureF
         taken = busy.getsockname()[1]
         caplog.set_level(logging.WARNING, logger="imagemill.worker.metrics")
         thread = metrics.serve(
-            Settings(metrics_port=taken, metrics_addr="127.0.0.1"), registry=CollectorRegistry(), attempts=3, pause_s=0.05
+            Settings(metrics_port=taken, metrics_addr="127.0.0.1"),
+            registry=CollectorRegistry(),
+            attempts=3,
+            pause_s=0.05,
         )
         thread.join(timeout=10)
     assert not thread.is_alive()

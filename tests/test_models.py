@@ -11,11 +11,11 @@ from imagemill.core.errors import ErrorKind, ModelLoadError
 from imagemill.core.schemas import ImageRef, Task
 from imagemill.core.settings import Settings
 from imagemill.core.storage import file_uri
-from tests.fixtures.images import photo_image
 from imagemill.pipeline.engine import Engine
 from imagemill.pipeline.models import load_runners
 from imagemill.pipeline.models.device import pins_memory, resolve_device, resolve_dtype
 from imagemill.pipeline.models.runner import weights_hash
+from tests.fixtures.images import photo_image
 
 
 def settings_for(models: dict[str, Path], **overrides) -> Settings:
@@ -35,8 +35,8 @@ def pictures(n: int = 3) -> list[Image.Image]:
 
 
 def test_moderation_records_every_label_and_flags_by_threshold(tiny_models) -> None:
-    never, = load_runners(settings_for(tiny_models, moderation_thresholds={"nsfw": 1.01}), (Task.MODERATION,))
-    always, = load_runners(settings_for(tiny_models, moderation_thresholds={"nsfw": 0.0}), (Task.MODERATION,))
+    (never,) = load_runners(settings_for(tiny_models, moderation_thresholds={"nsfw": 1.01}), (Task.MODERATION,))
+    (always,) = load_runners(settings_for(tiny_models, moderation_thresholds={"nsfw": 0.0}), (Task.MODERATION,))
     for result in never.run(pictures()):
         assert set(result.scores) == {"normal", "nsfw"}
         assert sum(result.scores.values()) == pytest.approx(1.0, abs=1e-4)
@@ -52,34 +52,34 @@ def test_thresholds_must_name_a_label_the_model_has(tiny_models) -> None:
 @pytest.mark.parametrize("model", ["tags", "tags_siglip"])
 def test_tags_are_top_k_above_threshold_in_score_order(tiny_models, model: str) -> None:
     settings = settings_for(tiny_models, tags_model=str(tiny_models[model]), tags_top_k=4, tags_threshold=0.0)
-    runner, = load_runners(settings, (Task.TAGS,))
+    (runner,) = load_runners(settings, (Task.TAGS,))
     vocabulary = settings.vocabulary
     for result in runner.run(pictures()):
         scores = [label.score for label in result.labels]
         assert len(scores) == 4 and scores == sorted(scores, reverse=True)
         assert all(label.tag in vocabulary for label in result.labels)
-    strict, = load_runners(settings.model_copy(update={"tags_threshold": 1.0}), (Task.TAGS,))
+    (strict,) = load_runners(settings.model_copy(update={"tags_threshold": 1.0}), (Task.TAGS,))
     assert all(result.labels == [] for result in strict.run(pictures()))
 
 
 def test_tag_text_embeddings_are_computed_once_per_vocabulary(tiny_models, tmp_path: Path) -> None:
     vocabulary = tmp_path / "tags.txt"
     vocabulary.write_text("dog\ncat\n\n# comment\ndog\nbeach\n")
-    runner, = load_runners(settings_for(tiny_models, tags_vocabulary=vocabulary), (Task.TAGS,))
+    (runner,) = load_runners(settings_for(tiny_models, tags_vocabulary=vocabulary), (Task.TAGS,))
     assert runner.vocabulary == ["dog", "cat", "beach"]
     assert runner.text_embeddings.shape[0] == 3
     assert torch.allclose(runner.text_embeddings.norm(dim=-1), torch.ones(3), atol=1e-5)
 
 
 def test_captions_are_batched_and_bounded(tiny_models) -> None:
-    runner, = load_runners(settings_for(tiny_models, caption_max_new_tokens=3), (Task.CAPTION,))
+    (runner,) = load_runners(settings_for(tiny_models, caption_max_new_tokens=3), (Task.CAPTION,))
     results = runner.run(pictures(5))
     assert len(results) == 5
     assert all(0 < len(result.text.split()) <= 3 for result in results)
 
 
 def test_the_revision_of_a_local_model_is_a_hash_of_its_weights(tiny_models, tmp_path: Path) -> None:
-    runner, = load_runners(settings_for(tiny_models), (Task.MODERATION,))
+    (runner,) = load_runners(settings_for(tiny_models), (Task.MODERATION,))
     assert runner.model_id.revision == weights_hash(tiny_models["moderation"])
     assert runner.model_id.revision.startswith("sha256:")
     assert weights_hash(tiny_models["caption"]) != runner.model_id.revision
@@ -152,7 +152,7 @@ def test_batches_are_pinned_and_copied_asynchronously_only_towards_a_gpu() -> No
 
 
 def test_runners_infer_without_autograd_in_the_configured_dtype(tiny_models) -> None:
-    runner, = load_runners(settings_for(tiny_models, dtype="bfloat16"), (Task.MODERATION,))
+    (runner,) = load_runners(settings_for(tiny_models, dtype="bfloat16"), (Task.MODERATION,))
     pixels = runner.batch([runner.preprocess(picture) for picture in pictures(2)])
     assert pixels.dtype == torch.bfloat16 and next(runner.model.parameters()).dtype == torch.bfloat16
     with torch.enable_grad():
@@ -161,7 +161,7 @@ def test_runners_infer_without_autograd_in_the_configured_dtype(tiny_models) -> 
 
 @pytest.mark.parametrize("task", [Task.MODERATION, Task.TAGS])
 def test_vision_encoders_use_scaled_dot_product_attention(tiny_models, task: Task) -> None:
-    runner, = load_runners(settings_for(tiny_models), (task,))
+    (runner,) = load_runners(settings_for(tiny_models), (task,))
     assert runner.model.config._attn_implementation == "sdpa"
 
 
@@ -170,7 +170,11 @@ def test_model_threads_sleep_when_idle_instead_of_spinning_against_decoding() ->
     import sys
 
     code = "import os, imagemill.pipeline.engine; print(os.environ['OMP_WAIT_POLICY'])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={
-        k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"
-    })
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
+    )
     assert out.stdout.strip() == "PASSIVE"

@@ -20,8 +20,8 @@ from imagemill.core.jobs import JobRegistry, JobState
 from imagemill.core.schemas import Record
 from imagemill.core.stores.postgres import DEFAULT_TABLE, PostgresStore
 from tests.fixtures.cli import REPO
-from tests.fixtures.postgres import PrivatePostgres, fresh_database, private_postgres
 from tests.fixtures.images import photo_jpeg
+from tests.fixtures.postgres import PrivatePostgres, fresh_database, private_postgres
 from tests.fixtures.s3 import s3_client
 from tests.fixtures.workers import WorkerProcess, start_worker
 
@@ -53,10 +53,15 @@ def store(chaos_db: str) -> Iterator[PostgresStore]:
 
 def records(prefix: str, count: int, job_id: str = "chaos") -> list[Record]:
     return [
-        Record.model_validate({
-            "uri": f"s3://bucket/{prefix}/{i:05d}.jpg", "etag": f"e{i}", "signature": "sig", "job_id": job_id,
-            "moderation": {"flagged": False, "scores": {"normal": 0.9, "nsfw": 0.1}, "model": "m"},
-        })
+        Record.model_validate(
+            {
+                "uri": f"s3://bucket/{prefix}/{i:05d}.jpg",
+                "etag": f"e{i}",
+                "signature": "sig",
+                "job_id": job_id,
+                "moderation": {"flagged": False, "scores": {"normal": 0.9, "nsfw": 0.1}, "model": "m"},
+            }
+        )
         for i in range(count)
     ]
 
@@ -160,8 +165,12 @@ def chaos_env(dist_env: dict[str, str], chaos_db: str) -> dict[str, str]:
 
 
 def test_distributed_job_completes_when_postgres_restarts_mid_job(
-    private_pg: PrivatePostgres, chaos_env: dict[str, str], bucket: str, chaos_db: str,
-    workers: list[WorkerProcess], tmp_path: Path,
+    private_pg: PrivatePostgres,
+    chaos_env: dict[str, str],
+    bucket: str,
+    chaos_db: str,
+    workers: list[WorkerProcess],
+    tmp_path: Path,
 ) -> None:
     client = s3_client(chaos_env["IMAGEMILL_S3_ENDPOINT_URL"])
     data = photo_jpeg(160, 120)
@@ -172,10 +181,22 @@ def test_distributed_job_completes_when_postgres_restarts_mid_job(
     worker = workers[0]
 
     submit = subprocess.Popen(
-        [sys.executable, "-m", "imagemill", "submit", f"s3://{bucket}/chaos/", "--tasks", "moderation",
-         "--chunk-size", str(CHUNK_SIZE), "--wait"],
+        [
+            sys.executable,
+            "-m",
+            "imagemill",
+            "submit",
+            f"s3://{bucket}/chaos/",
+            "--tasks",
+            "moderation",
+            "--chunk-size",
+            str(CHUNK_SIZE),
+            "--wait",
+        ],
         env={**os.environ, **chaos_env, "PYTHONPATH": str(REPO), "COLUMNS": "120"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     registry = JobRegistry(chaos_env["IMAGEMILL_BROKER_URL"])
     try:

@@ -11,9 +11,9 @@ import pytest
 from psycopg import sql
 
 from imagemill.core.errors import ErrorKind, UserError
+from imagemill.core.redaction import redact_url
 from imagemill.core.schemas import Caption, ImageInfo, Moderation, Record, Tags, TagScore
 from imagemill.core.stores import open_writer
-from imagemill.core.redaction import redact_url
 from imagemill.core.stores.postgres import PostgresStore, SchemaVersionError
 from tests.fixtures.postgres import admin_connection, admin_url, fresh_database
 from tests.fixtures.s3 import free_port

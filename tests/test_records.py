@@ -6,7 +6,17 @@ from pathlib import Path
 import pytest
 
 from imagemill.core.errors import ErrorKind, UserError
-from imagemill.core.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, TagScore, Task, parse_tasks
+from imagemill.core.schemas import (
+    Caption,
+    ImageInfo,
+    Moderation,
+    Record,
+    RecordError,
+    Tags,
+    TagScore,
+    Task,
+    parse_tasks,
+)
 from imagemill.core.stores import open_writer
 from imagemill.core.stores.files import read_records
 
@@ -29,7 +39,9 @@ def error_record() -> Record:
 
 
 def test_tasks_not_asked_for_are_absent_and_error_is_null() -> None:
-    data = json.loads(Record(uri="file:///a.jpg", caption=Caption(text="hi", model="m"), signature="s").model_dump_json())
+    data = json.loads(
+        Record(uri="file:///a.jpg", caption=Caption(text="hi", model="m"), signature="s").model_dump_json()
+    )
     assert "caption" in data and "moderation" not in data and "tags" not in data
     assert data["error"] is None
     assert data["processed_at"].endswith("Z")

@@ -40,9 +40,7 @@ def upload(client: BaseClient, bucket: str, keys: list[str]) -> None:
         client.put_object(Bucket=bucket, Key=key, Body=photo_jpeg(64, 48, seed=seed))
 
 
-def annotate(
-    source: str, proxy: FaultyProxy, model_env: dict[str, str], tmp_path: Path
-) -> dict[str, Record]:
+def annotate(source: str, proxy: FaultyProxy, model_env: dict[str, str], tmp_path: Path) -> dict[str, Record]:
     """Run `imagemill annotate SOURCE` against the proxy; it must complete (exit 0)."""
     out = tmp_path / "out.jsonl"
     env = {**model_env, "IMAGEMILL_S3_ENDPOINT_URL": proxy.url, "IMAGEMILL_S3_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}
@@ -141,7 +139,9 @@ def test_an_object_deleted_between_listing_and_fetching_is_a_not_found_record(
     upload(moto, bucket, ["p/a.jpg", "p/vanishing.jpg", "p/b.jpg"])
     # the listing still shows it; the first GET of it deletes it in the server just before arriving
     race = proxy.add_rule(
-        method="GET", key_contains="vanishing", times=1,
+        method="GET",
+        key_contains="vanishing",
+        times=1,
         before=lambda: moto.delete_object(Bucket=bucket, Key="p/vanishing.jpg"),
     )
 
@@ -165,8 +165,11 @@ def test_a_throttled_listing_is_retried_and_every_object_is_found(
     # amz-sdk-request), so whichever pass lists (annotate also counts in a second, background pass)
     # finds nothing without retrying
     throttle = proxy.add_rule(
-        method="GET", query_contains="list-type=2", header=("amz-sdk-request", "attempt=1"),  # attempts never reach 10 here
-        status=503, code="SlowDown",
+        method="GET",
+        query_contains="list-type=2",
+        header=("amz-sdk-request", "attempt=1"),  # attempts never reach 10 here
+        status=503,
+        code="SlowDown",
     )
 
     records = annotate(f"s3://{bucket}/p/", proxy, model_env, tmp_path)
@@ -204,8 +207,18 @@ def test_odd_keys_are_opaque_s3_keys_never_filesystem_paths(
     cwd.mkdir()
 
     env = {**model_env, "IMAGEMILL_S3_ENDPOINT_URL": proxy.url, "IMAGEMILL_S3_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}
-    result = run_cli("annotate", f"s3://{bucket}/odd/", "--tasks", "moderation", "--out", "out.jsonl", "-q",
-                     env=env, cwd=cwd, timeout=120)
+    result = run_cli(
+        "annotate",
+        f"s3://{bucket}/odd/",
+        "--tasks",
+        "moderation",
+        "--out",
+        "out.jsonl",
+        "-q",
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
 
     lines = (cwd / "out.jsonl").read_text(encoding="utf-8").splitlines()

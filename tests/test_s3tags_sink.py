@@ -84,9 +84,7 @@ def test_user_tags_are_kept_and_our_old_tags_replaced_on_a_rewrite(s3_endpoint: 
     }
 
 
-def test_writing_the_same_record_twice_leaves_the_same_tags_without_a_second_put(
-    s3_endpoint: str, bucket: str
-) -> None:
+def test_writing_the_same_record_twice_leaves_the_same_tags_without_a_second_put(s3_endpoint: str, bucket: str) -> None:
     uri = put(s3_endpoint, bucket, "d.jpg", {"owner": "alice"})
     out = sink(s3_endpoint)
     out.write([annotated(uri, flagged=True)], "job/000001")

@@ -30,8 +30,12 @@ def test_a_password_protected_tls_broker_runs_a_job_and_the_password_never_shows
     server = RedisServer(tmp_path / "redis", password="tls-s3cret", tls_cert=self_signed_cert(tmp_path / "tls")).start()
     try:
         assert server.url.startswith("rediss://")
-        env = {**model_env, "IMAGEMILL_BROKER_URL": server.url, "IMAGEMILL_S3_ENDPOINT_URL": s3_env,
-               "IMAGEMILL_SINK": pg_url.replace("postgres@", "postgres:db-s3cret@")}
+        env = {
+            **model_env,
+            "IMAGEMILL_BROKER_URL": server.url,
+            "IMAGEMILL_S3_ENDPOINT_URL": s3_env,
+            "IMAGEMILL_SINK": pg_url.replace("postgres@", "postgres:db-s3cret@"),
+        }
         keys = upload_photos(s3_env, bucket, "tls/", 4)
         workers.append(start_worker(env, tmp_path / "worker.log").wait_ready())
         job_id = submitted(run_cli("submit", f"s3://{bucket}/tls/", "--tasks", "moderation", "--wait", env=env))

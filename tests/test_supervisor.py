@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.workers import start_worker
 from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
+from tests.fixtures.workers import start_worker
 
 
 def test_cpu_means_one_worker_that_sees_no_gpu() -> None:
@@ -28,7 +28,7 @@ def test_all_means_one_worker_per_detected_gpu_each_pinned_to_its_own() -> None:
 
 
 def test_listed_gpus_are_used_as_given() -> None:
-    assert [s.gpu for s in plan_slots("0,2", detect=lambda: [])] == ["0", "2"]
+    assert [s.gpu for s in plan_slots("0,2", detect=list)] == ["0", "2"]
 
 
 @pytest.mark.parametrize("spec", ["", "gpu0", "0,0", "1,-2"])
@@ -39,7 +39,7 @@ def test_bad_gpu_lists_are_refused(spec: str) -> None:
 
 def test_all_without_gpus_says_to_use_cpu() -> None:
     with pytest.raises(ValueError, match="--gpus cpu"):
-        plan_slots("all", detect=lambda: [])
+        plan_slots("all", detect=list)
 
 
 def test_each_worker_runs_one_model_set_with_a_unique_hostname() -> None:

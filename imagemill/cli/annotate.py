@@ -31,7 +31,9 @@ def annotate(
     source: Annotated[str, typer.Argument(help="A folder, s3://bucket/prefix, or a manifest (.jsonl, .csv, .txt).")],
     tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderation, tags.")] = ALL_TASKS,
     out: Annotated[Path, typer.Option(help="Where records go: a .jsonl or .parquet file.")] = Path("annotations.jsonl"),
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per model batch [IMAGEMILL_BATCH_SIZE].")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Images per model batch [IMAGEMILL_BATCH_SIZE].")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [IMAGEMILL_DEVICE].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-annotate images OUT already has records for.")] = False,
@@ -52,10 +54,10 @@ def run_local(
     are skipped and their records kept."""
     # heavy imports here, so `imagemill --help` stays instant
     from imagemill.core.stores import open_writer
-    from imagemill.pipeline.incremental import skip_existing
-    from imagemill.pipeline.sources import open_source
     from imagemill.pipeline.batching import batched
     from imagemill.pipeline.engine import Engine
+    from imagemill.pipeline.incremental import skip_existing
+    from imagemill.pipeline.sources import open_source
 
     source = open_source(source_spec, settings)
     with console.status(f"loading models for {', '.join(tasks)}…", spinner="dots"):

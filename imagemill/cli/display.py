@@ -65,9 +65,7 @@ def progress_bar(description: str, *, disable: bool = False) -> Iterator[tuple[P
         yield progress, progress.add_task(description, total=None)
 
 
-def summary_table(
-    title: str, outcomes: Counter[str], elapsed_s: float, extra: dict[str, str] | None = None
-) -> Table:
+def summary_table(title: str, outcomes: Counter[str], elapsed_s: float, extra: dict[str, str] | None = None) -> Table:
     """Annotated, failed by error kind, elapsed and images/s."""
     done = sum(n for kind, n in outcomes.items() if kind != "skipped")
     table = Table(title=title, show_header=False, title_justify="left")

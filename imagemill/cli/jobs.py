@@ -37,7 +37,9 @@ def submit(
     sink: Annotated[str | None, typer.Option(help="postgresql://…, s3://bucket/prefix/ [IMAGEMILL_SINK].")] = None,
     chunk_size: Annotated[int | None, typer.Option(min=1, help="Images per chunk [IMAGEMILL_CHUNK_SIZE].")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Re-annotate images the sink already has records for.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Re-annotate images the sink already has records for.")
+    ] = False,
 ) -> None:
     """Enqueue a job for the workers; prints its id at once. Images the sink already holds
     (same etag and pipeline signature) are skipped unless --force."""
@@ -58,7 +60,9 @@ def _submit(source_spec: str, tasks, sink: str, settings: Settings, wait: bool, 
     from imagemill.producer.submit import Submission
 
     if "://" not in sink:
-        raise UserError(f"sink {sink}: workers need a shared sink: postgresql://…, s3://bucket/prefix/ or file:///shared/dir/")
+        raise UserError(
+            f"sink {sink}: workers need a shared sink: postgresql://…, s3://bucket/prefix/ or file:///shared/dir/"
+        )
     writer = open_writer(sink)
     writer.check()  # a bad or unreachable sink fails here, before anything is queued
     writer.close()
@@ -155,7 +159,16 @@ def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")
     table = Table("job", "state", "tasks", "source", "processed", "queued", "failed", "created")
     for job in registry.recent(limit):
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
-        table.add_row(job.id, job.state, ",".join(job.tasks), job.source, f"{job.processed:,}", f"{job.queued:,}", f"{job.failed:,}", created)
+        table.add_row(
+            job.id,
+            job.state,
+            ",".join(job.tasks),
+            job.source,
+            f"{job.processed:,}",
+            f"{job.queued:,}",
+            f"{job.failed:,}",
+            created,
+        )
     stdout.print(table)
 
 

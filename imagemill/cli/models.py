@@ -7,8 +7,8 @@ import typer
 
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
 from imagemill.cli.display import console, fail
-from imagemill.core.schemas import Task
 from imagemill.core.pipeline_key import configured_model
+from imagemill.core.schemas import Task
 from imagemill.core.settings import get_settings
 
 app = typer.Typer(help="Manage the models imagemill runs.", no_args_is_help=True)
@@ -22,7 +22,9 @@ ENV_NAMES = {
 
 @app.command("download")
 def download(
-    to: Annotated[Path | None, typer.Option(help="Save each model in DIR/<name> (default: the Hugging Face cache).")] = None,
+    to: Annotated[
+        Path | None, typer.Option(help="Save each model in DIR/<name> (default: the Hugging Face cache).")
+    ] = None,
     tasks: Annotated[str, typer.Option(help="Whose models to fetch.")] = ALL_TASKS,
 ) -> None:
     """Download the configured models (IMAGEMILL_*_MODEL) from the Hugging Face hub."""

@@ -111,8 +111,22 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INF
     """Fire scheduled scans (run exactly one; a second waits on the lock) and run them."""
     settings = get_settings()
     argv = [
-        sys.executable, "-m", "celery", "-A", "imagemill.producer", "worker", "--beat",
-        "--queues", settings.schedule_queue, "--pool", "solo", "--loglevel", loglevel,
-        "--hostname", f"beat-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "imagemill.producer",
+        "worker",
+        "--beat",
+        "--queues",
+        settings.schedule_queue,
+        "--pool",
+        "solo",
+        "--loglevel",
+        loglevel,
+        "--hostname",
+        f"beat-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
     ]
     os.execv(sys.executable, argv)

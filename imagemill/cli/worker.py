@@ -5,14 +5,16 @@ from typing import Annotated
 
 import typer
 
-from imagemill.core import logs
 from imagemill.cli.display import fail
+from imagemill.core import logs
 from imagemill.core.settings import get_settings
 
 
 def worker(
     gpus: Annotated[str, typer.Option(help="all, cpu, or GPU indices such as 0,2.")] = "all",
-    queues: Annotated[str | None, typer.Option(help="Comma-separated queues [default: IMAGEMILL_QUEUE and routed queues].")] = None,
+    queues: Annotated[
+        str | None, typer.Option(help="Comma-separated queues [default: IMAGEMILL_QUEUE and routed queues].")
+    ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run annotation workers: one Celery worker process per GPU, restarted if it dies."""
@@ -24,5 +26,11 @@ def worker(
         slots = plan_slots(gpus)
     except ValueError as exc:
         fail(str(exc))
-    chosen = [q.strip() for q in queues.split(",") if q.strip()] if queues else sorted({settings.queue, *settings.routes.values()})
-    raise typer.Exit(Supervisor(slots=slots, queues=chosen, loglevel=loglevel, quiet=settings.log_format == "json").run())
+    chosen = (
+        [q.strip() for q in queues.split(",") if q.strip()]
+        if queues
+        else sorted({settings.queue, *settings.routes.values()})
+    )
+    raise typer.Exit(
+        Supervisor(slots=slots, queues=chosen, loglevel=loglevel, quiet=settings.log_format == "json").run()
+    )

@@ -44,19 +44,25 @@ end
 """
 
 # KEYS: job hash, set of finished chunks. ARGV: chunk id, now, then field/increment pairs.
-_CHUNK_DONE = _FINISH + """
+_CHUNK_DONE = (
+    _FINISH
+    + """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
 finish(KEYS[1], ARGV[2])
 return 1
 """
+)
 
-_END_LISTING = _FINISH + """
+_END_LISTING = (
+    _FINISH
+    + """
 redis.call('HSET', KEYS[1], 'listing_done', '1', 'chunks_total', ARGV[2], 'updated_at', ARGV[1])
 finish(KEYS[1], ARGV[1])
 return 1
 """
+)
 
 
 class Job(BaseModel):
@@ -160,8 +166,15 @@ class JobRegistry:
         active = f"{PREFIX}:active:{idempotency_key or job_id}"
         now = time.time()
         fields = {
-            "id": job_id, "source": source, "tasks": ",".join(tasks), "sink": sink, "queue": queue,
-            "state": JobState.RUNNING.value, "created_at": now, "updated_at": now, "producer_seen": now,
+            "id": job_id,
+            "source": source,
+            "tasks": ",".join(tasks),
+            "sink": sink,
+            "queue": queue,
+            "state": JobState.RUNNING.value,
+            "created_at": now,
+            "updated_at": now,
+            "producer_seen": now,
         }
 
         def claim(pipe: redis.client.Pipeline) -> str | None:
@@ -216,7 +229,9 @@ class JobRegistry:
         pipe.hincrby(key, "queued", queued)
         pipe.hincrby(key, "skipped", skipped)
         pipe.hincrby(key, "chunks_queued", 1 if queued else 0)
-        pipe.hset(key, mapping={"updated_at": now, "producer_seen": now, **({"resume_after": last_uri} if last_uri else {})})
+        pipe.hset(
+            key, mapping={"updated_at": now, "producer_seen": now, **({"resume_after": last_uri} if last_uri else {})}
+        )
         pipe.execute()
 
     def end_listing(self, job_id: str, chunks_total: int) -> None:

@@ -19,7 +19,7 @@ def _redact_userinfo(url: str) -> str:
     if not sep or password is None:
         return url
     user = rest.partition(":")[0]
-    return f"{scheme}://{user}:***{rest[len(user) + 1 + len(password):]}"
+    return f"{scheme}://{user}:***{rest[len(user) + 1 + len(password) :]}"
 
 
 def _url_password(url: str) -> str | None:

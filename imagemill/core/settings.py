@@ -85,7 +85,9 @@ class Settings(BaseSettings):
 
     # observability
     metrics_port: int | None = Field(
-        default=None, ge=1, le=65535,
+        default=None,
+        ge=1,
+        le=65535,
         description="Prometheus metrics port of a worker process (off when unset); "
         "`imagemill worker` gives its N-th process this port + N",
     )

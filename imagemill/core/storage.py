@@ -104,8 +104,7 @@ class ObjectReader:
     def _too_large(self, size: int) -> ImageError:
         return ImageError(
             ErrorKind.TOO_LARGE,
-            f"object is {size:,} bytes, over the limit of {self._max_bytes:,} "
-            "(IMAGEMILL_MAX_IMAGE_BYTES)",
+            f"object is {size:,} bytes, over the limit of {self._max_bytes:,} (IMAGEMILL_MAX_IMAGE_BYTES)",
         )
 
     def _read_file(self, ref: ImageRef) -> Blob:

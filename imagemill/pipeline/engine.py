@@ -13,12 +13,12 @@ from imagemill.core.errors import ErrorKind
 from imagemill.core.schemas import ImageInfo, ImageRef, Record, RecordError, Task
 from imagemill.core.settings import Settings
 from imagemill.core.storage import ObjectReader
-from imagemill.worker import metrics
 from imagemill.pipeline.batching import batched
 from imagemill.pipeline.models import load_runners
 from imagemill.pipeline.models.runner import Runner, TaskOutput
 from imagemill.pipeline.prefetch import Prefetcher, Prepared
 from imagemill.pipeline.signature import pipeline_signature
+from imagemill.worker import metrics
 
 log = logging.getLogger(__name__)
 

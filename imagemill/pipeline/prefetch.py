@@ -35,9 +35,7 @@ class Prepared:
 class Prefetcher:
     """Runs fetch on `fetch_threads` and decode on at most `decode_threads` at once."""
 
-    def __init__(
-        self, reader: ObjectReader, *, fetch_threads: int, decode_threads: int, max_pixels: int
-    ) -> None:
+    def __init__(self, reader: ObjectReader, *, fetch_threads: int, decode_threads: int, max_pixels: int) -> None:
         self._reader = reader
         self._pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="imagemill-fetch")
         # decode is CPU-bound: more threads than cores only adds contention

@@ -20,9 +20,7 @@ from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings
 from imagemill.core.storage import file_etag, file_uri, is_s3, make_s3_client, parse_s3, s3_uri
 
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .gif .webp .bmp .tif .tiff .avif .heic .heif .svg".split()
-)
+IMAGE_EXTENSIONS = frozenset([".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif", ".svg"])
 MANIFEST_SUFFIXES = frozenset({".jsonl", ".csv", ".txt"})
 
 
@@ -172,9 +170,7 @@ def open_source(spec: str, settings: Settings) -> Source:
     if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
         return ManifestSource(path.absolute())
     if path.is_file():
-        raise SourceError(
-            f"{spec} is a file but not a manifest (expected .jsonl, .csv or .txt)"
-        )
+        raise SourceError(f"{spec} is a file but not a manifest (expected .jsonl, .csv or .txt)")
     raise SourceError(f"source {spec} does not exist (expected a folder, s3://bucket/prefix or a manifest)")
 
 

@@ -9,8 +9,8 @@ from typing import Any
 from imagemill.core.jobs import JobRegistry
 from imagemill.core.schemas import parse_tasks
 from imagemill.core.settings import get_settings
-from imagemill.producer.celery import SCAN_TASK, app
 from imagemill.pipeline.sources import open_source
+from imagemill.producer.celery import SCAN_TASK, app
 from imagemill.producer.submit import Submission
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 @app.task(name=SCAN_TASK, ignore_result=True, acks_late=True)
 def scan(schedule: str, source: str, tasks: str, sink: str) -> dict[str, Any]:
     settings = get_settings()
-    submission = Submission(open_source(source, settings), parse_tasks(tasks), sink, settings, JobRegistry(settings.registry_url))
+    submission = Submission(
+        open_source(source, settings), parse_tasks(tasks), sink, settings, JobRegistry(settings.registry_url)
+    )
     job, created = submission.register()
     chunks = submission.run()
     log.info("schedule %s: job %s (%s), %d chunks enqueued", schedule, job.id, "new" if created else "attached", chunks)

@@ -22,12 +22,13 @@ from imagemill.core.pipeline_key import pipeline_key
 from imagemill.core.schemas import ChunkMessage, ImageRef, Task
 from imagemill.core.settings import Settings
 from imagemill.core.stores import open_writer
-from imagemill.producer.backpressure import Backpressure
-from imagemill.producer.chunking import chunks
 from imagemill.pipeline.incremental import skip_existing
 from imagemill.pipeline.sources import Source
+from imagemill.producer.backpressure import Backpressure
+from imagemill.producer.chunking import chunks
 
 log = logging.getLogger(__name__)
+
 
 def job_key(source: str, sink: str, tasks: tuple[Task, ...], settings: Settings) -> str:
     """The idempotency key of a job: what is annotated, by which models, and where it goes."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from imagemill.core.errors import ErrorKind
 from imagemill.core.jobs import Job, JobState
 from imagemill.core.logs import log_context
-from imagemill.core.schemas import ChunkMessage, ImageRef, Record, RecordError
+from imagemill.core.schemas import ChunkMessage, Record, RecordError
 from imagemill.worker import metrics
 from imagemill.worker.runtime import Runtime
 
@@ -73,7 +73,11 @@ def _dead_letter(chunk: ChunkMessage, job: Job, rt: Runtime, deaths: int) -> Chu
     signature = rt.engine(chunk.tasks).signature
     records = [
         Record(
-            uri=ref.uri, etag=ref.etag, bytes=ref.size, signature=signature, job_id=chunk.job_id,
+            uri=ref.uri,
+            etag=ref.etag,
+            bytes=ref.size,
+            signature=signature,
+            job_id=chunk.job_id,
             error=RecordError(kind=ErrorKind.WORKER_LOST, message=message),
         )
         for ref in chunk.refs
@@ -92,4 +96,3 @@ def _store(chunk: ChunkMessage, job: Job, rt: Runtime, records: list[Record], ou
     result = ChunkResult(chunk.chunk_id, outcome, counts, first)
     metrics.record_chunk(result, records, write_seconds)
     return result
-

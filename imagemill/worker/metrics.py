@@ -29,7 +29,8 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 10_000)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 IMAGES = Counter(
-    "imagemill_images", "Images finished, counted once per chunk: outcome annotated|failed, kind the error kind",
+    "imagemill_images",
+    "Images finished, counted once per chunk: outcome annotated|failed, kind the error kind",
     ["outcome", "kind"],
 )
 CHUNKS = Counter(
@@ -42,8 +43,7 @@ CHUNK_SIZE = Histogram("imagemill_chunk_size", "Images per chunk written", bucke
 BATCH_SIZE = Histogram("imagemill_batch_size", "Images per model batch", buckets=SIZE_BUCKETS)
 STAGE_SECONDS = Histogram(
     "imagemill_stage_seconds",
-    "Latency per stage: fetch, decode and infer per image (infer is the image's share of its batch), "
-    "write per chunk",
+    "Latency per stage: fetch, decode and infer per image (infer is the image's share of its batch), write per chunk",
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )

@@ -5,7 +5,6 @@ Built lazily in the process that runs tasks (after the fork), so CUDA starts in 
 
 import logging
 from dataclasses import dataclass, field
-
 from itertools import combinations
 
 from imagemill.core.jobs import JobRegistry

@@ -59,7 +59,10 @@ def detect_gpus() -> list[str]:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -92,14 +95,27 @@ def celery_argv(
     Task events are on (Flower, celery-exporter); `quiet` drops the start-up banner (JSON logs)."""
     host = hostname or socket.gethostname()
     return [
-        sys.executable, "-m", "celery", "-A", "imagemill.worker", *(["--quiet"] if quiet else []), "worker",
-        "--queues", ",".join(queues),
-        "--hostname", f"{slot.name}@{host}",
-        "--concurrency", "1",
-        "--pool", "prefork",
-        "--prefetch-multiplier", "1",
-        "--loglevel", loglevel,
-        "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "imagemill.worker",
+        *(["--quiet"] if quiet else []),
+        "worker",
+        "--queues",
+        ",".join(queues),
+        "--hostname",
+        f"{slot.name}@{host}",
+        "--concurrency",
+        "1",
+        "--pool",
+        "prefork",
+        "--prefetch-multiplier",
+        "1",
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
         "--task-events",
     ]
 
@@ -156,7 +172,9 @@ class Supervisor:
         return self.shutdown()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        log.info("received %s: stopping workers (current chunks finish or go back to the queue)", signal.Signals(signum).name)
+        log.info(
+            "received %s: stopping workers (current chunks finish or go back to the queue)", signal.Signals(signum).name
+        )
         self.stopping = True
 
     def shutdown(self) -> int:

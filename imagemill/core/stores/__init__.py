@@ -44,7 +44,9 @@ def open_writer(target: str, keep_existing: bool = False) -> RecordWriter:
 
         return DirectorySink.from_url(target)
     if "://" in target:
-        raise UserError(f"sink {target}: expected postgresql://…, s3://bucket/prefix/, file:///dir/, s3tags:// or a .jsonl/.parquet path")
+        raise UserError(
+            f"sink {target}: expected postgresql://…, s3://bucket/prefix/, file:///dir/, s3tags:// or a .jsonl/.parquet path"
+        )
     from imagemill.core.stores.files import open_file_writer
 
     return open_file_writer(target, keep_existing)

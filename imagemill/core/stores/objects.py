@@ -68,9 +68,7 @@ def _format_of(name: str) -> str | None:
 class ObjectStoreSink:
     """Writes each chunk as one S3 object `{prefix}{chunk}.{format}` with a single PutObject."""
 
-    def __init__(
-        self, bucket: str, prefix: str = "", fmt: str = "jsonl", settings: Settings | None = None
-    ) -> None:
+    def __init__(self, bucket: str, prefix: str = "", fmt: str = "jsonl", settings: Settings | None = None) -> None:
         check_format(fmt)
         self.bucket = bucket
         self.prefix = normalise_prefix(prefix)

@@ -177,8 +177,9 @@ class ObjectTagsSink:
         on_s3 = list({record.uri: record for record in records if record.uri.startswith("s3://")}.values())
         skipped = sum(not record.uri.startswith("s3://") for record in records)
         if skipped:
-            log.warning("chunk %s: skipped %d records that are not s3:// objects (only those can be tagged)",
-                        chunk, skipped)
+            log.warning(
+                "chunk %s: skipped %d records that are not s3:// objects (only those can be tagged)", chunk, skipped
+            )
         outcomes = Counter({"not_s3": skipped}) if skipped else Counter[str]()
         if on_s3:
             # the pool only overlaps round trips; the client is thread-safe and sized for fetch_threads
@@ -195,8 +196,13 @@ class ObjectTagsSink:
             merged, dropped = merge_tags(existing, record, self.prefix)
             if dropped:
                 theirs = sum(not key.startswith(self.prefix) for key in merged)
-                log.warning("%s keeps its %d own tags; no room for %s (S3 allows %d per object)",
-                            record.uri, theirs, ", ".join(dropped), MAX_TAGS)
+                log.warning(
+                    "%s keeps its %d own tags; no room for %s (S3 allows %d per object)",
+                    record.uri,
+                    theirs,
+                    ", ".join(dropped),
+                    MAX_TAGS,
+                )
             if merged == existing:
                 return "unchanged"  # a redelivered chunk costs one read per object, no write
             tag_set = [{"Key": key, "Value": value} for key, value in merged.items()]

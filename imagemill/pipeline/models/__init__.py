@@ -7,12 +7,12 @@ import torch
 from imagemill.core.errors import ModelLoadError
 from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
-from imagemill.worker.metrics import record_model_load
 from imagemill.pipeline.models.caption import CaptionRunner
 from imagemill.pipeline.models.device import resolve_device, resolve_dtype
 from imagemill.pipeline.models.moderation import ModerationRunner
 from imagemill.pipeline.models.runner import Runner
 from imagemill.pipeline.models.tags import TagsRunner
+from imagemill.worker.metrics import record_model_load
 
 RUNNERS: dict[Task, type[Runner]] = {
     Task.CAPTION: CaptionRunner,

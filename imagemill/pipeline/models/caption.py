@@ -26,11 +26,6 @@ class CaptionRunner(Runner):
 
     @torch.inference_mode()
     def infer(self, pixels: torch.Tensor) -> list[Caption]:
-        tokens = self.model.generate(
-            pixel_values=pixels, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams
-        )
+        tokens = self.model.generate(pixel_values=pixels, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
-        return [
-            Caption(text=text.strip(), model=self.model_id.name, revision=self.model_id.revision)
-            for text in texts
-        ]
+        return [Caption(text=text.strip(), model=self.model_id.name, revision=self.model_id.revision) for text in texts]

@@ -40,6 +40,4 @@ class ModerationRunner(Runner):
     def _judge(self, row: list[float]) -> Moderation:
         scores = {label: round(score, 6) for label, score in zip(self.labels, row, strict=True)}
         flagged = any(scores[label] >= limit for label, limit in self.thresholds.items())
-        return Moderation(
-            flagged=flagged, scores=scores, model=self.model_id.name, revision=self.model_id.revision
-        )
+        return Moderation(flagged=flagged, scores=scores, model=self.model_id.name, revision=self.model_id.revision)

@@ -46,9 +46,9 @@ class TagsRunner(Runner):
         chunks = []
         for start in range(0, len(self.vocabulary), TEXT_BATCH):
             prompts = [self.prompt.format(tag) for tag in self.vocabulary[start : start + TEXT_BATCH]]
-            tokens = self.processor.tokenizer(
-                prompts, padding=padding, truncation=True, return_tensors="pt"
-            ).to(self.device)
+            tokens = self.processor.tokenizer(prompts, padding=padding, truncation=True, return_tensors="pt").to(
+                self.device
+            )
             chunks.append(_normalised(_embeddings(self.model.get_text_features(**tokens))))
         return torch.cat(chunks)
 
