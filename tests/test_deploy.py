@@ -1,12 +1,21 @@
-"""The deployment files agree with the code.
+"""The deployment files agree with the code, and with the formats they are written in.
 
-docker-compose.yml, deploy/*.Dockerfile, deploy/redis/redis.conf and deploy/k8s/*.yaml are
-parsed (nothing is built or started, except a throwaway redis-server that checks redis.conf)
-and checked against what the code actually has: the settings, the CLI's commands and options,
-the Celery app that `celery -A worker` finds, the default queue, the shutdown timeouts.
+docker-compose.yml, worker/Dockerfile, producer/Dockerfile, .dockerignore, deploy/redis/redis.conf
+and deploy/k8s/*.yaml are read with the libraries of their formats (nothing is built or started,
+except a throwaway redis-server that checks redis.conf):
+
+- the Kubernetes manifests are validated against the API schemas of a pinned Kubernetes version
+  (kubernetes-validate, strict: unknown fields fail);
+- docker-compose.yml is validated against the Compose Specification's JSON schema
+  (tests/data/compose-spec.json, with jsonschema), its variables resolved by python-dotenv;
+- the Dockerfiles are read by dockerfile-parse, and the build context is the one docker-py
+  sends for .dockerignore.
+
+Then each is checked against what the code actually has: the settings, the CLI's commands and
+options, the Celery app that `celery -A imagemill.worker` finds, the default queue, the shutdown
+timeouts.
 """
 
-import fnmatch
 import json
 import math
 import os
@@ -19,11 +28,19 @@ import textwrap
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import typer.main
 import yaml
+from docker.utils.build import PatternMatcher, exclude_paths
+from dockerfile_parse import DockerfileParser
+from dotenv import dotenv_values
+from dotenv.variables import Variable, parse_variables
+from markdown_it import MarkdownIt
 
 from imagemill.cli import app as cli_app
 from imagemill.core.settings import Settings
@@ -33,14 +50,30 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
 REDIS_CONF = DEPLOY / "redis" / "redis.conf"
-WORKER_DOCKERFILE = DEPLOY / "worker.Dockerfile"
-PRODUCER_DOCKERFILE = DEPLOY / "producer.Dockerfile"
+# the two deployable services: each folder holds its image and a README, no Python
+SERVICES = ("worker", "producer")
+WORKER_DOCKERFILE = ROOT / "worker" / "Dockerfile"
+PRODUCER_DOCKERFILE = ROOT / "producer" / "Dockerfile"
+DOCKERFILES = [WORKER_DOCKERFILE, PRODUCER_DOCKERFILE]
+SERVICE_READMES = [ROOT / service / "README.md" for service in SERVICES]
 
 SETTING_NAMES = {f"IMAGEMILL_{name.upper()}" for name in Settings.model_fields}
 # a setting's name: IMAGEMILL_ and at least one more word character (not `IMAGEMILL_*_MODEL`)
 SETTING_RE = re.compile(r"\bIMAGEMILL_[A-Z0-9]+(?:_[A-Z0-9]+)*\b")
 NON_ROOT_UID = 10001
+
+# The Kubernetes version whose API schemas the manifests are validated against: the oldest the
+# manifests are written for. Raise it when they use a newer API.
+KUBERNETES_VERSION = "1.32"
+# Custom resources have no schema in kubernetes-validate (it ships Kubernetes' own APIs only):
+# KEDA's objects are checked field by field by the test_keda_* tests below instead.
+CUSTOM_RESOURCES = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication")}
+
+
+def dockerfile_id(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
 
 
 # --------------------------------------------------------------------------- loading
@@ -63,9 +96,30 @@ def k8s_object(kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
+def interpolate(value: str) -> str:
+    """Compose interpolation with an empty shell and no .env, by python-dotenv's parser of POSIX
+    variables: `${X:-default}` becomes the default. `$$` (Compose's escape for `$`) is split off."""
+    parts = ["".join(atom.resolve({}) for atom in parse_variables(part)) for part in value.split("$$")]
+    assert not any(re.search(r"\$[{\w]", part) for part in parts), f"a form of variable not read here: {value!r}"
+    return "$".join(parts)
+
+
+def interpolated(node: Any) -> Any:
+    """A loaded compose document with every string value interpolated (keys are not)."""
+    if isinstance(node, str):
+        return interpolate(node)
+    if isinstance(node, dict):
+        return {key: interpolated(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [interpolated(item) for item in node]
+    return node
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return load_yaml(COMPOSE)
+    """docker-compose.yml as Compose sees it with an empty shell and no .env: YAML anchors and
+    merge keys resolved (PyYAML), `${VAR:-default}` replaced by its default."""
+    return interpolated(load_yaml(COMPOSE))
 
 
 @pytest.fixture(scope="module")
@@ -73,27 +127,11 @@ def services(compose: dict) -> dict:
     return compose["services"]
 
 
-_VAR = re.compile(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
-
-
-def interpolate(value: str, env: dict[str, str] | None = None) -> str:
-    """Compose interpolation with an empty shell: `${X:-default}` -> default, `$$` -> `$`."""
-    env = env or {}
-
-    def sub(match: re.Match) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match.group(1) or match.group(3)
-        return env.get(name) or (match.group(2) or "")
-
-    return _VAR.sub(sub, value)
-
-
 def env_of(service: dict) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {key: interpolate(str(value)) for key, value in env.items()}
+    return {key: str(value) for key, value in env.items()}
 
 
 def argv_of(command: str | list) -> list[str]:
@@ -139,64 +177,54 @@ def configured(field: str) -> str:
 # --------------------------------------------------------------------------- Dockerfiles
 
 
-def dockerfile_stages(path: Path) -> list[list[tuple[str, str]]]:
-    """Instructions (NAME, rest) per stage, continuation lines joined, comments dropped."""
-    text = path.read_text(encoding="utf-8")
-    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
-    logical = re.sub(r"\\\n", " ", "\n".join(lines))
-    stages: list[list[tuple[str, str]]] = [[]]
-    for line in logical.splitlines():
-        if not line.strip():
-            continue
-        name, _, rest = line.strip().partition(" ")
-        name = name.upper()
-        if name == "FROM":
+def dockerfile(path: Path) -> DockerfileParser:
+    return DockerfileParser(path=str(path), env_replace=False)
+
+
+def instructions(path: Path, stage: int | None = None) -> list[tuple[str, str, dict[str, str]]]:
+    """(INSTRUCTION, value, ARGs it declares) as dockerfile-parse reads them (continuation lines
+    joined, comments left out); `stage`: only that stage's (0: before the first FROM, -1: the
+    final stage)."""
+    parsed = dockerfile(path)
+    stages: list[list[tuple[str, str, dict[str, str]]]] = [[]]
+    for line, context in zip(parsed.structure, parsed.context_structure, strict=True):
+        if line["instruction"] == "FROM":
             stages.append([])
-        stages[-1].append((name, rest.strip()))
-    return stages
+        if line["instruction"] != "COMMENT":
+            stages[-1].append((line["instruction"], line["value"], context.line_args))
+    return stages[stage] if stage is not None else [item for items in stages for item in items]
 
 
-def global_args(path: Path) -> dict[str, str]:
-    return dict(rest.split("=", 1) for name, rest in dockerfile_stages(path)[0] if name == "ARG" and "=" in rest)
+def values(path: Path, instruction: str, stage: int | None = -1) -> list[str]:
+    return [value for name, value, _ in instructions(path, stage) if name == instruction]
 
 
-def final_stage(path: Path) -> list[tuple[str, str]]:
-    return dockerfile_stages(path)[-1]
+def build_args(path: Path, stage: int | None = None) -> dict[str, str]:
+    """The defaults of the ARGs declared (in `stage`, else anywhere)."""
+    return {k: v for name, _, args in instructions(path, stage) if name == "ARG" for k, v in args.items()}
 
 
-def exec_form(rest: str) -> list[str]:
-    value = json.loads(rest)
-    assert isinstance(value, list), f"use the exec (JSON) form: {rest}"
-    return value
+def exec_form(value: str) -> list[str]:
+    parsed = json.loads(value)
+    assert isinstance(parsed, list), f"use the exec (JSON) form: {value}"
+    return parsed
 
 
 def dockerignore_patterns() -> list[str]:
-    path = ROOT / ".dockerignore"
-    return [
-        line.strip()
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.strip().startswith("#")
-    ]
+    """.dockerignore's patterns, read as docker-py's `build` reads them."""
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
-def dockerignored(relpath: str, patterns: list[str]) -> bool:
-    """Roughly Docker's rules: a path is out when its last matching pattern (it or a parent
-    directory) is not a `!` exception."""
-    parts = Path(relpath).parts
-    ignored = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pat = pattern.lstrip("!").strip("/")
-        for i in range(1, len(parts) + 1):
-            prefix = parts[:i]
-            if pat.startswith("**/"):
-                hit = any(fnmatch.fnmatchcase("/".join(prefix[j:]), pat[3:]) for j in range(len(prefix)))
-            else:
-                hit = fnmatch.fnmatchcase("/".join(prefix), pat)
-            if hit:
-                ignored = not negate
-                break
-    return ignored
+def dockerignored(relpath: str) -> bool:
+    """Whether .dockerignore leaves `relpath` out of the context (docker-py's matcher, a port of
+    moby's)."""
+    return PatternMatcher(dockerignore_patterns()).matches(relpath)
+
+
+def build_context(dockerfile_path: Path) -> set[str]:
+    """The paths `docker build -f <dockerfile> .` sends from the repository root (docker-py)."""
+    return exclude_paths(str(ROOT), dockerignore_patterns(), dockerfile=dockerfile_id(dockerfile_path))
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -228,12 +256,25 @@ def parse_cli(argv: list[str]):
         kinds = {cls.__name__ for cls in type(exc).__mro__}
         if "UsageError" in kinds:
             pytest.fail(f"`{' '.join(argv)}`: {exc.format_message()}")
-        if "Exit" in kinds:  # --help
-            assert getattr(exc, "exit_code", 0) == 0, f"`{' '.join(argv)}` exits {exc.exit_code}"
-            return None
-        raise
-    assert not is_group(command), f"`{' '.join(argv)}` names no command"
-    return ctx
+        if "Exit" not in kinds:
+            raise
+        code = getattr(exc, "exit_code", 0)
+    else:
+        assert not is_group(command), f"`{' '.join(argv)}` names no command"
+        return ctx
+    assert code == 0, f"`{' '.join(argv)}` exits {code}"  # --help
+    return None
+
+
+def documented_commands(path: Path, program: str) -> list[list[str]]:
+    """The `program ...` command lines in a Markdown file's code (fenced blocks and inline spans,
+    as markdown-it reads them), split as the shell would."""
+    code: list[str] = []
+    for token in MarkdownIt().parse(path.read_text(encoding="utf-8")):
+        if token.type in {"fence", "code_block"}:
+            code += token.content.replace("\\\n", " ").splitlines()
+        code += [child.content for child in token.children or [] if child.type == "code_inline"]
+    return [shlex.split(line, comments=True) for line in map(str.strip, code) if line.startswith(f"{program} ")]
 
 
 def deployed_commands() -> list[tuple[str, list[str]]]:
@@ -243,15 +284,19 @@ def deployed_commands() -> list[tuple[str, list[str]]]:
         for name, service in services.items()
         if name in {"worker", "worker-cpu", "producer"}
     ]
-    for path in (WORKER_DOCKERFILE, PRODUCER_DOCKERFILE):
-        cmds = [rest for name, rest in final_stage(path) if name == "CMD"]
-        found.append((f"{path.name} CMD", exec_form(cmds[-1])))
+    for path in DOCKERFILES:
+        found.append((f"{dockerfile_id(path)} CMD", exec_form(values(path, "CMD")[-1])))
     for obj in k8s_objects():
         if obj["kind"] in {"Deployment", "Job"}:
             for container in obj["spec"]["template"]["spec"]["containers"]:
                 found.append(
                     (f"k8s {obj['metadata']['name']}", [*container.get("command", []), *container.get("args", [])])
                 )
+    for path in SERVICE_READMES:
+        found += [
+            (f"{path.relative_to(ROOT).as_posix()}: {shlex.join(argv)}", argv)
+            for argv in documented_commands(path, "imagemill")
+        ]
     return found
 
 
@@ -264,7 +309,8 @@ def files_naming_settings() -> list[Path]:
         ROOT / ".env.example",
         ROOT / "README.md",
         DEPLOY / "README.md",
-        *sorted(DEPLOY.glob("*.Dockerfile")),
+        *SERVICE_READMES,
+        *DOCKERFILES,
         *sorted(K8S.glob("*.yaml")),
     ]
 
@@ -394,21 +440,19 @@ def test_compose_passwords_agree(services: dict) -> None:
     assert urlsplit(worker["IMAGEMILL_S3_ENDPOINT_URL"]).hostname == "minio"
 
 
-def test_compose_dev_defaults_match_env_example(compose: dict) -> None:
-    example = dict(
-        line.split("=", 1)
-        for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.startswith("#")
-    )
-    text = COMPOSE.read_text(encoding="utf-8")
-    used = {m.group(1): m.group(2) for m in re.finditer(r"\$\{(\w+):-([^}]*)\}", text)}
+def test_compose_dev_defaults_match_env_example() -> None:
+    example = dotenv_values(ROOT / ".env.example", interpolate=False)
+    used: dict[str, set[str | None]] = {}
+    for part in COMPOSE.read_text(encoding="utf-8").split("$$"):  # `$$` escapes a `$`
+        for variable in (atom for atom in parse_variables(part) if isinstance(atom, Variable)):
+            used.setdefault(variable.name, set()).add(variable.default)
+    assert used, "docker-compose.yml uses no ${VARIABLE}: the check below would be vacuous"
     assert set(used) <= set(example), f".env.example lacks {sorted(set(used) - set(example))}"
-    for name, default in used.items():
-        assert example[name] == default, f"{name}: compose default {default!r}, .env.example {example[name]!r}"
-    # every use of a variable has the same default
-    for name in used:
-        defaults = set(re.findall(r"\$\{" + name + r":-([^}]*)\}", text))
+    for name, defaults in used.items():
+        # every use of a variable has the same default, and it is the value .env.example gives
         assert len(defaults) == 1, f"{name} has different defaults in docker-compose.yml: {defaults}"
+        (default,) = defaults
+        assert example[name] == default, f"{name}: compose default {default!r}, .env.example {example[name]!r}"
 
 
 def test_compose_producer_and_workers_share_settings(services: dict) -> None:
@@ -422,7 +466,7 @@ def test_compose_producer_and_workers_share_settings(services: dict) -> None:
 
 def test_compose_minio_init_creates_the_buckets_used(services: dict) -> None:
     init = services["minio-init"]
-    script = interpolate(" ".join(argv_of(init.get("entrypoint") or init.get("command"))))
+    script = " ".join(argv_of(init.get("entrypoint") or init.get("command")))
     buckets = set(re.findall(r"mc mb (?:--ignore-existing |-p )*local/([\w.-]+)", script))
     assert {"photos", "annotations"} <= buckets
     source = next(arg for arg in argv_of(services["producer"]["command"]) if arg.startswith("s3://"))
@@ -446,19 +490,28 @@ def test_compose_worker_reserves_gpus_and_drains(services: dict) -> None:
         assert hf_home in targets, f"{name}: HF_HOME {hf_home} is not on a volume"
 
 
-def test_compose_builds_from_the_deploy_dockerfiles(services: dict) -> None:
+def test_compose_builds_the_service_dockerfiles(services: dict) -> None:
     expected = {"worker": WORKER_DOCKERFILE, "worker-cpu": WORKER_DOCKERFILE, "producer": PRODUCER_DOCKERFILE}
-    for name, dockerfile in expected.items():
+    for name, dockerfile_path in expected.items():
         build = services[name]["build"]
         context = (ROOT / build["context"]).resolve()
         assert context == ROOT
-        assert (context / build["dockerfile"]).resolve() == dockerfile.resolve()
+        assert (context / build["dockerfile"]).resolve() == dockerfile_path.resolve()
+
+
+def test_compose_file_follows_the_compose_spec(compose: dict) -> None:
+    """docker-compose.yml is valid against the Compose Specification's JSON schema (kept in
+    tests/data; see tests/data/README.md): unknown keys, wrong types and misplaced fields fail."""
+    schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, "docker-compose.yml does not follow the Compose Specification:\n" + "\n".join(errors)
 
 
 # =========================================================================== commands
 
 
-@pytest.mark.parametrize("where,argv", deployed_commands(), ids=[w for w, _ in deployed_commands()])
+@pytest.mark.parametrize(("where", "argv"), deployed_commands(), ids=[w for w, _ in deployed_commands()])
 def test_deployed_commands_exist_in_the_cli(where: str, argv: list[str]) -> None:
     ctx = parse_cli(argv)
     if ctx is not None and argv[1] == "worker":
@@ -491,78 +544,76 @@ def test_worker_commands_run_one_process_per_gpu() -> None:
 # =========================================================================== Dockerfiles
 
 
-@pytest.mark.parametrize("path", [WORKER_DOCKERFILE, PRODUCER_DOCKERFILE], ids=lambda p: p.name)
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_folders_hold_the_image_not_python(service: str) -> None:
+    """worker/ and producer/ are the two deployable services, not import names: each holds its
+    Dockerfile and a README; the code is imagemill.worker and imagemill.producer."""
+    folder = ROOT / service
+    assert (folder / "Dockerfile").is_file() and (folder / "README.md").is_file()
+    python = sorted(p.relative_to(ROOT).as_posix() for p in folder.rglob("*.py"))
+    assert not python, f"{service}/ is a service folder, not a package: move {python} into imagemill/{service}/"
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    assert f"imagemill.{service}" in readme and f"docker build -f {service}/Dockerfile" in readme
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=dockerfile_id)
 def test_dockerfile_runs_as_non_root(path: Path) -> None:
-    users = [rest for name, rest in final_stage(path) if name == "USER"]
-    assert users, f"{path.name}: the final stage has no USER (it would run as root)"
+    users = values(path, "USER")
+    assert users, f"{dockerfile_id(path)}: the final stage has no USER (it would run as root)"
     user = users[-1].split(":")[0]
     assert user not in {"root", "0"}
-    assert user == str(NON_ROOT_UID), f"{path.name}: USER {user}; the k8s manifests run as {NON_ROOT_UID}"
-    text = path.read_text(encoding="utf-8")
-    assert f"--uid {NON_ROOT_UID}" in text, f"{path.name}: no user with uid {NON_ROOT_UID} is created"
+    assert user == str(NON_ROOT_UID), f"{dockerfile_id(path)}: USER {user}; the k8s manifests run as {NON_ROOT_UID}"
+    runs = " ".join(values(path, "RUN"))
+    assert f"--uid {NON_ROOT_UID}" in runs, f"{dockerfile_id(path)}: no user with uid {NON_ROOT_UID} is created"
 
 
-@pytest.mark.parametrize("path", [WORKER_DOCKERFILE, PRODUCER_DOCKERFILE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", DOCKERFILES, ids=dockerfile_id)
 def test_dockerfile_entrypoint_keeps_the_command_replaceable(path: Path) -> None:
     """ENTRYPOINT is only an init (tini); the `imagemill ...` line is CMD, so compose `command:`
     and k8s `args:` replace it whole."""
-    stage = final_stage(path)
-    entrypoint = exec_form([rest for name, rest in stage if name == "ENTRYPOINT"][-1])
+    entrypoint = exec_form(values(path, "ENTRYPOINT")[-1])
     assert "imagemill" not in entrypoint
     assert Path(entrypoint[0]).name == "tini"
-    assert exec_form([rest for name, rest in stage if name == "CMD"][-1])[0] == "imagemill"
+    assert exec_form(values(path, "CMD")[-1])[0] == "imagemill"
 
 
 def test_worker_image_is_cuda_torch_and_the_worker_extra() -> None:
-    args = global_args(WORKER_DOCKERFILE)
-    base = args["CUDA_IMAGE"]
+    base = build_args(WORKER_DOCKERFILE, stage=0)["CUDA_IMAGE"]
     assert base.startswith("nvidia/cuda:") and "runtime" in base
-    text = WORKER_DOCKERFILE.read_text(encoding="utf-8")
-    assert re.search(r"torch==\$\{?TORCH_VERSION", text) and re.fullmatch(
-        r"\d+\.\d+\.\d+", global_args_all(WORKER_DOCKERFILE)["TORCH_VERSION"]
-    )
-    assert "download.pytorch.org/whl/cu" in global_args_all(WORKER_DOCKERFILE)["TORCH_INDEX_URL"]
-    assert "python3.11" in text
-    assert re.search(r"pip install \S*\[worker\]", text)
-    env = " ".join(rest for name, rest in final_stage(WORKER_DOCKERFILE) if name == "ENV")
-    assert "HF_HOME=/models" in env
+    assert dockerfile(WORKER_DOCKERFILE).parent_images == [base, base]
+    args = build_args(WORKER_DOCKERFILE)
+    runs = values(WORKER_DOCKERFILE, "RUN", stage=None)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"])
+    assert "download.pytorch.org/whl/cu" in args["TORCH_INDEX_URL"]
+    assert any("python3.11" in run for run in runs)
+    torch = next(i for i, run in enumerate(runs) if re.search(r"torch==\$\{?TORCH_VERSION", run))
+    worker = next(i for i, run in enumerate(runs) if re.search(r"pip install \S*\[worker\]", run))
     # torch is installed before the project, so the unpinned `torch>=2.2` does not pull another build
-    assert text.index("torch==") < text.index("[worker]")
-
-
-def global_args_all(path: Path) -> dict[str, str]:
-    return {
-        k: v
-        for stage in dockerfile_stages(path)
-        for name, rest in stage
-        if name == "ARG" and "=" in rest
-        for k, v in [rest.split("=", 1)]
-    }
+    assert torch < worker
+    assert dockerfile(WORKER_DOCKERFILE).envs["HF_HOME"] == "/models"
 
 
 def test_producer_image_has_no_torch() -> None:
-    text = PRODUCER_DOCKERFILE.read_text(encoding="utf-8")
-    runs = " ".join(rest for stage in dockerfile_stages(PRODUCER_DOCKERFILE) for name, rest in stage if name == "RUN")
+    runs = " ".join(values(PRODUCER_DOCKERFILE, "RUN", stage=None))
     assert "[worker]" not in runs and "torch==" not in runs and "pip install torch" not in runs
-    assert global_args(PRODUCER_DOCKERFILE)["PYTHON_IMAGE"].startswith("python:3.11")
-    assert "pip install /src" in text
+    assert build_args(PRODUCER_DOCKERFILE, stage=0)["PYTHON_IMAGE"].startswith("python:3.11")
+    assert "pip install /src" in runs
 
 
-@pytest.mark.parametrize("path", [WORKER_DOCKERFILE, PRODUCER_DOCKERFILE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", DOCKERFILES, ids=dockerfile_id)
 def test_dockerfile_copies_what_the_package_needs(path: Path) -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     sources: set[str] = set()
-    for stage in dockerfile_stages(path):
-        for name, rest in stage:
-            if name in {"COPY", "ADD"} and "--from=" not in rest:
-                sources.update(p.rstrip("/") for p in rest.split()[:-1] if not p.startswith("--"))
+    for name, value, _ in instructions(path):
+        if name in {"COPY", "ADD"} and "--from=" not in value:
+            sources.update(p.rstrip("/") for p in value.split()[:-1] if not p.startswith("--"))
     missing = packages - sources
-    assert not missing, f"{path.name} does not copy the packages {sorted(missing)}"
+    assert not missing, f"{dockerfile_id(path)} does not copy the packages {sorted(missing)}"
     assert {"pyproject.toml", pyproject["project"]["readme"]} <= sources
-    patterns = dockerignore_patterns()
+    context = build_context(path)
     for source in sorted(sources):
-        assert (ROOT / source).exists(), f"{path.name}: COPY {source}: no such file in the build context"
+        assert (ROOT / source).exists(), f"{dockerfile_id(path)}: COPY {source}: no such file in the build context"
         files = (
             [ROOT / source]
             if (ROOT / source).is_file()
@@ -570,18 +621,37 @@ def test_dockerfile_copies_what_the_package_needs(path: Path) -> None:
         )
         for file in files:
             rel = file.relative_to(ROOT).as_posix()
-            assert not dockerignored(rel, patterns), f"{path.name} copies {rel}, but .dockerignore leaves it out"
+            assert rel in context, f"{dockerfile_id(path)} copies {rel}, but .dockerignore leaves it out"
 
 
 def test_dockerignore_keeps_clutter_and_secrets_out() -> None:
-    patterns = dockerignore_patterns()
     for path in (".git/HEAD", ".venv/bin/python", ".env", "tests/test_deploy.py", "imagemill/__pycache__/x.pyc"):
-        assert dockerignored(path, patterns), f".dockerignore lets {path} into the build context"
-    for path in ("pyproject.toml", "README.md", "imagemill/data/tags.txt", "worker/celery.py"):
-        assert not dockerignored(path, patterns), f".dockerignore drops {path}, which the images need"
+        assert dockerignored(path), f".dockerignore lets {path} into the build context"
+    for path in ("pyproject.toml", "README.md", "imagemill/core/data/tags.txt", "imagemill/worker/celery.py"):
+        assert not dockerignored(path), f".dockerignore drops {path}, which the images need"
+    for path in DOCKERFILES:
+        context = build_context(path)
+        assert "tests" not in context and not any(p.startswith((".git/", ".venv/")) for p in context)
 
 
 # =========================================================================== Kubernetes
+
+
+@pytest.mark.parametrize("obj", k8s_objects(), ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")
+def test_k8s_manifest_is_valid(obj: dict) -> None:
+    """Each object is valid against the Kubernetes API's schema for its kind (strict: a field the
+    API does not have fails, as `kubectl apply --validate=strict` would)."""
+    if (obj["apiVersion"], obj["kind"]) in CUSTOM_RESOURCES:
+        pytest.skip(f"{obj['kind']} is a KEDA custom resource: kubernetes-validate has no schema for CRDs")
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        error = f"{'.'.join(map(str, exc.path)) or '(top)'}: {exc.message} (Kubernetes {exc.version})"
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        error = f"{exc.message}: a custom resource? add it to CUSTOM_RESOURCES"
+    else:
+        return
+    pytest.fail(f"deploy/k8s: {obj['kind']} {obj['metadata']['name']}: {error}")
 
 
 def test_k8s_objects_live_in_the_namespace() -> None:
@@ -810,12 +880,18 @@ def celery_probe(app_name: str, **env: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_celery_dash_a_finds_our_app() -> None:
-    """`celery -A worker worker`, as the supervisor starts it, resolves to the imagemill app,
-    configured from the IMAGEMILL_* settings, and loads the chunk task the producer sends."""
+def supervisor_app() -> str:
+    """The `-A` name the supervisor starts its Celery workers with."""
     argv = celery_argv(Slot("0"), ["imagemill"], "INFO", hostname="test")
     assert argv[1:4] == ["-m", "celery", "-A"]
-    report = celery_probe(argv[argv.index("-A") + 1])
+    return argv[argv.index("-A") + 1]
+
+
+def test_celery_dash_a_finds_our_app() -> None:
+    """`celery -A imagemill.worker worker`, as the supervisor starts it, resolves to the imagemill
+    app, configured from the IMAGEMILL_* settings, and loads the chunk task the producer sends."""
+    assert supervisor_app() == "imagemill.worker"
+    report = celery_probe(supervisor_app())
     assert report["is_celery"]
     assert report["task_default_queue"] == report["settings_queue"] == Settings.model_fields["queue"].default
     assert report["accept_content"] == ["json"]
@@ -830,14 +906,28 @@ def test_celery_dash_a_finds_our_app() -> None:
 def test_celery_app_follows_the_deployed_settings() -> None:
     """With the ConfigMap's values in the environment, the app uses them (the queue KEDA watches)."""
     config = configmap_data()
-    report = celery_probe("worker", **{k: v for k, v in config.items() if k.startswith("IMAGEMILL_")})
+    report = celery_probe(supervisor_app(), **{k: v for k, v in config.items() if k.startswith("IMAGEMILL_")})
     assert report["task_default_queue"] == config.get("IMAGEMILL_QUEUE", Settings.model_fields["queue"].default)
     assert report["visibility_timeout"] == int(configured("visibility_timeout"))
     assert report["soft_shutdown_timeout"] == float(configured("soft_shutdown_timeout"))
     listname = k8s_object("ScaledObject")["spec"]["triggers"][0]["metadata"]["listName"]
     assert report["task_default_queue"] == listname
-    report = celery_probe("worker", IMAGEMILL_QUEUE="elsewhere")
+    report = celery_probe(supervisor_app(), IMAGEMILL_QUEUE="elsewhere")
     assert report["task_default_queue"] == "elsewhere"
+
+
+@pytest.mark.parametrize(
+    "path", [ROOT / "worker" / "README.md", ROOT / "README.md"], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_documented_celery_commands_name_our_app(path: Path) -> None:
+    """The `celery -A ... worker` line the READMEs give Celery users names the app the supervisor
+    runs (resolved above) and the default queue."""
+    commands = [argv for argv in documented_commands(path, "celery") if "worker" in argv]
+    assert commands, f"{path.relative_to(ROOT)} shows no `celery -A ... worker` command"
+    for argv in commands:
+        assert argv[argv.index("-A") + 1] == supervisor_app(), shlex.join(argv)
+        assert argv[argv.index("-A") + 2] == "worker", shlex.join(argv)
+        assert argv[argv.index("-Q") + 1] == Settings.model_fields["queue"].default, shlex.join(argv)
 
 
 # =========================================================================== the producer image
@@ -862,7 +952,8 @@ def test_submit_and_the_supervisor_import_no_torch(tmp_path: Path) -> None:
         sys.meta_path.insert(0, Block())
         from typer.testing import CliRunner
         from imagemill.cli import app
-        import imagemill.core.stores.postgres, imagemill.core.stores.objects, imagemill.producer.submit, imagemill.pipeline.sources
+        import imagemill.core.stores.postgres, imagemill.core.stores.objects
+        import imagemill.producer.submit, imagemill.pipeline.sources
         result = CliRunner().invoke(app, ["submit", sys.argv[1], "--sink", "bogus://nowhere"])
         from imagemill.worker.supervisor import plan_slots, celery_argv
         plan_slots("cpu")
