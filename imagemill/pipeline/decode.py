@@ -1,4 +1,4 @@
-"""Bytes to a model-ready RGB picture, safely: limits, EXIF orientation, every mode to RGB.
+"""Bytes, or a picture already in memory, to a model-ready RGB picture: limits, EXIF orientation, RGB.
 
 JPEGs are decoded at reduced size (`Image.draft`) when the models need fewer pixels.
 """
@@ -37,12 +37,7 @@ def decode(data: bytes, *, max_pixels: int, min_side: int | None = None) -> Deco
         raise ImageError(ErrorKind.EMPTY, "the file is empty (0 bytes)")
     image = _open(data)
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(
-            ErrorKind.TOO_LARGE,
-            f"{width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,} "
-            "(IMAGEMILL_MAX_IMAGE_PIXELS)",
-        )
+    _check_pixels(width, height, max_pixels)
     fmt = image.format
     if min_side and fmt == "JPEG":
         image.draft("RGB", _draft_box(width, height, min_side))
@@ -54,6 +49,35 @@ def decode(data: bytes, *, max_pixels: int, min_side: int | None = None) -> Deco
     if min_side:
         image = reduce_to(image, min_side)
     return Decoded(image=image, width=width, height=height, format=fmt)
+
+
+def from_image(image: Image.Image, *, max_pixels: int, min_side: int | None = None) -> Decoded:
+    """A picture the caller already holds -> what `decode` gives for its file. Raises ImageError.
+
+    The same limits, EXIF orientation, RGB conversion and reduction; the caller's object is read,
+    never changed (a lazily opened file is loaded, as any use of it would)."""
+    width, height = image.size
+    _check_pixels(width, height, max_pixels)
+    fmt = image.format  # set when the picture came from Image.open; None when made in memory
+    _load(image)
+    if _swaps_sides(image):
+        width, height = height, width
+    if image.getexif().get(ORIENTATION_TAG, 1) != 1:
+        # only then: exif_transpose copies even an upright picture, and a caller's may be large
+        image = ImageOps.exif_transpose(image)
+    image = to_rgb(image)
+    if min_side:
+        image = reduce_to(image, min_side)
+    return Decoded(image=image, width=width, height=height, format=fmt)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageError(
+            ErrorKind.TOO_LARGE,
+            f"{width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(IMAGEMILL_MAX_IMAGE_PIXELS)",
+        )
 
 
 def _open(data: bytes) -> Image.Image:
@@ -104,7 +128,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, WHITE + (255,))
+        canvas = Image.new("RGBA", rgba.size, (*WHITE, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
 

@@ -1,6 +1,7 @@
 """Fetch, decode and preprocess on CPU threads ahead of the model, in listing order.
 
 A bounded window of in-flight images keeps memory flat while the model never waits for I/O.
+Items are references to fetch (`ImageRef`) or images already in memory (`InlineImage`).
 """
 
 import threading
@@ -9,6 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 from PIL import Image
@@ -16,7 +18,35 @@ from PIL import Image
 from imagemill.core.errors import ErrorKind, ImageError
 from imagemill.core.schemas import ImageRef, RecordError, Timings
 from imagemill.core.storage import ObjectReader
-from imagemill.pipeline.decode import Decoded, decode
+from imagemill.pipeline.decode import Decoded, decode, from_image
+
+MAX_URI_LENGTH = 4096  # ImageRef's bound: the uri ends up in a record like any other
+
+
+@dataclass(frozen=True)
+class InlineImage:
+    """An image the caller already holds: encoded bytes, or a picture. Nothing to fetch.
+
+    `uri` names it in its record (the Python API makes `bytes:sha256:<hex16>` or `pil:<index>`);
+    `etag`, when given, is the content's version, as a fetched object's ETag is.
+    """
+
+    uri: str
+    data: bytes | Image.Image
+    etag: str | None = None
+
+    def __post_init__(self) -> None:
+        # checked here, in the caller's thread, not as a surprise on a prefetch thread
+        if not 0 < len(self.uri) <= MAX_URI_LENGTH:
+            raise ValueError(f"an inline image's uri must be 1 to {MAX_URI_LENGTH} characters, not {len(self.uri)}")
+        if not isinstance(self.data, bytes | Image.Image):
+            raise TypeError(f"an inline image holds bytes or a PIL image, not {type(self.data).__name__}")
+
+    @property
+    def ref(self) -> ImageRef:
+        """How its record names it; `size` is the byte count of encoded data, unknown for a picture."""
+        size = len(self.data) if isinstance(self.data, bytes) else None
+        return ImageRef(uri=self.uri, etag=self.etag, size=size)
 
 
 @dataclass
@@ -35,6 +65,8 @@ class Prepared:
 class Prefetcher:
     """Runs fetch on `fetch_threads` and decode on at most `decode_threads` at once."""
 
+    Item: TypeAlias = ImageRef | InlineImage  # what `prepared` takes, and so what the engine takes
+
     def __init__(self, reader: ObjectReader, *, fetch_threads: int, decode_threads: int, max_pixels: int) -> None:
         self._reader = reader
         self._pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="imagemill-fetch")
@@ -44,25 +76,29 @@ class Prefetcher:
         self.min_side: int | None = None
         self.preprocessors: Sequence[Callable[[Image.Image], np.ndarray]] = ()
 
-    def prepared(self, refs: Iterable[ImageRef], window: int) -> Iterator[Prepared]:
-        """Yield every ref's `Prepared`, in order, keeping up to `window` in flight."""
+    def prepared(self, refs: Iterable[Item], window: int) -> Iterator[Prepared]:
+        """Yield every item's `Prepared`, in order, keeping up to `window` in flight."""
         in_flight: deque[Future[Prepared]] = deque()
-        for ref in refs:
-            in_flight.append(self._pool.submit(self._prepare, ref))
+        for source in refs:
+            in_flight.append(self._pool.submit(self._prepare, source))
             if len(in_flight) >= window:
                 yield in_flight.popleft().result()
         while in_flight:
             yield in_flight.popleft().result()
 
-    def _prepare(self, ref: ImageRef) -> Prepared:
+    def _prepare(self, source: Item) -> Prepared:
+        ref = source.ref if isinstance(source, InlineImage) else source
         item = Prepared(ref=ref, etag=ref.etag, size=ref.size)
         try:
             started = time.perf_counter()
-            data = self._fetch(item)
+            # an inline image skips the fetch: no byte limit either, its bytes are already in memory
+            # (the pixel limit, checked before decoding, still guards against decompression bombs)
+            content = source.data if isinstance(source, InlineImage) else self._fetch(item)
             fetched = time.perf_counter()
             item.timings.fetch_ms = (fetched - started) * 1000
             with self._decode_slots:
-                item.decoded = self._decode(data)
+                # a picture skips decoding but not the rest: limits, orientation, RGB, reduction
+                item.decoded = self._from_image(content) if isinstance(content, Image.Image) else self._decode(content)
                 item.inputs = self._preprocess(item.decoded.image)
             item.timings.decode_ms = (time.perf_counter() - fetched) * 1000
         except ImageError as exc:
@@ -86,6 +122,15 @@ class Prefetcher:
             raise
         except Exception as exc:  # malformed files make Pillow raise nearly anything
             message = f"the decoder failed on this file: {type(exc).__name__}: {exc}"
+            raise ImageError(ErrorKind.UNSUPPORTED, message) from exc
+
+    def _from_image(self, image: Image.Image) -> Decoded:
+        try:
+            return from_image(image, max_pixels=self._max_pixels, min_side=self.min_side)
+        except ImageError:
+            raise
+        except Exception as exc:  # an odd mode or a damaged lazily opened file: this image only
+            message = f"cannot convert this picture for the models: {type(exc).__name__}: {exc}"
             raise ImageError(ErrorKind.UNSUPPORTED, message) from exc
 
     def _preprocess(self, image: Image.Image) -> list[np.ndarray]:
