@@ -1,9 +1,22 @@
 """The job registry: counters exact under concurrency and redelivery, states that end the job."""
 
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import pytest
+
+from imagemill.core.connections import PROBE_TIMEOUT_S, RETRIES, check_reachable, redis_client
+from imagemill.core.errors import SourceError, UserError
 from imagemill.core.jobs import JobRegistry, JobState
-from imagemill.core.schemas import Task
+from imagemill.core.pipeline_key import pipeline_key
+from imagemill.core.schemas import ImageRef, Record, Task
+from imagemill.core.settings import Settings
+from imagemill.core.stores import Key, WriterContext
+from imagemill.pipeline.sources import RefListSource
+from imagemill.producer import submit
+from imagemill.producer.submit import Submission
+from tests.fixtures.s3 import free_port
 
 
 def new_job(registry: JobRegistry, job_id: str = "job1"):
@@ -66,7 +79,7 @@ def test_recent_jobs_are_newest_first(redis_url: str) -> None:
 
 def test_the_same_idempotency_key_attaches_to_the_running_job(redis_url: str) -> None:
     registry = JobRegistry(redis_url)
-    first, created = registry.create("j1", "s3://b/p", (Task.TAGS,), "sink", "q", idempotency_key="k")
+    _, created = registry.create("j1", "s3://b/p", (Task.TAGS,), "sink", "q", idempotency_key="k")
     second, again = registry.create("j2", "s3://b/p", (Task.TAGS,), "sink", "q", idempotency_key="k")
     assert created and not again and second.id == "j1"
     registry.cancel("j1")
@@ -81,3 +94,89 @@ def test_only_a_silent_producer_can_be_taken_over(redis_url: str) -> None:
     registry.redis.hset(registry.key("job1"), "producer_seen", 0)
     assert registry.take_over("job1", stale_after_s=30) is True
     assert registry.take_over("job1", stale_after_s=30) is False  # the new producer now owns it
+
+
+# every Redis client comes from imagemill.core.connections
+
+
+def test_the_registry_client_decodes_and_waits_out_outages_while_a_probe_never_retries(redis_url: str) -> None:
+    with JobRegistry(redis_url) as registry:
+        new_job(registry)
+        assert registry.redis.hget(registry.key("job1"), "state") == "running"
+        assert registry.redis.get_retry().get_retries() == RETRIES
+    probe = redis_client(redis_url, probe=True)
+    assert probe.get_retry().get_retries() == 0
+    assert probe.connection_pool.connection_kwargs["socket_timeout"] == PROBE_TIMEOUT_S
+    assert probe.ping() is True
+    probe.close()
+
+
+def test_an_unreachable_redis_is_one_line_without_the_password() -> None:
+    with pytest.raises(UserError) as caught:
+        check_reachable(f"redis://:s3cretpw@127.0.0.1:{free_port()}/0")
+    message = str(caught.value)
+    assert message.startswith("cannot reach Redis at redis://:***@127.0.0.1:") and "\n" not in message
+    assert "s3cretpw" not in message
+
+
+# a submission closes the sink it searched for what to skip
+
+
+class RecordingSink(WriterContext):
+    """A searchable sink that holds the first two refs and records how it was left."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def write(self, records: Sequence[Record], chunk: str) -> None:
+        raise AssertionError("a producer never writes records")
+
+    def check(self) -> None:
+        """Nothing to reach."""
+
+    def existing_keys(self, keys: Iterable[Key]) -> set[Key]:
+        self.events.append("existing_keys")
+        return {key for key in keys if key[0] in ("s3://b/0.jpg", "s3://b/1.jpg")}
+
+    def close(self) -> None:
+        self.events.append("close")
+
+    def abort(self) -> None:
+        self.events.append("abort")
+
+
+@dataclass(frozen=True)
+class BreakingSource:
+    """Lists `refs`, then fails as a bucket that vanished mid-listing would."""
+
+    refs_before: tuple[ImageRef, ...]
+
+    def refs(self) -> Iterator[ImageRef]:
+        yield from self.refs_before
+        raise SourceError("cannot list s3://b/: NoSuchBucket")
+
+
+@pytest.mark.parametrize("breaks", [False, True], ids=["listing-completes", "listing-fails"])
+def test_a_submission_closes_the_sink_it_searched_when_the_listing_ends(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, breaks: bool
+) -> None:
+    settings = Settings(broker_url=redis_url, chunk_size=2)
+    tasks = (Task.MODERATION,)
+    refs = tuple(ImageRef(uri=f"s3://b/{i}.jpg", etag="e") for i in range(5))
+    source = BreakingSource(refs) if breaks else RefListSource("five", refs)
+    sinks: list[RecordingSink] = []
+    monkeypatch.setattr(submit, "open_writer", lambda url: sinks.append(RecordingSink()) or sinks[-1])
+    with JobRegistry(redis_url) as registry:
+        registry.publish_signature(pipeline_key(tasks, settings), "sig")
+        with Submission(source, tasks, "file:///shared/", settings, registry) as submission:
+            job, _ = submission.register()
+            if breaks:
+                with pytest.raises(SourceError):
+                    submission.run()
+            else:
+                assert submission.run() == 2  # three refs the sink lacks, in chunks of two
+        final = registry.get(job.id)
+    # the store is searched per thousand refs, so a listing that fails first never searched it
+    expected = (["abort"], JobState.FAILED, 0) if breaks else (["existing_keys", "close"], JobState.RUNNING, 2)
+    assert final is not None
+    assert (sinks[0].events, final.state, final.skipped) == expected

@@ -164,7 +164,7 @@ def test_two_stores_creating_tables_concurrently_both_succeed() -> None:
             try:
                 start.wait()
                 writer.write([record(f"file:///{n}.jpg")], f"c{n}")
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
                 errors.append(exc)
             finally:
                 writer.close()
@@ -277,3 +277,34 @@ def test_processed_at_keeps_its_instant_across_time_zones(store: PostgresStore) 
     local = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone(timedelta(hours=5)))
     store.write([record("file:///tz.jpg", processed_at=local)], "c")
     assert store.records()[0].processed_at == local
+
+
+def test_a_store_block_closes_its_connection_whether_the_block_completes_or_fails(pg_url: str) -> None:
+    app = f"imagemill_with_{secrets.token_hex(4)}"
+    url = f"{pg_url}?application_name={app}&table=t_with_{secrets.token_hex(4)}"
+
+    def backends() -> int:
+        deadline = time.monotonic() + 10
+        with admin_connection(admin_url()) as admin:
+            while True:  # a closed connection's backend exits a moment after the client hangs up
+                row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,))
+                count = int(row.fetchone()[0])
+                if count == 0 or time.monotonic() > deadline:
+                    return count
+                time.sleep(0.05)
+
+    with open_writer(url) as store:
+        store.write([record("file:///a.jpg")], "c0")
+        assert isinstance(store, PostgresStore) and store.count() == 1
+    assert backends() == 0
+
+    def failing_block() -> None:
+        with open_writer(url) as store:
+            store.write([record("file:///b.jpg")], "c1")
+            raise RuntimeError("the run failed")
+
+    with pytest.raises(RuntimeError, match="the run failed"):
+        failing_block()
+    assert backends() == 0
+    with PostgresStore(url) as store:
+        assert store.count() == 2  # each chunk was committed when written

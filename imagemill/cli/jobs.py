@@ -6,9 +6,10 @@
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
+from rich.progress import TaskID
 from rich.table import Table
 
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
@@ -16,10 +17,11 @@ from imagemill.cli.display import console, fail, progress_bar, run_reporting_err
 from imagemill.core.errors import UserError
 from imagemill.core.jobs import Job, JobRegistry, JobState
 from imagemill.core.redaction import redact_url
+from imagemill.core.schemas import ImageRef, Task
 from imagemill.core.settings import Settings, get_settings
-
-if TYPE_CHECKING:
-    from imagemill.producer.submit import Submission
+from imagemill.core.stores import SearchableStore, open_writer
+from imagemill.pipeline.sources import RefListSource, open_source
+from imagemill.producer.submit import Submission
 
 POLL_S = 0.5
 
@@ -54,48 +56,50 @@ def submit(
     run_reporting_errors(lambda: _submit(source, chosen, target, settings, wait, force))
 
 
-def _submit(source_spec: str, tasks, sink: str, settings: Settings, wait: bool, force: bool = False) -> None:
-    from imagemill.core.stores import open_writer
-    from imagemill.pipeline.sources import open_source
-    from imagemill.producer.submit import Submission
-
+def _submit(
+    source_spec: str, tasks: tuple[Task, ...], sink: str, settings: Settings, wait: bool, force: bool = False
+) -> None:
     if "://" not in sink:
         raise UserError(
             f"sink {sink}: workers need a shared sink: postgresql://…, s3://bucket/prefix/ or file:///shared/dir/"
         )
-    writer = open_writer(sink)
-    writer.check()  # a bad or unreachable sink fails here, before anything is queued
-    writer.close()
+    with open_writer(sink) as writer:
+        writer.check()  # a bad or unreachable sink fails here, before anything is queued
     source = open_source(source_spec, settings)
-    _produce(Submission(source, tasks, sink, settings, registry_for(settings), force=force), wait)
+    with registry_for(settings) as registry:
+        _produce(Submission(source, tasks, sink, settings, registry, force=force), wait)
 
 
-def _produce(submission: "Submission", wait: bool) -> None:
-    """Register, print the job id at once, enqueue; with `wait`, follow the job to its end."""
-    job, created = submission.register()
-    if created:
-        where = f"{', '.join(job.tasks)} → {redact_url(job.sink)}"
-        console.print(f"job [bold]{job.id}[/] submitted ({where})", highlight=False)
-    else:
-        role = "resuming its listing" if submission.producing else "its producer is alive; following"
-        console.print(f"job [bold]{job.id}[/] is already running for this source and pipeline: {role}", highlight=False)
-    typer.echo(job.id)
-    if not wait:
-        chunks = submission.run()
-        console.print(f"enqueued {chunks} chunks; follow with: imagemill status {job.id}", highlight=False)
-        return
-    errors: list[BaseException] = []
+def _produce(submission: Submission, wait: bool) -> None:
+    """Register, print the job id at once, enqueue; with `wait`, follow the job to its end.
+    The submission's broker connections are closed when it returns."""
+    with submission:
+        job, created = submission.register()
+        if created:
+            where = f"{', '.join(job.tasks)} → {redact_url(job.sink)}"
+            console.print(f"job [bold]{job.id}[/] submitted ({where})", highlight=False)
+        else:
+            role = "resuming its listing" if submission.producing else "its producer is alive; following"
+            console.print(
+                f"job [bold]{job.id}[/] is already running for this source and pipeline: {role}", highlight=False
+            )
+        typer.echo(job.id)
+        if not wait:
+            chunks = submission.run()
+            console.print(f"enqueued {chunks} chunks; follow with: imagemill status {job.id}", highlight=False)
+            return
+        errors: list[BaseException] = []
 
-    def produce() -> None:
-        try:
-            submission.run(standby=True)
-        except BaseException as exc:  # shown by the main thread after the bar ends
-            errors.append(exc)
+        def produce() -> None:
+            try:
+                submission.run(standby=True)
+            except BaseException as exc:  # noqa: BLE001 - shown by the main thread after the bar ends
+                errors.append(exc)
 
-    producer = threading.Thread(target=produce, name="imagemill-producer", daemon=True)
-    producer.start()
-    final = follow(submission.registry, job.id)
-    producer.join(timeout=5)
+        producer = threading.Thread(target=produce, name="imagemill-producer", daemon=True)
+        producer.start()
+        final = follow(submission.registry, job.id)
+        producer.join(timeout=5)
     if errors:
         raise errors[0]
     console.print(job_table(final))
@@ -113,51 +117,48 @@ def retry(
 
 
 def _retry(job_id: str, kinds: set[str], wait: bool) -> None:
-    from imagemill.core.schemas import ImageRef
-    from imagemill.core.stores import open_writer
-    from imagemill.pipeline.sources import RefListSource
-    from imagemill.producer.submit import Submission
-
     settings = get_settings()
-    job = _get_job(job_id)
-    store = open_writer(job.sink)
-    if not hasattr(store, "failed_records"):
-        raise UserError(f"the sink {redact_url(job.sink)} cannot be searched for failed records")
-    failed = [r for r in store.failed_records(job_id) if not kinds or r.error.kind in kinds]
-    store.close()
-    if not failed:
-        console.print(f"job {job_id} has no failed images to retry")
-        return
-    refs = tuple(ImageRef(uri=r.uri, etag=r.etag) for r in failed)
-    console.print(f"retrying {len(refs):,} failed images of job {job_id}")
-    source = RefListSource(f"retry of {job_id}", refs)
-    _produce(Submission(source, job.tasks, job.sink, settings, registry_for(settings)), wait)
+    with registry_for(settings) as registry:
+        job = _get_job(job_id, registry)
+        with open_writer(job.sink) as store:
+            if not isinstance(store, SearchableStore):
+                raise UserError(f"the sink {redact_url(job.sink)} cannot be searched for failed records")
+            failed = [r for r in store.failed_records(job_id) if r.error and (not kinds or r.error.kind in kinds)]
+        if not failed:
+            console.print(f"job {job_id} has no failed images to retry")
+            return
+        refs = tuple(ImageRef(uri=r.uri, etag=r.etag) for r in failed)
+        console.print(f"retrying {len(refs):,} failed images of job {job_id}")
+        source = RefListSource(f"retry of {job_id}", refs)
+        _produce(Submission(source, job.tasks, job.sink, settings, registry), wait)
 
 
 def follow(registry: JobRegistry, job_id: str) -> Job:
     """A live bar of images processed / queued until the job leaves `running`."""
     with progress_bar(f"job {job_id}") as (progress, bar):
         while True:
-            job = registry.get(job_id)
+            job = _registered(registry, job_id)
             total = job.queued if job.listing_done else None
-            progress.update(bar, completed=job.processed, total=total)
+            progress.update(TaskID(bar), completed=job.processed, total=total)
             if job.state != JobState.RUNNING:
-                progress.update(bar, completed=job.processed, total=job.queued)
+                progress.update(TaskID(bar), completed=job.processed, total=job.queued)
                 return job
             time.sleep(POLL_S)
 
 
 def status(job_id: Annotated[str, typer.Argument(help="The id `submit` printed.")]) -> None:
     """Totals, rate, ETA and state of one job."""
-    job = _get_job(job_id)
+    with _registry() as registry:
+        job = _get_job(job_id, registry)
     stdout.print(job_table(job))
 
 
 def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")] = 20) -> None:
     """The most recent jobs, newest first."""
-    registry = run_reporting_errors(lambda: registry_for(get_settings()))
+    with _registry() as registry:
+        recent = registry.recent(limit)
     table = Table("job", "state", "tasks", "source", "processed", "queued", "failed", "created")
-    for job in registry.recent(limit):
+    for job in recent:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
         table.add_row(
             job.id,
@@ -174,22 +175,35 @@ def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")
 
 def cancel(job_id: Annotated[str, typer.Argument(help="The job to stop.")]) -> None:
     """Stop a job: chunks not yet started are dropped; running ones finish."""
-    registry = run_reporting_errors(lambda: registry_for(get_settings()))
-    job = _get_job(job_id, registry)
-    if not registry.cancel(job_id):
-        fail(f"job {job_id} is {job.state}, not running")
+    with _registry() as registry:
+        job = _get_job(job_id, registry)
+        if not registry.cancel(job_id):
+            fail(f"job {job_id} is {job.state}, not running")
     console.print(f"job {job_id} cancelled after {job.processed:,} of {job.queued:,} images")
 
 
-def _get_job(job_id: str, registry: JobRegistry | None = None) -> Job:
-    registry = registry or run_reporting_errors(lambda: registry_for(get_settings()))
+def _registry() -> JobRegistry:
+    """The checked registry of the environment's settings; an unreachable Redis is one line and exit 2."""
+    return run_reporting_errors(lambda: registry_for(get_settings()))
+
+
+def _get_job(job_id: str, registry: JobRegistry) -> Job:
     job = registry.get(job_id)
     if job is None:
         fail(f"no job {job_id} (see `imagemill jobs`)")
     return job
 
 
+def _registered(registry: JobRegistry, job_id: str) -> Job:
+    # the job was registered before it was followed; only a flushed Redis loses it
+    job = registry.get(job_id)
+    if job is None:
+        raise UserError(f"job {job_id} is gone from the job registry")
+    return job
+
+
 def job_table(job: Job) -> Table:
+    """The rows `status` shows for one job: state, counts by outcome, chunks, rate and ETA."""
     table = Table(title=f"job {job.id}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()

@@ -10,12 +10,18 @@ from datetime import timedelta
 from typing import Annotated
 
 import typer
+from celery import Celery
+from celery.schedules import schedule
+from redbeat import RedBeatSchedulerEntry
+from redbeat.schedulers import ensure_conf, get_redis
 from rich.table import Table
 
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
 from imagemill.cli.display import console, fail, run_reporting_errors, stdout
+from imagemill.core.connections import check_reachable
 from imagemill.core.redaction import redact_url
 from imagemill.core.settings import get_settings
+from imagemill.producer.beat import SCAN_TASK, make_producer_app
 
 app = typer.Typer(help="Scheduled scans: incremental submits fired by `imagemill beat`.", no_args_is_help=True)
 
@@ -34,15 +40,13 @@ def parse_every(text: str) -> timedelta:
     return every
 
 
-def _entry_class():
-    from redbeat import RedBeatSchedulerEntry
-    from redbeat.schedulers import ensure_conf
-
-    from imagemill.producer.celery import make_producer_app
-
-    celery = make_producer_app(get_settings())
+def _beat_app() -> Celery:
+    """The producer's Celery app, its schedules' Redis checked reachable (one line, exit 2, if not)."""
+    settings = get_settings()
+    run_reporting_errors(lambda: check_reachable(settings.registry_url))
+    celery = make_producer_app(settings)
     ensure_conf(celery)
-    return RedBeatSchedulerEntry, celery
+    return celery
 
 
 @app.command("add")
@@ -54,10 +58,6 @@ def add(
     sink: Annotated[str | None, typer.Option(help="Where records go [IMAGEMILL_SINK].")] = None,
 ) -> None:
     """Scan SOURCE every so often; each firing annotates only new or changed images."""
-    from celery.schedules import schedule
-
-    from imagemill.producer.celery import SCAN_TASK
-
     chosen = tasks_option(tasks)
     try:
         interval = parse_every(every)
@@ -68,24 +68,19 @@ def add(
     target = sink or get_settings().sink
     if not target:
         fail("no sink: pass --sink postgresql://… or set IMAGEMILL_SINK")
-    entry_class, celery = _entry_class()
+    celery = _beat_app()
     args = [name, source, ",".join(chosen), target]
-    run_reporting_errors(lambda: entry_class(name, SCAN_TASK, schedule(interval), args=args, app=celery).save())
+    RedBeatSchedulerEntry(name, SCAN_TASK, schedule(interval), args=args, app=celery).save()
     console.print(f"schedule [bold]{name}[/]: {source} every {every} → {redact_url(target)}", highlight=False)
 
 
 @app.command("list")
 def list_schedules() -> None:
     """Every schedule, with when it last ran and when it is due."""
-    from redbeat.schedulers import get_redis
-
-    from imagemill.producer.celery import SCAN_TASK
-
-    entry_class, celery = _entry_class()
-
+    celery = _beat_app()
     table = Table("name", "every", "source", "tasks", "sink", "last run", "due")
-    for key in get_redis(celery).zrange(celery.redbeat_conf.schedule_key, 0, -1):
-        entry = entry_class.from_key(key, app=celery)
+    for key in get_redis(celery).zrange(ensure_conf(celery).schedule_key, 0, -1):
+        entry = RedBeatSchedulerEntry.from_key(key, app=celery)
         if entry.task != SCAN_TASK:  # Celery's own periodic housekeeping, not a scan
             continue
         name, source, tasks, sink = entry.args
@@ -98,9 +93,9 @@ def list_schedules() -> None:
 @app.command("remove")
 def remove(name: Annotated[str, typer.Argument(help="The schedule to delete.")]) -> None:
     """Delete a schedule (a scan already running finishes)."""
-    entry_class, celery = _entry_class()
+    celery = _beat_app()
     try:
-        entry = entry_class.from_key(entry_class.generate_key(celery, name), app=celery)
+        entry = RedBeatSchedulerEntry.from_key(RedBeatSchedulerEntry.generate_key(celery, name), app=celery)
     except KeyError:
         fail(f"no schedule {name} (see `imagemill schedule list`)")
     entry.delete()

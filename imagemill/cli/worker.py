@@ -1,4 +1,7 @@
-"""`imagemill worker --gpus all|0,2|cpu`: one pinned Celery worker process per GPU, supervised."""
+"""`imagemill worker --gpus all|0,2|cpu`: one pinned Celery worker process per GPU, supervised.
+
+Owns the command's options only; the supervisor (`imagemill.worker.supervisor`) runs the processes.
+"""
 
 import logging
 from typing import Annotated
@@ -8,6 +11,7 @@ import typer
 from imagemill.cli.display import fail
 from imagemill.core import logs
 from imagemill.core.settings import get_settings
+from imagemill.worker.supervisor import Supervisor, plan_slots
 
 
 def worker(
@@ -18,8 +22,6 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run annotation workers: one Celery worker process per GPU, restarted if it dies."""
-    from imagemill.worker.supervisor import Supervisor, plan_slots
-
     settings = get_settings()
     logs.configure(settings.log_format, logging.INFO, "%(asctime)s %(levelname)s imagemill.worker: %(message)s")
     try:

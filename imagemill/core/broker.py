@@ -27,6 +27,7 @@ def queue_for(tasks: tuple[Task, ...], settings: Settings) -> str:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's configuration for `settings`: broker, serialisation, acknowledgement, queues and events."""
     queues = {settings.queue, *settings.routes.values()}
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
@@ -65,12 +66,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured from `settings` (no tasks registered: each service adds its own)."""
     app = Celery("imagemill")
     app.conf.update(celery_config(settings))
     return app
 
 
-def queue_depth(client: redis.Redis, queue: str) -> int:
+def queue_depth(client: "redis.Redis[Any]", queue: str) -> int:
     """Messages waiting in a Redis-backed Celery queue (all priority levels)."""
     pipe = client.pipeline()
     for priority in KOMBU_PRIORITIES:

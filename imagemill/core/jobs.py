@@ -6,17 +6,21 @@ counts twice; the job turns `done` when the producer has finished and every chun
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
+from types import TracebackType
+from typing import Any, Self, TypeVar, cast
 
-import redis
 from pydantic import BaseModel
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.retry import Retry
 
-from imagemill.core.errors import UserError
+from imagemill.core.connections import check_reachable, redis_client
 from imagemill.core.redaction import redact_url
 from imagemill.core.schemas import Task
+
+T = TypeVar("T")
+# redis-py's pipeline as a transaction's function gets it: commands run at once until `multi()`
+# (the type stubs know only the queued mode, where each command returns the pipeline)
+WatchingPipe = Any
 
 PREFIX = "imagemill"
 JOBS_INDEX = f"{PREFIX}:jobs"
@@ -115,7 +119,7 @@ class Job(BaseModel):
 
     @classmethod
     def from_hash(cls, data: Mapping[str, str]) -> "Job":
-        fields = {k: v for k, v in data.items() if not k.startswith(FAILED_PREFIX) and v != ""}
+        fields: dict[str, Any] = {k: v for k, v in data.items() if not k.startswith(FAILED_PREFIX) and v != ""}
         fields["tasks"] = tuple(t for t in fields.get("tasks", "").split(",") if t)
         fields["listing_done"] = fields.get("listing_done") == "1"
         fields["failed_by_kind"] = {
@@ -133,27 +137,14 @@ class JobRegistry:
 
     def __init__(self, url: str) -> None:
         self._url = url
-        # a Redis restart is waited out (about a minute of backoff), not turned into a failed chunk
-        self.redis = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            health_check_interval=30,
-            socket_connect_timeout=5,
-            retry=Retry(ExponentialBackoff(cap=5, base=0.1), retries=20),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
+        # a Redis restart is waited out (the connections module's backoff), not turned into a failed chunk
+        self.redis = redis_client(url, decode_responses=True)
         self._chunk_done = self.redis.register_script(_CHUNK_DONE)
         self._end_listing = self.redis.register_script(_END_LISTING)
 
     def check(self) -> None:
         """Fail fast (UserError) when Redis cannot be reached, instead of retrying for a minute."""
-        probe = redis.Redis.from_url(self._url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))
-        try:
-            probe.ping()
-        except redis.RedisError as exc:
-            raise UserError(f"cannot reach Redis at {redact_url(self._url)}: {exc}") from None
-        finally:
-            probe.close()
+        check_reachable(self._url)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -165,7 +156,7 @@ class JobRegistry:
         """Register a job, or return the running one with the same idempotency key (and False)."""
         active = f"{PREFIX}:active:{idempotency_key or job_id}"
         now = time.time()
-        fields = {
+        fields: dict[str, str | float] = {
             "id": job_id,
             "source": source,
             "tasks": ",".join(tasks),
@@ -177,8 +168,8 @@ class JobRegistry:
             "producer_seen": now,
         }
 
-        def claim(pipe: redis.client.Pipeline) -> str | None:
-            existing = pipe.get(active)
+        def claim(pipe: WatchingPipe) -> str | None:
+            existing: str | None = pipe.get(active)
             if existing and pipe.hget(self.key(existing), "state") == JobState.RUNNING.value:
                 return existing
             pipe.multi()
@@ -187,8 +178,11 @@ class JobRegistry:
             pipe.zadd(JOBS_INDEX, {job_id: now})
             return None
 
-        existing = self.redis.transaction(claim, active, value_from_callable=True)
-        return (self.get(existing), False) if existing else (self.get(job_id), True)
+        existing = self._transaction(claim, active)
+        job = self.get(existing or job_id)
+        if job is None:  # written a moment ago: only a flushed or failed-over Redis loses it
+            raise RuntimeError(f"job {existing or job_id} vanished from the registry at {redact_url(self._url)}")
+        return job, existing is None
 
     def heartbeat(self, job_id: str) -> None:
         """The producer of this job is alive (it is listing or waiting for room in the queue)."""
@@ -198,7 +192,7 @@ class JobRegistry:
         """Become the producer of a job whose producer stopped heartbeating; False if it is alive."""
         key = self.key(job_id)
 
-        def claim(pipe: redis.client.Pipeline) -> bool:
+        def claim(pipe: WatchingPipe) -> bool:
             listing_done, seen = pipe.hmget(key, "listing_done", "producer_seen")
             if listing_done == "1" or time.time() - float(seen or 0) < stale_after_s:
                 return False
@@ -206,7 +200,7 @@ class JobRegistry:
             pipe.hset(key, "producer_seen", time.time())
             return True
 
-        return self.redis.transaction(claim, key, value_from_callable=True)
+        return self._transaction(claim, key)
 
     def get(self, job_id: str) -> Job | None:
         data = self.redis.hgetall(self.key(job_id))
@@ -293,14 +287,29 @@ class JobRegistry:
     def _transition(self, job_id: str, state: JobState) -> bool:
         key = self.key(job_id)
 
-        def move(pipe: redis.client.Pipeline) -> bool:
+        def move(pipe: WatchingPipe) -> bool:
             if pipe.hget(key, "state") != JobState.RUNNING.value:
                 return False
             pipe.multi()
             pipe.hset(key, mapping={"state": state.value, "finished_at": time.time()})
             return True
 
-        return self.redis.transaction(move, key, value_from_callable=True)
+        return self._transaction(move, key)
+
+    def _transaction(self, func: Callable[[WatchingPipe], T], *watched: str) -> T:
+        """`func`'s result, run as an optimistic transaction: retried while a watched key changes under it."""
+        # the type stubs leave `transaction` unannotated
+        transaction: Callable[..., Any] = self.redis.transaction
+        return cast(T, transaction(func, *watched, value_from_callable=True))
 
     def close(self) -> None:
+        """Close the connections (the next call opens new ones)."""
         self.redis.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()

@@ -108,7 +108,7 @@ class Record(BaseModel):
     @model_serializer(mode="wrap")
     def _only_asked_tasks(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # a task that was not asked for is absent, not null: readers can tell "not run" apart
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         for name in TASK_FIELDS:
             if data.get(name) is None:
                 data.pop(name, None)

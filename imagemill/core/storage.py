@@ -1,21 +1,26 @@
-"""Object storage access: image URIs (`file://`, `s3://`) and reading one object's bytes.
+"""Object storage access: image URIs (`file://`, `s3://`), the S3 clients, and reading one object's bytes.
 
 Keys are opaque strings, never joined onto filesystem paths; failures become `ImageError`s.
 """
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import boto3
-from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from imagemill.core.errors import ErrorKind, ImageError
 from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings
+
+if TYPE_CHECKING:
+    # boto3-stubs (a dev dependency) types the client; at run time it is a botocore client
+    from mypy_boto3_s3 import S3Client
 
 NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 
@@ -68,7 +73,7 @@ def file_etag(stat: os.stat_result) -> str:
     return f"{stat.st_mtime_ns:x}-{stat.st_size:x}"
 
 
-def make_s3_client(settings: Settings) -> BaseClient:
+def make_s3_client(settings: Settings) -> "S3Client":
     """One client per process: thread-safe to use, retries throttling and 5xx with backoff."""
     config = Config(
         # total attempts, first one included (botocore's `max_attempts` would count retries only)
@@ -80,19 +85,60 @@ def make_s3_client(settings: Settings) -> BaseClient:
     return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
 
 
+# boto3's default session is not thread-safe while it makes a client: every client is made under this lock
+_making = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    # a fork while another thread held the lock would leave it held forever in the child
+    global _making
+    _making = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
+class LazyS3Client:
+    """The S3 client of a sink, reader or source: made on first use, in the process that uses it.
+
+    Fork-safe: an object built (or even used) before a worker forks gives the child its own client,
+    never a connection pool shared across processes. `settings` default to the environment's, read
+    at first use."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+        self._client: S3Client | None = None
+        self._pid = 0
+
+    def get(self) -> "S3Client":
+        pid = os.getpid()
+        client = self._client
+        if client is None or self._pid != pid:
+            with _making:
+                client = self._client
+                if client is None or self._pid != pid:
+                    # a parent's client is dropped, not closed: its sockets still serve the parent
+                    client = make_s3_client(self._settings or Settings())
+                    self._client, self._pid = client, pid
+        return client
+
+    def close(self) -> None:
+        """Close this process's connections; the next `get` makes a new client."""
+        client, self._client = self._client, None
+        if client is not None and self._pid == os.getpid():
+            client.close()
+
+
 class ObjectReader:
     """Reads image bytes from local files and S3, bounded by `max_image_bytes`."""
 
     def __init__(self, settings: Settings) -> None:
         self._max_bytes = settings.max_image_bytes
-        self._settings = settings
-        self._s3: BaseClient | None = None
+        self._s3 = LazyS3Client(settings)
 
     @property
-    def s3(self) -> BaseClient:
-        if self._s3 is None:
-            self._s3 = make_s3_client(self._settings)
-        return self._s3
+    def s3(self) -> "S3Client":
+        return self._s3.get()
 
     def read(self, ref: ImageRef) -> Blob:
         if ref.size is not None and ref.size > self._max_bytes:

@@ -5,18 +5,11 @@ Checked in bulk (one store query per batch of references), never one query per i
 
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
-from typing import Protocol
 
 from imagemill.core.schemas import ImageRef
+from imagemill.core.stores import KeyedStore
 
-Key = tuple[str, str | None, str]
 CHECK_BATCH = 1000
-
-
-class KeyedStore(Protocol):
-    """A results store that can say which record keys it already holds without errors."""
-
-    def existing_keys(self, keys: Iterable[Key]) -> set[Key]: ...
 
 
 def skip_existing(

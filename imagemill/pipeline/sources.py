@@ -9,22 +9,42 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from imagemill.core.errors import SourceError
 from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings
-from imagemill.core.storage import file_etag, file_uri, is_s3, make_s3_client, parse_s3, s3_uri
+from imagemill.core.storage import LazyS3Client, file_etag, file_uri, is_s3, parse_s3, s3_uri
 
-IMAGE_EXTENSIONS = frozenset([".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif", ".svg"])
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+IMAGE_EXTENSIONS = frozenset(
+    [
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".gif",
+        ".webp",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".avif",
+        ".heic",
+        ".heif",
+        ".svg",
+    ]
+)
 MANIFEST_SUFFIXES = frozenset({".jsonl", ".csv", ".txt"})
 
 
 def is_image_name(name: str) -> bool:
+    """Whether a file or key name has an image extension (any case)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -70,18 +90,21 @@ def local_ref(path: Path) -> ImageRef:
 
 @dataclass
 class S3Source:
-    """Objects with image extensions under an `s3://bucket/prefix`, listed page by page."""
+    """Objects with image extensions under an `s3://bucket/prefix`, listed page by page.
+
+    `client` is a ready client, or a `LazyS3Client` that makes one when the listing starts."""
 
     bucket: str
     prefix: str
-    client: BaseClient = field(repr=False)
+    client: "S3Client | LazyS3Client" = field(repr=False)
     page_size: int = 1000
 
     def __str__(self) -> str:
         return s3_uri(self.bucket, self.prefix)
 
     def refs(self) -> Iterator[ImageRef]:
-        paginator = self.client.get_paginator("list_objects_v2")
+        client = self.client.get() if isinstance(self.client, LazyS3Client) else self.client
+        paginator = client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(
                 Bucket=self.bucket, Prefix=self.prefix, PaginationConfig={"PageSize": self.page_size}
@@ -119,7 +142,7 @@ class ManifestSource:
             for line_no, entry in readers[self.path.suffix.lower()](handle):
                 yield self._ref(line_no, entry)
 
-    def _jsonl(self, handle) -> Iterator[tuple[int, dict]]:
+    def _jsonl(self, handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
         for line_no, line in enumerate(handle, 1):
             if line.strip():
                 try:
@@ -130,7 +153,7 @@ class ManifestSource:
                     raise SourceError(f"{self.path}:{line_no}: expected an object with a uri")
                 yield line_no, entry
 
-    def _csv(self, handle) -> Iterator[tuple[int, dict]]:
+    def _csv(self, handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
         reader = csv.DictReader(handle)
         if "uri" not in (reader.fieldnames or []):
             raise SourceError(f"{self.path}: no 'uri' column (columns: {reader.fieldnames})")
@@ -138,13 +161,13 @@ class ManifestSource:
             if row.get("uri"):
                 yield reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}
 
-    def _txt(self, handle) -> Iterator[tuple[int, dict]]:
+    def _txt(self, handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
         for line_no, line in enumerate(handle, 1):
             text = line.strip()
             if text and not text.startswith("#"):
                 yield line_no, {"uri": text}
 
-    def _ref(self, line_no: int, entry: dict) -> ImageRef:
+    def _ref(self, line_no: int, entry: dict[str, Any]) -> ImageRef:
         uri = entry.get("uri")
         if not isinstance(uri, str) or not uri:
             raise SourceError(f"{self.path}:{line_no}: entry has no uri")
@@ -163,7 +186,7 @@ def open_source(spec: str, settings: Settings) -> Source:
             loc = parse_s3(spec)
         except ValueError as exc:
             raise SourceError(str(exc)) from None
-        return S3Source(loc.bucket, loc.key, make_s3_client(settings))
+        return S3Source(loc.bucket, loc.key, LazyS3Client(settings))
     path = Path(spec).expanduser()
     if path.is_dir():
         return DirectorySource(path.absolute())

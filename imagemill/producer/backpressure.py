@@ -14,7 +14,9 @@ from imagemill.core.broker import queue_depth
 
 @dataclass
 class Backpressure:
-    client: redis.Redis
+    """Watches one queue's depth through `client` (made by `imagemill.core.connections`)."""
+
+    client: "redis.Redis[bytes]"
     queue: str
     high_water: int
     poll_s: float = 0.5

@@ -18,11 +18,14 @@ log = logging.getLogger(__name__)
 
 @app.task(name=SCAN_TASK, ignore_result=True, acks_late=True)
 def scan(schedule: str, source: str, tasks: str, sink: str) -> dict[str, Any]:
+    """Submit `source` again; returns the job it enqueued into (or attached to) and how many chunks."""
     settings = get_settings()
-    submission = Submission(
-        open_source(source, settings), parse_tasks(tasks), sink, settings, JobRegistry(settings.registry_url)
-    )
-    job, created = submission.register()
-    chunks = submission.run()
+    listed = open_source(source, settings)
+    with (
+        JobRegistry(settings.registry_url) as registry,
+        Submission(listed, parse_tasks(tasks), sink, settings, registry) as submission,
+    ):
+        job, created = submission.register()
+        chunks = submission.run()
     log.info("schedule %s: job %s (%s), %d chunks enqueued", schedule, job.id, "new" if created else "attached", chunks)
     return {"schedule": schedule, "job_id": job.id, "chunks": chunks}

@@ -10,18 +10,21 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
 
-import redis
 from celery import Celery
 
 from imagemill.core.broker import CHUNK_TASK, make_celery, queue_for
+from imagemill.core.connections import redis_client
 from imagemill.core.errors import UserError
 from imagemill.core.jobs import Job, JobRegistry, JobState, new_job_id
 from imagemill.core.pipeline_key import pipeline_key
 from imagemill.core.schemas import ChunkMessage, ImageRef, Task
 from imagemill.core.settings import Settings
-from imagemill.core.stores import open_writer
+from imagemill.core.stores import KeyedStore, open_writer
 from imagemill.pipeline.incremental import skip_existing
 from imagemill.pipeline.sources import Source
 from imagemill.producer.backpressure import Backpressure
@@ -38,7 +41,9 @@ def job_key(source: str, sink: str, tasks: tuple[Task, ...], settings: Settings)
 
 @dataclass
 class Submission:
-    """One job being enqueued; `register` then `run` lists and enqueues everything."""
+    """One job being enqueued; `register` then `run` lists and enqueues everything.
+
+    A context manager: `with` closes its broker connections (the registry is the caller's to close)."""
 
     source: Source
     tasks: tuple[Task, ...]
@@ -55,8 +60,24 @@ class Submission:
     def __post_init__(self) -> None:
         self.queue = queue_for(self.tasks, self.settings)
         self.celery: Celery = make_celery(self.settings)
-        broker = redis.Redis.from_url(self.settings.broker_url)
-        self.backpressure = Backpressure(broker, self.queue, self.settings.queue_high_water)
+        self.backpressure = Backpressure(
+            redis_client(self.settings.broker_url), self.queue, self.settings.queue_high_water
+        )
+
+    def close(self) -> None:
+        """Close the queue-depth client and release the Celery app."""
+        # the broker connections that sent chunks stay in kombu's process-wide pool, shared by every
+        # app on this broker (the next submission in a beat worker reuses them): not ours to close
+        self.celery.close()
+        self.backpressure.client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
 
     def register(self) -> tuple[Job, bool]:
         """Create the job, or attach to the running one with the same key. True when created."""
@@ -72,10 +93,16 @@ class Submission:
         """Become the producer if the job's own went silent; resume after its last chunk."""
         if not self.registry.take_over(self.job_id, self.settings.producer_stale_s):
             return False
-        job = self.registry.get(self.job_id)
+        job = self._job()
         log.warning("job %s lost its producer; resuming after %s", job.id, job.resume_after)
         self.resume_after, self.first_seq = job.resume_after, job.chunks_queued
         return True
+
+    def _job(self) -> Job:
+        job = self.registry.get(self.job_id)
+        if job is None:  # registered by `register`; only a flushed Redis loses it
+            raise UserError(f"job {self.job_id} is gone from the job registry")
+        return job
 
     def run(self, standby: bool = False) -> int:
         """Enqueue every chunk not enqueued yet; returns how many. Stops early if the job ends.
@@ -83,33 +110,36 @@ class Submission:
         With `standby`, a submission attached to a job another producer is listing waits, and
         takes over if that producer dies before the listing ends."""
         while not self.producing:
-            job = self.registry.get(self.job_id)
+            job = self._job()
             if not standby or job.listing_done or job.state != JobState.RUNNING:
                 return 0
             time.sleep(min(1.0, self.settings.producer_stale_s / 2))
             self.producing = self._take_over()
         count = 0
-        refs = self._incremental(_after(self.source.refs, self.resume_after))
-        try:
-            for chunk in chunks(self.job_id, self.tasks, refs, self.settings.chunk_size, self.first_seq):
-                if not self.backpressure.wait_for_room(self._alive) or not self._alive():
-                    log.info("job %s is no longer running; stopped enqueueing", self.job_id)
-                    break
-                self._enqueue(chunk)
-                count += 1
-        except UserError as exc:
-            self.registry.fail(self.job_id, str(exc))
-            raise
+        # the sink searched for what to skip stays open while the listing runs, and no longer
+        with ExitStack() as listing:
+            refs = self._incremental(_after(self.source.refs, self.resume_after), listing)
+            try:
+                for chunk in chunks(self.job_id, self.tasks, refs, self.settings.chunk_size, self.first_seq):
+                    if not self.backpressure.wait_for_room(self._alive) or not self._alive():
+                        log.info("job %s is no longer running; stopped enqueueing", self.job_id)
+                        break
+                    self._enqueue(chunk)
+                    count += 1
+            except UserError as exc:
+                self.registry.fail(self.job_id, str(exc))
+                raise
         self.registry.end_listing(self.job_id, self.first_seq + count)
         return count
 
-    def _incremental(self, refs: Iterable[ImageRef]) -> Iterable[ImageRef]:
-        """Skip what the sink holds for the signature the workers published for this pipeline."""
+    def _incremental(self, refs: Iterable[ImageRef], listing: ExitStack) -> Iterable[ImageRef]:
+        """Skip what the sink holds for the signature the workers published for this pipeline;
+        the sink is opened into `listing`, which closes it when the listing ends."""
         if self.force:
             return refs
         signature = self.registry.signature_for(pipeline_key(self.tasks, self.settings))
-        store = open_writer(self.sink)
-        if signature is None or not hasattr(store, "existing_keys"):
+        store = listing.enter_context(open_writer(self.sink))
+        if signature is None or not isinstance(store, KeyedStore):
             reason = "no worker has run this pipeline yet" if signature is None else "the sink cannot be searched"
             log.info("job %s annotates everything: %s", self.job_id, reason)
             return refs

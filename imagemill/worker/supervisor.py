@@ -123,7 +123,7 @@ def celery_argv(
 @dataclass
 class Child:
     slot: Slot
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     started: float
     restarts: int = 0
 

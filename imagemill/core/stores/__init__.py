@@ -1,32 +1,46 @@
-"""Results stores: where records go, side by side behind one interface.
+"""Results stores: where records go, side by side behind one interface (`RecordWriter`, in `base`).
 
 Files (JSONL, Parquet), PostgreSQL, and one object per chunk on S3; every write is idempotent by
 record key (uri, etag, signature) or by chunk name, so a redelivered chunk replaces itself.
 """
 
-from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from imagemill.core.errors import UserError
-from imagemill.core.schemas import Record
+from imagemill.core.redaction import redact_url
+from imagemill.core.stores.base import (
+    IncrementalWriter,
+    Key,
+    KeyedStore,
+    RecordWriter,
+    SearchableStore,
+    WriterContext,
+)
 
+if TYPE_CHECKING:
+    from imagemill.core.stores.files import RecordFile
 
-class RecordWriter(Protocol):
-    """A destination for records. `chunk` names the unit of work (e.g. `job/000042`): writing
-    the same chunk again must leave one copy of each record. `close` makes everything durable."""
+__all__ = [
+    "IncrementalWriter",
+    "Key",
+    "KeyedStore",
+    "RecordWriter",
+    "SearchableStore",
+    "WriterContext",
+    "open_file_writer",
+    "open_writer",
+]
 
-    def write(self, records: Sequence[Record], chunk: str) -> None: ...
-
-    def check(self) -> None:
-        """Reach the destination now; UserError saying why it cannot be used."""
-
-    def close(self) -> None: ...
+SINK_SCHEMES = "postgresql://…, s3://bucket/prefix/, file:///dir/, s3tags:// or a .jsonl/.parquet path"
 
 
 def open_writer(target: str, keep_existing: bool = False) -> RecordWriter:
     """The writer for a sink URL or `--out` path: postgresql://…, s3://bucket/prefix/,
     file:///shared/dir/ (one file per chunk), s3tags:// (results as tags on each record's own
-    S3 object), or a *.jsonl / *.parquet file (local mode)."""
+    S3 object), or a *.jsonl / *.parquet file (local mode; `open_file_writer` types it precisely).
+
+    Capabilities beyond `RecordWriter` are checked with isinstance: `KeyedStore`, `SearchableStore`."""
+    # each store's driver (psycopg, boto3, pyarrow) is imported only when that store is used
     if target.startswith(("postgresql://", "postgres://")):
         from imagemill.core.stores.postgres import PostgresStore
 
@@ -44,9 +58,13 @@ def open_writer(target: str, keep_existing: bool = False) -> RecordWriter:
 
         return DirectorySink.from_url(target)
     if "://" in target:
-        raise UserError(
-            f"sink {target}: expected postgresql://…, s3://bucket/prefix/, file:///dir/, s3tags:// or a .jsonl/.parquet path"
-        )
-    from imagemill.core.stores.files import open_file_writer
-
+        raise UserError(f"sink {redact_url(target)}: expected {SINK_SCHEMES}")
     return open_file_writer(target, keep_existing)
+
+
+def open_file_writer(target: str, keep_existing: bool = False) -> "RecordFile":
+    """Local mode's `--out` file (*.jsonl or *.parquet): an `IncrementalWriter` that writes beside
+    the target and replaces it on close; `abort` leaves the earlier file as it was."""
+    from imagemill.core.stores import files  # pyarrow, only for a run that writes a file
+
+    return files.open_file_writer(target, keep_existing)

@@ -7,15 +7,14 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagemill.core.errors import UserError
 from imagemill.core.schemas import Record
-
-Key = tuple[str, str | None, str]
+from imagemill.core.stores.base import Key, WriterContext
 
 _OWNED = pa.struct([("model", pa.string()), ("revision", pa.string())])
 
@@ -41,8 +40,9 @@ PARQUET_SCHEMA = pa.schema(
 SUFFIXES = (".jsonl", ".parquet")
 
 
-class RecordFile:
-    """A local run's output file, written beside the target and moved into place on close.
+class RecordFile(WriterContext):
+    """A local run's output file (an `IncrementalWriter`), written beside the target and moved into
+    place on close; `with` closes on success and aborts on error, leaving the earlier file as it was.
 
     With `keep_existing`, the error-free records of an earlier run are remembered; `existing_keys`
     names them and `keep` copies those still wanted, so an incremental run redoes only the rest
@@ -107,7 +107,7 @@ class ParquetWriter(RecordFile):
 
     def _open(self) -> None:
         self._writer = pq.ParquetWriter(self.partial, PARQUET_SCHEMA, compression="zstd")
-        self._buffer: list[dict] = []
+        self._buffer: list[dict[str, Any]] = []
 
     def write(self, records: Sequence[Record], chunk: str = "") -> None:
         self._buffer.extend(parquet_row(record) for record in records)
@@ -124,7 +124,7 @@ class ParquetWriter(RecordFile):
         self._writer.close()
 
 
-def parquet_row(record: Record) -> dict:
+def parquet_row(record: Record) -> dict[str, Any]:
     row = record.model_dump(mode="python")
     if row.get("moderation"):
         row["moderation"]["scores"] = list(row["moderation"]["scores"].items())
@@ -153,7 +153,8 @@ def read_records(path: Path) -> list[Record]:
     return list(iter_records(path))
 
 
-def open_file_writer(target: str, keep_existing: bool = False) -> JsonlWriter | ParquetWriter:
+def open_file_writer(target: str, keep_existing: bool = False) -> RecordFile:
+    """A JSONL or Parquet writer by the target's suffix; UserError for another suffix or a missing folder."""
     path = Path(target)
     if path.suffix.lower() not in SUFFIXES:
         raise UserError(f"--out {target}: the file name must end in .jsonl or .parquet")
@@ -172,7 +173,8 @@ def encode_records(records: Sequence[Record], fmt: str) -> bytes:
         sink = pa.BufferOutputStream()
         table = pa.Table.from_pylist([parquet_row(r) for r in records], schema=PARQUET_SCHEMA)
         pq.write_table(table, sink, compression="zstd")
-        return sink.getvalue().to_pybytes()
+        data: bytes = sink.getvalue().to_pybytes()
+        return data
     raise ValueError(f"unknown record format {fmt!r}; expected jsonl or parquet")
 
 

@@ -7,16 +7,21 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
-from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 
 from imagemill.core.errors import UserError
 from imagemill.core.schemas import Record
 from imagemill.core.settings import Settings
-from imagemill.core.storage import make_s3_client, parse_s3
+from imagemill.core.storage import LazyS3Client, parse_s3
+from imagemill.core.stores.base import WriterContext
 from imagemill.core.stores.files import decode_records, encode_records
+from imagemill.core.stores.options import split_options
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 FORMATS = ("jsonl", "parquet")
 CONTENT_TYPES = {"jsonl": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
@@ -24,6 +29,7 @@ _TEMP_SUFFIX = ".partial"
 
 
 def check_format(fmt: str) -> None:
+    """ValueError unless `fmt` is a record format this module writes."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown record format {fmt!r}; expected jsonl or parquet")
 
@@ -43,12 +49,8 @@ def chunk_object_name(chunk: str, fmt: str) -> str:
 
 def split_format(url: str) -> tuple[str, str]:
     """`s3://b/out/?format=parquet` -> (`s3://b/out/`, `parquet`); jsonl when no query is given."""
-    base, _, query = url.partition("?")
-    options = parse_qs(query, keep_blank_values=True)
-    unknown = set(options) - {"format"}
-    if unknown:
-        raise UserError(f"sink {url}: unknown option {', '.join(sorted(unknown))}; only ?format=jsonl|parquet")
-    fmt = options.get("format", ["jsonl"])[-1].lower()
+    base, options = split_options(url, {"format": "|".join(FORMATS)})
+    fmt = options.get("format", "jsonl").lower()
     if fmt not in FORMATS:
         raise UserError(f"sink {url}: format must be jsonl or parquet, not {fmt!r}")
     return base, fmt
@@ -65,7 +67,7 @@ def _format_of(name: str) -> str | None:
     return suffix if suffix in FORMATS else None
 
 
-class ObjectStoreSink:
+class ObjectStoreSink(WriterContext):
     """Writes each chunk as one S3 object `{prefix}{chunk}.{format}` with a single PutObject."""
 
     def __init__(self, bucket: str, prefix: str = "", fmt: str = "jsonl", settings: Settings | None = None) -> None:
@@ -73,8 +75,7 @@ class ObjectStoreSink:
         self.bucket = bucket
         self.prefix = normalise_prefix(prefix)
         self.fmt = fmt
-        self._settings = settings
-        self._client: BaseClient | None = None
+        self._s3 = LazyS3Client(settings)
 
     @classmethod
     def from_url(cls, url: str, settings: Settings | None = None) -> "ObjectStoreSink":
@@ -87,13 +88,11 @@ class ObjectStoreSink:
         return cls(location.bucket, location.key, fmt, settings)
 
     @property
-    def client(self) -> BaseClient:
-        # made on first use, so a sink built before a worker forks never shares a connection pool
-        if self._client is None:
-            self._client = make_s3_client(self._settings or Settings())
-        return self._client
+    def client(self) -> "S3Client":
+        return self._s3.get()
 
     def key_for(self, chunk: str) -> str:
+        """The object key of a chunk: `{prefix}{chunk}.{format}`."""
         return self.prefix + chunk_object_name(chunk, self.fmt)
 
     def write(self, records: Sequence[Record], chunk: str) -> None:
@@ -111,7 +110,8 @@ class ObjectStoreSink:
             raise UserError(f"sink s3://{self.bucket}/{self.prefix}: cannot use the bucket ({exc})") from None
 
     def close(self) -> None:
-        """Nothing to do: each `write` is durable once PutObject returns."""
+        """Each `write` is durable once PutObject returns: only the connections are closed."""
+        self._s3.close()
 
     def keys(self, prefix_within: str = "") -> Iterator[str]:
         """Every chunk object's key under the sink's prefix (plus `prefix_within`), in key order."""
@@ -135,7 +135,7 @@ class ObjectStoreSink:
         return [record for record in self.read_all(job_id + "/") if record.error]
 
 
-class DirectorySink:
+class DirectorySink(WriterContext):
     """Writes each chunk as one file `{directory}/{chunk}.{format}`, replaced atomically."""
 
     def __init__(self, directory: Path, fmt: str = "jsonl") -> None:
@@ -156,6 +156,7 @@ class DirectorySink:
         return cls(Path(unquote(parts.path)), fmt)
 
     def path_for(self, chunk: str) -> Path:
+        """The file of a chunk: `{directory}/{chunk}.{format}`."""
         return self.directory / chunk_object_name(chunk, self.fmt)
 
     def write(self, records: Sequence[Record], chunk: str) -> None:

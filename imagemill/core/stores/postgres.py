@@ -7,7 +7,6 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import unquote
 
 import psycopg
 from psycopg import sql
@@ -17,6 +16,8 @@ from psycopg.types.json import Jsonb
 from imagemill.core.errors import UserError
 from imagemill.core.redaction import redact_url, scrub_secret
 from imagemill.core.schemas import Record
+from imagemill.core.stores.base import Key, WriterContext
+from imagemill.core.stores.options import split_options
 
 SCHEMA_VERSION = 1
 DEFAULT_TABLE = "imagemill_records"
@@ -26,8 +27,6 @@ _SCHEMA_LOCK = 0x696D676D696C6C
 # lowercase so people can query it unquoted; short so "<table>_job_id_idx" stays within 63 bytes
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 
-Key = tuple[str, str | None, str]
-
 
 class SchemaVersionError(UserError):
     """The database was set up by a newer imagemill than this one."""
@@ -35,22 +34,17 @@ class SchemaVersionError(UserError):
 
 def split_table(url: str) -> tuple[str, str]:
     """`postgresql://…/db?table=t&x=y` -> (`postgresql://…/db?x=y`, `t`); the default table when absent."""
-    base, sep, query = url.partition("?")
-    # parameters are kept byte for byte: libpq percent-decodes but never turns `+` into a space
-    params = [p for p in query.split("&") if p] if sep else []
-    tables = [unquote(p.partition("=")[2]) for p in params if p.partition("=")[0] == "table"]
-    rest = [p for p in params if p.partition("=")[0] != "table"]
-    if len(tables) > 1:
-        raise UserError(f"sink {redact_url(url)}: give ?table= once")
-    table = tables[0] if tables else DEFAULT_TABLE
+    # libpq's own parameters are passed through byte for byte: libpq percent-decodes but never turns `+` into a space
+    conninfo, options = split_options(url, {"table"}, pass_unknown=True)
+    table = options.get("table", DEFAULT_TABLE)
     if not _TABLE_NAME.fullmatch(table):
         raise UserError(f"sink {redact_url(url)}: table {table!r} must be lowercase letters, digits and _ (at most 48)")
-    return (base + "?" + "&".join(rest)) if rest else base, table
+    return conninfo, table
 
 
-class PostgresStore:
+class PostgresStore(WriterContext):
     """A RecordWriter on PostgreSQL. One connection, opened on first use and reopened after it breaks;
-    not for sharing between threads (open one store per thread or process)."""
+    not for sharing between threads (open one store per thread or process). `with` closes it."""
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -75,9 +69,11 @@ class PostgresStore:
             cur.executemany(self._upsert, rows)
 
     def count(self, job_id: str | None = None) -> int:
+        """How many records the table holds (of one job)."""
         query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(self._table))
+        statement, params = _where_job(query, job_id)
         with self._session() as conn:
-            row = conn.execute(*_where_job(query, job_id)).fetchone()
+            row = conn.execute(statement, params).fetchone()
         return int(row[0]) if row else 0
 
     def records(self, job_id: str | None = None) -> list[Record]:
@@ -115,6 +111,7 @@ class PostgresStore:
             raise UserError(f"cannot connect to {redact_url(self._url)}: {exc}") from None
 
     def close(self) -> None:
+        """Close the connection (each chunk was committed when written); the next use reopens it."""
         self._discard()
 
     # -- connection --------------------------------------------------------------------------
@@ -273,7 +270,7 @@ def _stored_key(key: Key) -> tuple[str, str, str]:
     return (uri, etag or "", signature)
 
 
-def _where_job(query: sql.Composable, job_id: str | None) -> tuple[sql.Composable, tuple[Any, ...]]:
+def _where_job(query: sql.Composed, job_id: str | None) -> tuple[sql.Composed, tuple[Any, ...]]:
     if job_id is None:
         return query, ()
     return sql.SQL("{} WHERE job_id = %s").format(query), (job_id,)

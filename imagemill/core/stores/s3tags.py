@@ -9,15 +9,20 @@ import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import unquote
+from typing import TYPE_CHECKING
 
-from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 
 from imagemill.core.errors import UserError
 from imagemill.core.schemas import Record
 from imagemill.core.settings import Settings
-from imagemill.core.storage import make_s3_client, parse_s3
+from imagemill.core.storage import LazyS3Client, parse_s3
+from imagemill.core.stores.base import WriterContext
+from imagemill.core.stores.options import split_options
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import TagTypeDef
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class TaggingDenied(ClientError):
 
     def __reduce__(self) -> tuple[type, tuple[str, ClientError]]:
         # ClientError's own __reduce__ assumes its two-argument constructor
-        return type(self), (self.uri, ClientError(self.response, self.operation_name))  # type: ignore[arg-type]
+        return type(self), (self.uri, ClientError(self.response, self.operation_name))
 
 
 def sanitise(text: str, disallowed: re.Pattern[str] = _NOT_IN_VALUE) -> str:
@@ -120,21 +125,16 @@ def parse_prefix(url: str) -> str:
     """`s3tags://` or `s3tags://?prefix=img-` -> the tag-key prefix; UserError on anything else."""
     if not url.startswith(SCHEME):
         raise UserError(f"sink {url}: expected s3tags:// or s3tags://?prefix=imagemill-")
-    location, _, query = url[len(SCHEME) :].partition("?")
+    location = url[len(SCHEME) :].partition("?")[0]
     if location.strip("/"):
         raise UserError(f"sink {url}: s3tags:// tags each record's own object and takes no bucket or path")
-    # split by hand, like the PostgreSQL sink: `+` is a legal tag character and must not become a space
-    options = [part.partition("=") for part in query.split("&") if part]
-    unknown = sorted({name for name, _, _ in options} - {"prefix"})
-    if unknown:
-        raise UserError(f"sink {url}: unknown option {', '.join(unknown)}; only ?prefix=")
-    prefixes = [unquote(value) for name, _, value in options if name == "prefix"]
-    if len(prefixes) > 1:
-        raise UserError(f"sink {url}: give ?prefix= once")
-    return check_prefix(url, prefixes[0] if prefixes else DEFAULT_PREFIX)
+    # `+` stays `+` in the value: it is a legal tag character
+    _, options = split_options(url, {"prefix"})
+    return check_prefix(url, options.get("prefix", DEFAULT_PREFIX))
 
 
 def check_prefix(url: str, prefix: str) -> str:
+    """`prefix` if it can start our tag keys; UserError naming `url` if not."""
     # an empty prefix would make every tag "ours", so a write would delete the user's tags
     if not _PREFIX_PATTERN.fullmatch(prefix):
         raise UserError(f"sink {url}: prefix {prefix!r} must be non-empty ASCII letters, digits or + - = . _ : / @")
@@ -146,7 +146,7 @@ def check_prefix(url: str, prefix: str) -> str:
     return prefix
 
 
-class ObjectTagsSink:
+class ObjectTagsSink(WriterContext):
     """Tags each s3:// record's own object with its results; other records are skipped with a warning.
 
     Tagging is read-modify-write per object (S3 has no conditional tagging), so two writers tagging
@@ -157,19 +157,17 @@ class ObjectTagsSink:
     def __init__(self, prefix: str = DEFAULT_PREFIX, settings: Settings | None = None) -> None:
         self.prefix = check_prefix(SCHEME, prefix)
         self._settings = settings or Settings()
-        self._client: BaseClient | None = None
+        self._s3 = LazyS3Client(self._settings)
         self.counts: Counter[str] = Counter()  # outcomes over the sink's life: tagged, unchanged, missing, not_s3
 
     @classmethod
     def from_url(cls, url: str, settings: Settings | None = None) -> "ObjectTagsSink":
+        """`s3tags://[?prefix=imagemill-]` -> a sink tagging with that key prefix."""
         return cls(parse_prefix(url), settings)
 
     @property
-    def client(self) -> BaseClient:
-        # made on first use, so a sink built before a worker forks never shares a connection pool
-        if self._client is None:
-            self._client = make_s3_client(self._settings)
-        return self._client
+    def client(self) -> "S3Client":
+        return self._s3.get()
 
     def write(self, records: Sequence[Record], chunk: str) -> None:
         """Tag every s3:// record's object; AccessDenied and other S3 errors propagate for a retry."""
@@ -205,7 +203,7 @@ class ObjectTagsSink:
                 )
             if merged == existing:
                 return "unchanged"  # a redelivered chunk costs one read per object, no write
-            tag_set = [{"Key": key, "Value": value} for key, value in merged.items()]
+            tag_set: list[TagTypeDef] = [{"Key": key, "Value": value} for key, value in merged.items()]
             self.client.put_object_tagging(Bucket=location.bucket, Key=location.key, Tagging={"TagSet": tag_set})
             return "tagged"
         except ClientError as exc:
@@ -232,4 +230,5 @@ class ObjectTagsSink:
             raise UserError(f"sink {SCHEME}: cannot reach S3 ({exc})") from None
 
     def close(self) -> None:
-        """Nothing to do: each object's tags are durable once PutObjectTagging returns."""
+        """Each object's tags are durable once PutObjectTagging returns: only the connections are closed."""
+        self._s3.close()
