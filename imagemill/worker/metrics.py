@@ -101,8 +101,11 @@ class QueueDepthCollector(Collector):
     def _redis(self) -> redis.Redis:
         with self._lock:
             if self._client is None:
-                # short timeouts and no retries: a scrape must not hang on a Redis outage
-                self._client = redis.Redis.from_url(self._url, socket_connect_timeout=2, socket_timeout=2)
+                # a probe (short timeouts, no retries): a scrape must not hang on a Redis outage.
+                # Imported here only because this change touched no other line; it belongs with the module's imports.
+                from imagemill.core.connections import redis_client
+
+                self._client = redis_client(self._url, probe=True)
             return self._client
 
     def describe(self) -> Iterable[Metric]:
