@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import Progress, TaskID
@@ -15,6 +15,11 @@ from rich.progress import Progress, TaskID
 from imagemill.cli.display import console, progress_bar, run_reporting_errors, summary_table
 from imagemill.core.schemas import Task, parse_tasks
 from imagemill.core.settings import Settings, get_settings
+from imagemill.core.stores import open_file_writer
+from imagemill.pipeline.run import run
+
+if TYPE_CHECKING:  # the module imports boto3; run_local imports it when it runs
+    from imagemill.pipeline.sources import Source
 
 ALL_TASKS = ",".join(t.value for t in Task)
 WRITE_EVERY = 64  # records per write: small enough to lose little on a crash
@@ -52,34 +57,30 @@ def run_local(
 
     Unless `force`, images OUT already holds an error-free record for (same etag and signature)
     are skipped and their records kept."""
-    # heavy imports here, so `imagemill --help` stays instant
-    from imagemill.core.stores import open_writer
-    from imagemill.pipeline.batching import batched
+    # torch and transformers (the engine's model runners) take seconds to import: `--help` must not wait
     from imagemill.pipeline.engine import Engine
-    from imagemill.pipeline.incremental import skip_existing
+
+    # boto3 (S3 sources) takes half a second to import
     from imagemill.pipeline.sources import open_source
 
     source = open_source(source_spec, settings)
     with console.status(f"loading models for {', '.join(tasks)}…", spinner="dots"):
         engine = Engine(settings, tasks)
-    writer = open_writer(str(out), keep_existing=not force)
-    outcomes: Counter[str] = Counter()
+    writer = open_file_writer(str(out), keep_existing=not force)
     started = time.perf_counter()
     try:
         with engine, progress_bar("annotating", disable=quiet) as (progress, bar):
             if not quiet:  # the count costs a second listing; only a visible bar needs it
                 _count_in_background(source, progress, bar)
-
-            def skipped(refs: list) -> None:
-                writer.keep([(ref.uri, ref.etag, engine.signature) for ref in refs])
-                outcomes["skipped"] += len(refs)
-                progress.advance(bar, len(refs))
-
-            refs = source.refs() if force else skip_existing(source.refs(), writer, engine.signature, skipped)
-            for records in batched(engine.annotate(refs), WRITE_EVERY):
-                writer.write(records)
-                outcomes.update(record.outcome for record in records)
-                progress.advance(bar, len(records))
+            result = run(
+                source.refs(),
+                engine,
+                writer,
+                write_every=WRITE_EVERY,
+                skip=None if force else writer,
+                on_skipped=lambda refs: progress.advance(bar, len(refs)),
+                on_record=lambda _: progress.advance(bar),
+            )
     except BaseException:
         # an interrupted run must not replace a complete earlier output with a partial one
         partial = writer.abort()
@@ -87,11 +88,11 @@ def run_local(
         raise
     writer.close()
     elapsed = time.perf_counter() - started
-    console.print(summary_table(f"{source} → {out}", outcomes, elapsed, {"signature": engine.signature}))
-    return outcomes
+    console.print(summary_table(f"{source} → {out}", result.outcomes, elapsed, {"signature": engine.signature}))
+    return result.outcomes
 
 
-def _count_in_background(source, progress: Progress, bar: TaskID) -> None:
+def _count_in_background(source: "Source", progress: Progress, bar: TaskID) -> None:
     """Count the source in a second, cheap listing pass so the bar can show a total and an ETA."""
 
     def count() -> None:
@@ -100,7 +101,7 @@ def _count_in_background(source, progress: Progress, bar: TaskID) -> None:
             for total, _ in enumerate(source.refs(), 1):
                 if total % 1000 == 0:
                     progress.update(bar, total=total)
-        except Exception:  # the real listing reports source errors; this pass only estimates
+        except Exception:  # noqa: BLE001 - the real listing reports source errors; this pass only estimates
             return
         progress.update(bar, total=total)
 

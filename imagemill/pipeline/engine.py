@@ -1,26 +1,28 @@
 """The annotation engine: image references in, one record per image out.
 
-fetch ▸ decode on threads ahead of the models ▸ micro-batches through every task. Local mode
-calls it directly; the Celery chunk task wraps it. Models are loaded once per Engine.
+fetch ▸ decode on threads ahead of the models ▸ micro-batches through every task. The run loop
+(`imagemill.pipeline.run`) drives it for local mode and the chunk task. Models load once per Engine.
 """
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from imagemill.core.errors import ErrorKind
-from imagemill.core.schemas import ImageInfo, ImageRef, Record, RecordError, Task
+from imagemill.core.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, Task
 from imagemill.core.settings import Settings
 from imagemill.core.storage import ObjectReader
 from imagemill.pipeline.batching import batched
+from imagemill.pipeline.hooks import Middleware
 from imagemill.pipeline.models import load_runners
 from imagemill.pipeline.models.runner import Runner, TaskOutput
 from imagemill.pipeline.prefetch import Prefetcher, Prepared
 from imagemill.pipeline.signature import pipeline_signature
-from imagemill.worker import metrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T", Caption, Moderation, Tags)
 
 
 @dataclass
@@ -32,12 +34,21 @@ class Outcome:
 
 
 class Engine:
-    """Loads the models for `tasks` once; `annotate` turns refs into records, in order."""
+    """Loads the models for `tasks` once; `annotate` turns refs into records, in order.
 
-    def __init__(self, settings: Settings, tasks: tuple[Task, ...], runners: list[Runner] | None = None) -> None:
+    `middleware` hears of every model load (when the engine loads its own runners) and batch."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tasks: tuple[Task, ...],
+        runners: list[Runner] | None = None,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
         self.settings = settings
         self.tasks = tasks
-        self.runners: list[Runner] = runners if runners is not None else load_runners(settings, tasks)
+        self.middleware = middleware
+        self.runners: list[Runner] = runners if runners is not None else load_runners(settings, tasks, middleware)
         self.signature = pipeline_signature(self.runners)
         self.prefetcher = Prefetcher(
             ObjectReader(settings),
@@ -51,7 +62,7 @@ class Engine:
         self.prefetcher.preprocessors = recipes
         self._input_of = {id(runner): recipes.index(runner.preprocess) for runner in self.runners}
 
-    def annotate(self, refs: Iterable[ImageRef], job_id: str | None = None) -> Iterator[Record]:
+    def annotate(self, refs: Iterable[Prefetcher.Item], job_id: str | None = None) -> Iterator[Record]:
         """One record per ref, in the refs' order; a bad image is an error record, never a raise."""
         size = self.settings.batch_size
         window = max(2 * size, 2 * self.settings.fetch_threads)
@@ -73,13 +84,14 @@ class Engine:
         outcomes = {id(item): Outcome(outputs={}) for item in items}
         if not items:
             return outcomes
-        metrics.record_batch(len(items))
         started = time.perf_counter()
         for runner in self.runners:
             self._run_task(runner, items, outcomes)
         share_ms = (time.perf_counter() - started) * 1000 / len(items)
         for item in items:
             item.timings.infer_ms = share_ms
+        for hook in self.middleware:
+            hook.after_batch(len(items))
         return outcomes
 
     def _run_task(self, runner: Runner, items: list[Prepared], outcomes: dict[int, Outcome]) -> None:
@@ -88,7 +100,7 @@ class Engine:
             results = runner.infer(runner.batch([item.inputs[slot] for item in items]))
             for item, result in zip(items, results, strict=True):
                 outcomes[id(item)].outputs[runner.task] = result
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever the model raised, the images alone say whose it was
             # the batch failed: run images alone so that one bad input costs only itself
             log.warning("%s batch of %d failed; retrying image by image", runner.task, len(items))
             for item in items:
@@ -112,11 +124,17 @@ class Engine:
             etag=item.etag,
             bytes=item.size,
             image=ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format) if decoded else None,
-            caption=outputs.get(Task.CAPTION),
-            moderation=outputs.get(Task.MODERATION),
-            tags=outputs.get(Task.TAGS),
+            caption=_output(outputs, Task.CAPTION, Caption),
+            moderation=_output(outputs, Task.MODERATION, Moderation),
+            tags=_output(outputs, Task.TAGS, Tags),
             error=item.error or (outcome.error if outcome else None),
             signature=self.signature,
             job_id=job_id,
             timings=item.timings,
         )
+
+
+def _output(outputs: dict[Task, TaskOutput], task: Task, kind: type[T]) -> T | None:
+    """The output of `task`, typed as the record's field for it (each runner makes its own kind)."""
+    output = outputs.get(task)
+    return output if isinstance(output, kind) else None

@@ -1,10 +1,11 @@
 """Every Prometheus metric of a worker process, in one place, and the endpoint that serves them.
 
-Recording is cheap and always on (local mode records too, and nobody scrapes it); `serve`
-starts the HTTP endpoint (`IMAGEMILL_METRICS_PORT`) in the process that runs the chunks.
-Image and chunk outcomes are counted when the job registry counts them (once per chunk id),
-so they add up to the job totals however often a chunk is redelivered; latencies and sizes
-are observed for every delivery, since the work was done again.
+`PrometheusMiddleware` records them at the pipeline's hooks; the worker's runtime installs it
+(local mode does not, and never imports prometheus_client). `serve` starts the HTTP endpoint
+(`IMAGEMILL_METRICS_PORT`) in the process that runs the chunks. Image and chunk outcomes are
+counted when the job registry counts them (once per chunk id), so they add up to the job totals
+however often a chunk is redelivered; latencies and sizes are observed for every delivery,
+since the work was done again.
 """
 
 import logging
@@ -12,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
 
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -20,8 +20,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from imagemill.core.redaction import redact_url
-from imagemill.core.schemas import Record
+from imagemill.core.schemas import Record, Task
 from imagemill.core.settings import Settings
+from imagemill.pipeline.hooks import ChunkReport, Middleware
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,23 @@ STAGE_SECONDS = Histogram(
 MODEL_LOAD_SECONDS = Gauge("imagemill_model_load_seconds", "Seconds the last load of a task's model took", ["task"])
 
 
-def record_chunk(result: Any, records: Sequence[Record], write_seconds: float) -> None:
+class PrometheusMiddleware(Middleware):
+    """The metrics above, recorded at the pipeline's hooks."""
+
+    def after_model_load(self, task: Task, seconds: float) -> None:
+        record_model_load(task.value, seconds)
+
+    def after_batch(self, size: int) -> None:
+        record_batch(size)
+
+    def after_chunk(self, result: ChunkReport, records: Sequence[Record]) -> None:
+        record_chunk(result, records, result.write_seconds)
+
+    def chunk_dropped(self, outcome: str) -> None:
+        record_chunk_dropped(outcome)
+
+
+def record_chunk(result: ChunkReport, records: Sequence[Record], write_seconds: float) -> None:
     """A chunk was written (`result` is imagemill.worker.chunks.ChunkResult); count it as the registry did."""
     CHUNK_SIZE.observe(len(records))
     STAGE_SECONDS.labels("write").observe(write_seconds)

@@ -1,4 +1,4 @@
-"""What a worker process keeps between chunks: engines per task set, sinks, the job registry.
+"""What a worker process keeps between chunks: engines per task set, sinks, the job registry, middleware.
 
 Built lazily in the process that runs tasks (after the fork), so CUDA starts in the pinned child.
 """
@@ -13,16 +13,21 @@ from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings, get_settings
 from imagemill.core.stores import RecordWriter, open_writer
 from imagemill.pipeline.engine import Engine
+from imagemill.pipeline.hooks import Middleware
 from imagemill.pipeline.models import load_runners
 from imagemill.pipeline.models.runner import Runner
 from imagemill.pipeline.signature import pipeline_signature
+from imagemill.worker.metrics import PrometheusMiddleware
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Runtime:
+    """One per worker process; `middleware` hears of model loads, batches and chunks."""
+
     settings: Settings
+    middleware: list[Middleware] = field(default_factory=list)
     runners: dict[Task, Runner] = field(default_factory=dict)
     engines: dict[tuple[Task, ...], Engine] = field(default_factory=dict)
     sinks: dict[str, RecordWriter] = field(default_factory=dict)
@@ -38,7 +43,9 @@ class Runtime:
         """The engine for a task set; each model is loaded once per process and shared."""
         if tasks not in self.engines:
             self.load(tasks)
-            self.engines[tasks] = Engine(self.settings, tasks, [self.runners[task] for task in tasks])
+            self.engines[tasks] = Engine(
+                self.settings, tasks, [self.runners[task] for task in tasks], middleware=self.middleware
+            )
         return self.engines[tasks]
 
     def load(self, tasks: tuple[Task, ...]) -> None:
@@ -47,7 +54,7 @@ class Runtime:
         if not missing:
             return
         log.info("loading models for %s", ",".join(missing))
-        self.runners.update(zip(missing, load_runners(self.settings, missing), strict=True))
+        self.runners.update(zip(missing, load_runners(self.settings, missing, self.middleware), strict=True))
         self.publish_signatures()
 
     def publish_signatures(self) -> None:
@@ -59,6 +66,7 @@ class Runtime:
                 self.registry.publish_signature(pipeline_key(tasks, self.settings), signature)
 
     def sink(self, url: str) -> RecordWriter:
+        """The writer for a sink URL, opened once per process and kept for the next chunks."""
         if url not in self.sinks:
             self.sinks[url] = open_writer(url)
         return self.sinks[url]
@@ -80,5 +88,5 @@ def runtime() -> Runtime:
     """This process's runtime (one per worker process)."""
     global _runtime
     if _runtime is None:
-        _runtime = Runtime(get_settings())
+        _runtime = Runtime(get_settings(), middleware=[PrometheusMiddleware()])
     return _runtime

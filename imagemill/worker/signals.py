@@ -4,17 +4,18 @@ Imported by `worker/celery.py`, so they are connected before Celery sets up logg
 """
 
 import logging
-from contextvars import Token
+from contextvars import ContextVar, Token
 from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger, task_postrun, task_prerun, worker_process_init
 
 from imagemill.core import logs
 from imagemill.core.settings import get_settings
+from imagemill.worker import metrics
 
 log = logging.getLogger(__name__)
 
-_task_tokens: dict[str, list[tuple[Any, Token]]] = {}
+_task_tokens: dict[str, list[tuple[ContextVar[str | None], Token[str | None]]]] = {}
 
 if get_settings().log_format == "json":
     logs.json_warnings()  # Celery warns (e.g. about running as root) before it sets up logging
@@ -31,8 +32,6 @@ def _format_logs(logger: logging.Logger | None = None, **_: Any) -> None:
 @worker_process_init.connect
 def _serve_metrics(**_: Any) -> None:
     # the pool child runs the chunks, so it owns the metrics (with --concurrency 1, one per GPU)
-    from imagemill.worker import metrics
-
     try:
         metrics.serve(get_settings())
     except Exception:  # never stop a worker for its metrics

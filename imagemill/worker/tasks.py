@@ -1,57 +1,28 @@
 """The Celery chunk task: a thin wrapper that validates the message and calls `run_chunk`.
 
-Transient faults (database, storage, Redis) are retried by Celery with backoff and jitter.
+Its retry and failure policy is `ChunkTask` (imagemill.worker.retries); the worker process's signals are here.
 """
 
 import logging
 from typing import Any
 
-import psycopg
-import redis
-from botocore.exceptions import BotoCoreError, ClientError
-from celery import Task as CeleryTask
 from celery.exceptions import Reject
 from celery.signals import task_rejected, task_unknown, worker_process_init, worker_process_shutdown
 from pydantic import ValidationError
 
 from imagemill.core.broker import CHUNK_TASK
 from imagemill.core.schemas import ChunkMessage
-from imagemill.core.settings import get_settings
 from imagemill.worker.celery import app
 from imagemill.worker.chunks import run_chunk
+from imagemill.worker.retries import ChunkTask
 from imagemill.worker.runtime import runtime
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = (psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError, BotoCoreError, ClientError, OSError)
 
-
-class ChunkTask(CeleryTask):
-    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        """Retries are spent: fail the job loudly rather than leave it waiting for a lost chunk."""
-        try:
-            chunk = ChunkMessage.model_validate(args[0])
-        except (ValidationError, IndexError):
-            return
-        reason = f"chunk {chunk.chunk_id} failed after {self.request.retries} retries: {type(exc).__name__}: {exc}"
-        log.error("%s; job %s marked failed", reason, chunk.job_id)
-        runtime().registry.fail(chunk.job_id, reason)
-
-
-@app.task(
-    name=CHUNK_TASK,
-    base=ChunkTask,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=TRANSIENT,
-    # 2, 4, 8 … 120 s: about ten minutes of outage (a database failover, a Redis restart) is waited out
-    retry_backoff=2,
-    retry_backoff_max=120,
-    retry_jitter=False,
-    max_retries=get_settings().task_max_retries,
-)
-def annotate_chunk(self: CeleryTask, message: Any) -> dict[str, Any]:
+@app.task(name=CHUNK_TASK, base=ChunkTask, bind=True)
+def annotate_chunk(self: ChunkTask, message: Any) -> dict[str, Any]:
+    """Validate the message (a malformed one is rejected, never retried) and run the chunk."""
     try:
         chunk = ChunkMessage.model_validate(message)
     except ValidationError as exc:

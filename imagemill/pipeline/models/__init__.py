@@ -1,18 +1,22 @@
-"""The model runners, one per task, loaded once per process on one device and dtype."""
+"""The model runners, one per task, loaded once per process on one device and dtype.
+
+`load_runners` is the one loading path; it tells the middleware how long each model took.
+"""
 
 import time
+from collections.abc import Sequence
 
 import torch
 
 from imagemill.core.errors import ModelLoadError
 from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
+from imagemill.pipeline.hooks import Middleware
 from imagemill.pipeline.models.caption import CaptionRunner
 from imagemill.pipeline.models.device import resolve_device, resolve_dtype
 from imagemill.pipeline.models.moderation import ModerationRunner
 from imagemill.pipeline.models.runner import Runner
 from imagemill.pipeline.models.tags import TagsRunner
-from imagemill.worker.metrics import record_model_load
 
 RUNNERS: dict[Task, type[Runner]] = {
     Task.CAPTION: CaptionRunner,
@@ -21,7 +25,7 @@ RUNNERS: dict[Task, type[Runner]] = {
 }
 
 
-def load_runners(settings: Settings, tasks: tuple[Task, ...]) -> list[Runner]:
+def load_runners(settings: Settings, tasks: tuple[Task, ...], middleware: Sequence[Middleware] = ()) -> list[Runner]:
     """Load the model of every task asked for, in task order; ModelLoadError if one cannot load."""
     try:
         device = resolve_device(settings.device)
@@ -34,5 +38,7 @@ def load_runners(settings: Settings, tasks: tuple[Task, ...]) -> list[Runner]:
     for task in tasks:
         started = time.perf_counter()
         runners.append(RUNNERS[task](settings, device, dtype))
-        record_model_load(task.value, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        for hook in middleware:
+            hook.after_model_load(task, seconds)
     return runners

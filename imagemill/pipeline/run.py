@@ -1,0 +1,93 @@
+"""The one run loop every distributor calls: refs ▸ skip what the store holds ▸ engine ▸ write ▸ count.
+
+Local mode writes its file in batches and skips incrementally; the chunk task writes its chunk in one call.
+"""
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from imagemill.core.schemas import ImageRef, Record
+from imagemill.core.stores import IncrementalWriter, RecordWriter
+from imagemill.pipeline.incremental import skip_existing
+
+
+class RecordEngine(Protocol):
+    """What the loop needs of an engine (`imagemill.pipeline.engine.Engine` is one)."""
+
+    @property
+    def signature(self) -> str:
+        """The pipeline signature every record carries; skipping matches records by it."""
+
+    def annotate(self, refs: Iterable[ImageRef], job_id: str | None = None) -> Iterator[Record]:
+        """One record per ref, in order."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one run did: images by outcome (`annotated`, `skipped` or an error kind), write time."""
+
+    outcomes: Counter[str]
+    write_seconds: float
+
+
+def run(
+    refs: Iterable[ImageRef],
+    engine: RecordEngine,
+    writer: RecordWriter,
+    *,
+    chunk: str = "",
+    write_every: int | None = None,
+    skip: IncrementalWriter | None = None,
+    on_skipped: Callable[[list[ImageRef]], None] | None = None,
+    on_record: Callable[[Record], None] | None = None,
+    job_id: str | None = None,
+) -> RunResult:
+    """Annotate `refs` with `engine` and write every record to `writer` under `chunk`.
+
+    `write_every=None` writes all records in one call, even none (one transaction or object per
+    chunk); `write_every=n` writes every n records. Records are counted once written. With `skip`,
+    refs that store already holds an error-free record for are not annotated: their records are
+    kept there and they count as `skipped`. `on_skipped` gets each batch of skipped refs and
+    `on_record` each record as it leaves the engine (before its write). The writer is neither
+    closed nor aborted here: its owner decides what an exception means for it."""
+    if write_every is not None and write_every < 1:
+        raise ValueError(f"write_every must be at least 1, not {write_every}")
+    outcomes: Counter[str] = Counter()
+    write_seconds = 0.0
+    pending: list[Record] = []
+
+    def flush() -> None:
+        nonlocal pending, write_seconds
+        write_seconds += timed_write(writer, pending, chunk)
+        outcomes.update(record.outcome for record in pending)
+        pending = []  # a new list: the writer may hold on to the one it got
+
+    if skip is not None:
+        store = skip
+
+        def skipped(batch: list[ImageRef]) -> None:
+            store.keep([(ref.uri, ref.etag, engine.signature) for ref in batch])
+            outcomes["skipped"] += len(batch)
+            if on_skipped is not None:
+                on_skipped(batch)
+
+        refs = skip_existing(refs, store, engine.signature, skipped)
+    for record in engine.annotate(refs, job_id=job_id):
+        if on_record is not None:
+            on_record(record)
+        pending.append(record)
+        if write_every is not None and len(pending) >= write_every:
+            flush()
+    if pending or write_every is None:
+        flush()
+    return RunResult(outcomes, write_seconds)
+
+
+def timed_write(writer: RecordWriter, records: Sequence[Record], chunk: str = "") -> float:
+    """Write `records` in one call; the seconds it took (the `write` stage of the metrics)."""
+    started = time.perf_counter()
+    writer.write(records, chunk)
+    return time.perf_counter() - started
