@@ -1,5 +1,5 @@
 """`python -m imagemill` runs the CLI."""
 
-from imagemill.cli import app
+from imagemill.cli import main
 
-app()
+main()

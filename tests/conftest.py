@@ -22,6 +22,25 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("AWS_PROFILE", None)
 
+# Fixtures that start or need services (a private redis-server, the PostgreSQL server, worker
+# processes). A test that uses one is marked slow, so the fast tier (`pytest -m "not slow"`) needs
+# nothing but Python; modules that are slow throughout say so with their own `pytestmark`.
+SERVICE_FIXTURES = frozenset({"redis_server", "redis_url", "pg_url", "dist_env", "workers"})
+# single heavy tests in modules that are otherwise fast (each ~10-20 s on a 2-core machine)
+SLOW_TESTS = frozenset(
+    {
+        "tests/test_object_sinks.py::test_read_all_pages_through_more_than_a_thousand_objects",  # 1005 uploads
+        "tests/test_models.py::test_model_threads_sleep_when_idle_instead_of_spinning_against_decoding",  # CPU use
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        in_service = SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if in_service or item.nodeid.partition("[")[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -80,10 +99,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     """A clean database on the private server for one test."""
     redis_server.client().flushall()
-    yield redis_server.url
+    return redis_server.url
 
 
 @pytest.fixture(scope="session")

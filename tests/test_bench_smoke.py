@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures.cli import REPO
+
+pytestmark = pytest.mark.slow  # runs every benchmark scenario, distributed included
 
 SCENARIOS = ("limit", "naive", "model-only", "local", "distributed")
 

@@ -19,6 +19,8 @@ from tests.fixtures.distributed import job_id_of, rows, submitted, upload_photos
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.workers import start_worker
 
+pytestmark = pytest.mark.slow  # kills and restarts workers, Redis and producers mid-job
+
 
 def exactly_once(pg_url: str, job_ids: list[str], expected_uris: list[str]) -> Counter[str]:
     """Every expected uri has exactly one row across these jobs; returns their error kinds."""

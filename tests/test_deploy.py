@@ -46,6 +46,8 @@ from imagemill.cli import app as cli_app
 from imagemill.core.settings import Settings
 from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
 
+pytestmark = pytest.mark.slow  # probes the Celery app in subprocesses and starts a redis-server
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"

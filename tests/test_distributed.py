@@ -10,12 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from imagemill.core.broker import queue_depth
 from imagemill.core.jobs import JobRegistry, JobState
 from tests.fixtures.cli import REPO, run_cli
 from tests.fixtures.distributed import job_id_of, rows, upload, upload_photos
 from tests.fixtures.images import write_mixed
 from tests.fixtures.workers import start_worker
+
+pytestmark = pytest.mark.slow  # real worker processes, Redis and PostgreSQL
 
 
 def test_submit_wait_writes_one_row_per_object_and_status_says_done(

@@ -15,6 +15,8 @@ from tests.fixtures.distributed import rows, submitted, upload_photos, wait_for
 from tests.fixtures.images import photo_jpeg, write_mixed
 from tests.fixtures.workers import start_worker
 
+pytestmark = pytest.mark.slow  # whole local and distributed runs, repeated
+
 
 def summary_count(stderr: str, label: str) -> int:
     match = re.search(rf"{label}\s*│\s*([\d,]+)", stderr)

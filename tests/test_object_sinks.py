@@ -83,8 +83,14 @@ def test_an_empty_chunk_still_writes_an_object(s3_endpoint: str, bucket: str) ->
 
 def test_the_object_key_is_deterministic_and_contains_the_chunk_name(s3_endpoint: str, bucket: str) -> None:
     url = f"s3://{bucket}/results/run1/"
-    assert sink(s3_endpoint, url).key_for("job-abc/000042") == "results/run1/job-abc/000042.jsonl"
-    assert sink(s3_endpoint, url).key_for("job-abc/000042") == sink(s3_endpoint, url).key_for("job-abc/000042")
+    out = sink(s3_endpoint, url)
+    assert out.key_for("job-abc/000042") == "results/run1/job-abc/000042.jsonl"
+    # the same name again, from the same sink and from another one: the same literal key every time
+    assert [out.key_for("job-abc/000042"), sink(s3_endpoint, url).key_for("job-abc/000042")] == [
+        "results/run1/job-abc/000042.jsonl",
+        "results/run1/job-abc/000042.jsonl",
+    ]
+    assert sink(s3_endpoint, f"{url}?format=parquet").key_for("job-abc/000043") == "results/run1/job-abc/000043.parquet"
     sink(s3_endpoint, url).write([record("s3://in/1.jpg")], "job-abc/000042")
     assert all_keys(s3_endpoint, bucket) == ["results/run1/job-abc/000042.jsonl"]
 

@@ -25,6 +25,8 @@ from tests.fixtures.postgres import PrivatePostgres, fresh_database, private_pos
 from tests.fixtures.s3 import s3_client
 from tests.fixtures.workers import WorkerProcess, start_worker
 
+pytestmark = pytest.mark.slow  # a private PostgreSQL server, stopped and killed mid-job
+
 
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[PrivatePostgres]:

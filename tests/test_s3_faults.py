@@ -20,6 +20,8 @@ from tests.fixtures.faulty_s3 import FaultyProxy, faulty_proxy
 from tests.fixtures.images import photo_jpeg
 from tests.fixtures.s3 import s3_client
 
+pytestmark = pytest.mark.slow  # whole local runs against a fault-injecting S3 proxy
+
 MAX_ATTEMPTS = 3  # IMAGEMILL_S3_MAX_ATTEMPTS in these runs: keeps the permanent-fault cases quick
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,12 @@ def test_directory_listing_is_lazy(tmp_path: Path) -> None:
     for i in range(50):
         touch(tmp_path / f"d{i:02}/x.jpg")
     refs = DirectorySource(tmp_path).refs()
-    assert next(refs).uri.endswith("d00/x.jpg")  # a generator: the first comes before the rest
+    assert next(refs).uri.endswith("d00/x.jpg")
+    # folders are read as the listing is consumed: ones removed after the first ref never appear,
+    # where a listing made up front would still yield all 49 of them
+    for i in range(1, 50):
+        shutil.rmtree(tmp_path / f"d{i:02}")
+    assert list(refs) == []
 
 
 def test_manifests_mix_local_paths_and_s3_uris(tmp_path: Path) -> None:
@@ -83,12 +89,24 @@ def test_open_source_explains_what_is_wrong(tmp_path: Path) -> None:
 def test_s3_prefix_is_paged_and_filtered(s3_endpoint: str, bucket: str) -> None:
     client = s3_client(s3_endpoint)
     keys = [f"in/{i:03}.jpg" for i in range(7)] + ["in/odd key ü %20 ../x.JPG"]
-    for key in keys + ["in/readme.md", "in/folder/", "out/1.jpg"]:
+    for key in [*keys, "in/readme.md", "in/folder/", "out/1.jpg"]:
         client.put_object(Bucket=bucket, Key=key, Body=b"data")
     source = S3Source(bucket, "in/", client, page_size=3)
     refs = list(source.refs())
     assert sorted(r.uri for r in refs) == sorted(f"s3://{bucket}/{k}" for k in keys)
     assert all(r.size == 4 and r.etag for r in refs)
+
+
+def test_s3_listing_is_lazy_one_page_at_a_time(s3_endpoint: str, bucket: str) -> None:
+    client = s3_client(s3_endpoint)
+    for i in range(9):
+        client.put_object(Bucket=bucket, Key=f"in/{i}.jpg", Body=b"data")
+    pages: list[str] = []
+    client.meta.events.register("before-call.s3.ListObjectsV2", lambda **_: pages.append("page"))
+    refs = S3Source(bucket, "in/", client, page_size=3).refs()
+    assert next(refs).uri == f"s3://{bucket}/in/0.jpg"
+    assert len(pages) == 1  # the first ref comes from the first page, before the rest are listed
+    assert len(list(refs)) == 8 and len(pages) == 3
 
 
 def test_missing_bucket_is_a_source_error(s3_endpoint: str) -> None:

@@ -1,5 +1,6 @@
 """What the CLI shows a person: one-line errors, the progress bar, the end-of-run summary."""
 
+import importlib.util
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -7,12 +8,14 @@ from typing import NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -26,10 +29,37 @@ console = Console(stderr=True)  # progress, summaries and errors
 stdout = Console()  # a command's own answer (status, jobs), for pipes and scripts
 T = TypeVar("T")
 
+# what `pip install 'imagemill[worker]'` adds; a command that needs one of them without it gets a hint
+WORKER_EXTRA_MODULES = frozenset(
+    {"torch", "transformers", "safetensors", "huggingface_hub", "sentencepiece", "tokenizers", "prometheus_client"}
+)
+WORKER_EXTRA_INSTALL = "pip install 'imagemill[worker]'"
+
+
+def report(message: str) -> None:
+    """One red `error:` line per line of `message`, on stderr."""
+    for line in message.splitlines() or [""]:
+        # escaped: messages hold brackets (`imagemill[worker]`, JSON) that are not rich markup
+        console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    report(message)
     raise typer.Exit(code)
+
+
+def missing_extra(exc: ImportError) -> str | None:
+    """The one-line hint when a module the worker extra installs is absent, else None (an installed
+    but broken torch is a real error, not a missing extra)."""
+    root = (exc.name or "").partition(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or root not in WORKER_EXTRA_MODULES:
+        return None
+    try:
+        if importlib.util.find_spec(root) is not None:
+            return None
+    except (ImportError, ValueError):
+        pass
+    return f"the models need the worker extra, which is not installed (no module {root!r}): {WORKER_EXTRA_INSTALL}"
 
 
 def run_reporting_errors(action: Callable[[], T]) -> T:
@@ -47,7 +77,7 @@ class RateColumn(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(description: str, *, disable: bool = False) -> Iterator[tuple[Progress, int]]:
+def progress_bar(description: str, *, disable: bool = False) -> Iterator[tuple[Progress, TaskID]]:
     """A bar of images done / total (total grows while the source is still being listed)."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),

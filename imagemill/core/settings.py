@@ -4,22 +4,51 @@ Every tunable lives here so the CLI, the worker and the producer read the same n
 """
 
 import os
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+import pydantic_settings
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
+from imagemill.core.errors import UserError
 from imagemill.core.schemas import Task
 
 DEFAULT_VOCABULARY = Path(__file__).parent / "data" / "tags.txt"
+ENV_PREFIX = "IMAGEMILL_"
+
+
+class SettingsError(UserError):
+    """One or more IMAGEMILL_* variables hold values imagemill cannot use; one line per variable."""
+
+
+class _EnvSource(EnvSettingsSource):
+    """The environment, with JSON that does not parse left as text for validation to report.
+
+    pydantic-settings raises on the first undecodable JSON value (routes, thresholds) before
+    validating anything; handing the text on lets every bad variable be named in one pass."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            return value
 
 
 class Settings(BaseSettings):
     """All of imagemill's settings; each field `foo` is read from `IMAGEMILL_FOO`."""
 
-    model_config = SettingsConfigDict(env_prefix="IMAGEMILL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # models: hub id or local directory
     caption_model: str = "Salesforce/blip-image-captioning-large"
@@ -96,6 +125,17 @@ class Settings(BaseSettings):
         default="text", description="json: one JSON object per log line, with job and chunk ids"
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _EnvSource(settings_cls), dotenv_settings, file_secret_settings
+
     @field_validator("worker_tasks", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -114,5 +154,64 @@ class Settings(BaseSettings):
 
 
 def get_settings() -> Settings:
-    """Settings read from the environment now (a new object each call, so tests can vary env)."""
-    return Settings()
+    """Settings read from the environment now (a new object each call, so tests can vary env).
+
+    Raises SettingsError naming every bad IMAGEMILL_* variable, one line each."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc.errors(), os.environ)) from None
+    except pydantic_settings.SettingsError as exc:  # a source failed before validation
+        raise SettingsError(str(exc)) from None
+
+
+def describe_errors(errors: list[ErrorDetails], environ: Mapping[str, str]) -> str:
+    """`IMAGEMILL_BATCH_SIZE='abc': expected an integer`, one line per variable, in field order."""
+    by_field: dict[str, list[str]] = {}
+    for error in errors:
+        field, *inner = error["loc"]
+        detail = _expected(error)
+        if inner and isinstance(inner[-1], str):  # a key of a JSON object
+            detail = f"{inner[-1]}: {detail}"
+        elif inner:  # an item of a list
+            detail = f"{error['input']!r}: {detail}"
+        by_field.setdefault(str(field), []).append(detail)
+    lines = []
+    for field in sorted(by_field, key=_field_order):
+        name = ENV_PREFIX + field.upper()
+        # names are matched case-insensitively, so show the one actually set
+        found = next(((key, value) for key, value in environ.items() if key.upper() == name), None)
+        shown = f"{found[0]}={found[1]!r}" if found else name
+        lines.append(f"{shown}: {'; '.join(dict.fromkeys(by_field[field]))}")
+    return "\n".join(lines)
+
+
+def _field_order(field: str) -> int:
+    names = list(Settings.model_fields)
+    return names.index(field) if field in names else len(names)
+
+
+def _expected(error: ErrorDetails) -> str:
+    """What the value should have been, in the words of the README's tables."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    words = {
+        "int_parsing": "expected an integer",
+        "int_type": "expected an integer",
+        "int_from_float": "expected a whole number",
+        "float_parsing": "expected a number",
+        "float_type": "expected a number",
+        "bool_parsing": "expected true or false",
+        "dict_type": 'expected a JSON object, e.g. {"key": "value"}',
+        "greater_than_equal": f"expected a number of at least {ctx.get('ge')}",
+        "greater_than": f"expected a number above {ctx.get('gt')}",
+        "less_than_equal": f"expected a number of at most {ctx.get('le')}",
+        "less_than": f"expected a number below {ctx.get('lt')}",
+        "literal_error": f"expected one of {ctx.get('expected')}",
+        "enum": f"expected one of {ctx.get('expected')}",
+    }
+    if kind in words:
+        return words[kind]
+    message = error["msg"]
+    if message.startswith("Input should be "):
+        return "expected " + message.removeprefix("Input should be ")
+    return message[:1].lower() + message[1:]
