@@ -427,7 +427,7 @@ def test_gpu_memory_is_reported_only_where_cuda_is_in_use_and_never_starts_it() 
 
     # a fresh process, where nothing has touched CUDA yet
     code = (
-        "import torch; from worker import metrics; "
+        "import torch; from imagemill.worker import metrics; "
         "print(list(metrics.GpuMemoryCollector().collect()), torch.cuda.is_initialized())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
