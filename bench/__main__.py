@@ -73,7 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--idle-wait",
         type=float,
         default=300.0,
-        help="before each scenario, wait up to this many seconds for other processes to leave the CPUs (default 300; 0: never wait)",
+        help="before each scenario, wait up to this many seconds for other processes to leave the CPUs "
+        "(default 300; 0: never wait)",
     )
     parser.add_argument(
         "--idle-cores",
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 result["producer_memory"].update(idle, others_cores=round(others.others_cores, 2))
                 log.print(f"{result['producer_memory']['objects_per_s']:,.0f} objects/s")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a failed measurement is reported, the other results kept
                 failures += 1
                 result["producer_memory"] = {"error": f"{type(exc).__name__}: {exc}"}
                 log.print(traceback.format_exc())
@@ -226,7 +227,8 @@ def run_scenario(name: str, bench: scenarios.Bench, args: argparse.Namespace) ->
     try:
         with Interference() as others:
             outcome = asdict(RUNNERS[name](bench))
-    except (Exception, pytest.fail.Exception) as exc:  # fresh_database fails with pytest's outcome
+    except (Exception, pytest.fail.Exception) as exc:  # noqa: BLE001 - reported; the other scenarios still run
+        # pytest.fail.Exception too: fresh_database fails with pytest's outcome, which is no Exception
         traceback.print_exc()
         return {"error": f"{type(exc).__name__}: {exc}", **context}
     outcome.pop("scenario")

@@ -122,7 +122,7 @@ class Sampler:
                 self.peaks[pid] = max(self.peaks.get(pid, 0), hwm)
         try:
             progress = self.probe() if self.probe else {}
-        except Exception as exc:  # a probe that fails must not end the sampling
+        except Exception as exc:  # noqa: BLE001 - a probe that fails must not end the sampling
             progress = {"probe_error": f"{type(exc).__name__}: {exc}"}
         self.samples.append(Sample(time.monotonic() - self._started, total, leaves, progress))
 

@@ -44,8 +44,10 @@ class ModelSet:
 
 
 DESCRIPTIONS = {
-    "tiny": "tiny checkpoints from tests/fixtures/tiny_models.py (hidden 32, 2 layers, 64 px): pipeline-overhead regime",
-    "real": "real sizes, random weights: BLIP-base (ViT-B/16 384 px + BERT-base decoder), ViT-B/16 224 px classifier, CLIP ViT-B/32: compute regime",
+    "tiny": "tiny checkpoints from tests/fixtures/tiny_models.py (hidden 32, 2 layers, 64 px): "
+    "pipeline-overhead regime",
+    "real": "real sizes, random weights: BLIP-base (ViT-B/16 384 px + BERT-base decoder), ViT-B/16 224 px classifier, "
+    "CLIP ViT-B/32: compute regime",
 }
 
 

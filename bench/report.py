@@ -170,7 +170,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         producer = report.get("producer_memory")
         if producer and "start_mib" in producer:
             console.print(
-                f"producer (others used {producer.get('others_cores', 0):.2f} cores): start {producer['start_mib']:.1f} MiB, peak {producer['peak_mib']:.1f} MiB, "
+                f"producer (others used {producer.get('others_cores', 0):.2f} cores): "
+                f"start {producer['start_mib']:.1f} MiB, peak {producer['peak_mib']:.1f} MiB, "
                 f"end {producer['end_mib']:.1f} MiB, {producer['objects_per_s']:,.0f} objects/s"
             )
 
@@ -197,8 +198,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Images: {report['images']['count']:,} photo-like JPEGs of {report['images']['size']} "
         f"(mean {report['images']['mean_kib']:,.0f} KiB). Tasks: {', '.join(report['options']['tasks'])}; "
-        f"batch size {report['options']['batch_size']} (naive: {report['options']['naive_batch_size']}), caption max_new_tokens "
-        f"{report['options']['max_new_tokens']}, chunk size {report['options']['chunk_size']}.",
+        f"batch size {report['options']['batch_size']} (naive: {report['options']['naive_batch_size']}), "
+        f"caption max_new_tokens {report['options']['max_new_tokens']}, chunk size {report['options']['chunk_size']}.",
         "",
     ]
     for name, section in report["sets"].items():

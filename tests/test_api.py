@@ -7,7 +7,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import numpy as np
+import pandas
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -169,7 +171,6 @@ def test_pixel_limit_applies_to_pictures_in_memory(tiny_models: dict[str, Path],
 
 
 def test_datasets_map_adds_flat_columns(annotator: Annotator) -> None:
-    datasets = pytest.importorskip("datasets")
     pictures = [photo_image(64 + 4 * i, 48, seed=i) for i in range(5)]
     pictures[4] = photo_image(400, 300, seed=9)  # over the limit below
     dataset = datasets.Dataset.from_dict(
@@ -247,7 +248,6 @@ def test_ray_shaped_batches_keep_their_columns_and_gain_results(
         assert list(by_path["error_kind"]) == [None, "not_found"]
 
         # batch_format="pandas": a DataFrame in, the same columns out
-        pandas = pytest.importorskip("pandas")
         frame = pandas.DataFrame({"id": [7, 8], "image": [png(photo_image(64, 64)), b""]})
         from_frame = annotate_batch(frame)
         assert list(from_frame["id"]) == [7, 8] and list(from_frame["error_kind"]) == [None, "empty"]

@@ -139,7 +139,7 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(
         server.stop()
 
 
-@pytest.mark.parametrize("soft_timeout, outcome", [("60", "finishes"), ("0.5", "handed back")])
+@pytest.mark.parametrize(("soft_timeout", "outcome"), [("60", "finishes"), ("0.5", "handed back")])
 def test_sigterm_lets_the_chunk_finish_or_hands_it_back_never_half_written(
     dist_env, bucket, pg_url, workers, tmp_path: Path, soft_timeout: str, outcome: str
 ) -> None:

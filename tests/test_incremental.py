@@ -82,7 +82,7 @@ def test_submit_again_skips_objects_the_sink_already_holds(dist_env, bucket, pg_
     assert (forced.skipped, forced.annotated) == (0, len(keys) + 1)
 
 
-@pytest.mark.parametrize("text, seconds", [("45s", 45), ("15m", 900), ("1h30m", 5400), ("1d", 86400)])
+@pytest.mark.parametrize(("text", "seconds"), [("45s", 45), ("15m", 900), ("1h30m", 5400), ("1d", 86400)])
 def test_schedule_intervals_parse(text: str, seconds: int) -> None:
     assert parse_every(text).total_seconds() == seconds
 

@@ -19,14 +19,14 @@ from tests.fixtures.images import photo_image
 
 
 def settings_for(models: dict[str, Path], **overrides) -> Settings:
-    base = dict(
-        caption_model=str(models["caption"]),
-        moderation_model=str(models["moderation"]),
-        tags_model=str(models["tags"]),
-        device="cpu",
-        caption_max_new_tokens=5,
-        batch_size=4,
-    )
+    base = {
+        "caption_model": str(models["caption"]),
+        "moderation_model": str(models["moderation"]),
+        "tags_model": str(models["tags"]),
+        "device": "cpu",
+        "caption_max_new_tokens": 5,
+        "batch_size": 4,
+    }
     return Settings(**{**base, **overrides})
 
 

@@ -217,7 +217,7 @@ def test_distributed_job_completes_when_postgres_restarts_mid_job(
         private_pg.stop()
         time.sleep(2)  # writes fail meanwhile: the chunk task retries with backoff
         private_pg.start()
-        out, err = submit.communicate(timeout=120)
+        _, err = submit.communicate(timeout=120)
     finally:
         if submit.poll() is None:
             submit.kill()

@@ -63,7 +63,7 @@ def test_writers_round_trip_every_field(tmp_path: Path, suffix: str) -> None:
 
 
 def test_writer_refuses_an_unknown_suffix(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=".jsonl or .parquet"):
+    with pytest.raises(UserError, match=r"\.jsonl or \.parquet"):
         open_writer(str(tmp_path / "out.csv"))
 
 

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from imagemill.core.connections import redis_client
 from imagemill.core.redaction import redact_url
 from imagemill.core.schemas import Record, Task
 from imagemill.core.settings import Settings
@@ -112,16 +113,13 @@ class QueueDepthCollector(Collector):
     def __init__(self, broker_url: str, queues: Iterable[str]) -> None:
         self._url = broker_url
         self._queues = sorted(set(queues))
-        self._client: redis.Redis | None = None
+        self._client: redis.Redis[bytes] | None = None
         self._lock = threading.Lock()
 
-    def _redis(self) -> redis.Redis:
+    def _redis(self) -> "redis.Redis[bytes]":
         with self._lock:
             if self._client is None:
-                # a probe (short timeouts, no retries): a scrape must not hang on a Redis outage.
-                # Imported here only because this change touched no other line; it belongs with the module's imports.
-                from imagemill.core.connections import redis_client
-
+                # a probe (short timeouts, no retries): a scrape must not hang on a Redis outage
                 self._client = redis_client(self._url, probe=True)
             return self._client
 

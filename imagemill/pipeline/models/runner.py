@@ -65,8 +65,10 @@ class Runner(ABC):
         """Settings that change this runner's outputs; they enter the pipeline signature."""
 
     @abstractmethod
-    def infer(self, pixels: torch.Tensor) -> list[TaskOutput]:
-        """One output per row of a batch made by `batch`, in order."""
+    def infer(self, pixels: torch.Tensor) -> Sequence[TaskOutput]:
+        """One output per row of a batch made by `batch`, in order.
+
+        A Sequence, not a list: each runner returns a list of its own output type, and a list is invariant."""
 
     def batch(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
         """Preprocessed images -> one tensor on the model's device and dtype."""
@@ -76,14 +78,14 @@ class Runner(ABC):
             return pixels.pin_memory().to(self.device, dtype=self.dtype, non_blocking=True)
         return pixels.to(dtype=self.dtype)
 
-    def run(self, images: Sequence[Image.Image]) -> list[TaskOutput]:
+    def run(self, images: Sequence[Image.Image]) -> Sequence[TaskOutput]:
         """Preprocess and infer in one go (the engine does the two apart, on different threads)."""
         return self.infer(self.batch([self.preprocess(image) for image in images]))
 
 
 def load_pretrained(task: Task, loader: Any, name: str, revision: str | None, **kwargs: Any) -> Any:
     """`loader.from_pretrained`, with any failure turned into one clear ModelLoadError."""
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
     try:
         return loader.from_pretrained(name, revision=revision, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad models
@@ -105,7 +107,7 @@ def hub_commit(name: str, revision: str | None) -> str | None:
 
     try:
         return Path(snapshot_download(name, revision=revision, local_files_only=True)).name
-    except Exception:  # not cached as a snapshot: the record says the revision is unknown
+    except Exception:  # noqa: BLE001 - not cached as a snapshot (or any hub error): the record says the revision is unknown
         return revision
 
 

@@ -56,10 +56,7 @@ class TagsRunner(Runner):
     def infer(self, pixels: torch.Tensor) -> list[Tags]:
         image_embeddings = _normalised(_embeddings(self.model.get_image_features(pixel_values=pixels)))
         logits = image_embeddings @ self.text_embeddings.T * self.model.logit_scale.exp()
-        if self.sigmoid:
-            probs = (logits + self.model.logit_bias).sigmoid()
-        else:
-            probs = logits.softmax(dim=-1)
+        probs = (logits + self.model.logit_bias).sigmoid() if self.sigmoid else logits.softmax(dim=-1)
         scores, indices = probs.float().topk(self.top_k, dim=-1)
         return [self._labels(s, i) for s, i in zip(scores.cpu().tolist(), indices.cpu().tolist(), strict=True)]
 
@@ -84,8 +81,12 @@ def _vocabulary(settings: Settings) -> list[str]:
 
 def _embeddings(output: Any) -> torch.Tensor:
     # transformers 5 returns an output object whose pooler_output is the projected embedding
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled: torch.Tensor = output.pooler_output
+    return pooled
 
 
 def _normalised(embeddings: torch.Tensor) -> torch.Tensor:
-    return embeddings / embeddings.norm(p=2, dim=-1, keepdim=True)
+    # torch.div, not `/`: the same operation, but typed (Tensor.__truediv__ returns Any in torch's stubs)
+    return torch.div(embeddings, embeddings.norm(p=2, dim=-1, keepdim=True))
