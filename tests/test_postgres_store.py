@@ -14,7 +14,7 @@ from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.redaction import redact_url
 from imagemill.core.schemas import Caption, ImageInfo, Moderation, Record, Tags, TagScore
 from imagemill.core.stores import open_writer
-from imagemill.core.stores.postgres import PostgresStore, SchemaVersionError
+from imagemill.core.stores.postgres import SCHEMA_VERSION, PostgresStore, SchemaVersionError
 from tests.fixtures.postgres import admin_connection, admin_url, fresh_database
 from tests.fixtures.s3 import free_port
 
@@ -177,7 +177,8 @@ def test_two_stores_creating_tables_concurrently_both_succeed() -> None:
         assert errors == []
         assert PostgresStore(url).count() == 6
         with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT key, value FROM imagemill_meta").fetchall() == [("schema_version", "1")]
+            meta = conn.execute("SELECT key, value FROM imagemill_meta").fetchall()
+            assert meta == [("schema_version", str(SCHEMA_VERSION))]
             query = "SELECT indexname FROM pg_indexes WHERE tablename = 'imagemill_records'"
             indexes = {row[0] for row in conn.execute(query)}
         assert {f"imagemill_records_{c}_idx" for c in ("job_id", "error_kind", "flagged")} <= indexes
@@ -185,10 +186,11 @@ def test_two_stores_creating_tables_concurrently_both_succeed() -> None:
 
 def test_a_database_with_a_newer_schema_version_is_refused_clearly() -> None:
     with fresh_database(admin_url()) as url:
-        PostgresStore(url).count()  # creates the tables at version 1
+        PostgresStore(url).count()  # creates the tables at this version
+        newer = SCHEMA_VERSION + 1
         with psycopg.connect(url) as conn:
-            conn.execute("UPDATE imagemill_meta SET value = '2' WHERE key = 'schema_version'")
-        with pytest.raises(SchemaVersionError, match="schema version 2 is newer"):
+            conn.execute("UPDATE imagemill_meta SET value = %s WHERE key = 'schema_version'", (str(newer),))
+        with pytest.raises(SchemaVersionError, match=f"schema version {newer} is newer"):
             PostgresStore(url).write([record("file:///a.jpg")], "c")
 
 

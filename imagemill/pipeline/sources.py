@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
@@ -56,6 +56,15 @@ class Source(Protocol):
     def refs(self) -> Iterator[ImageRef]: ...
 
 
+@runtime_checkable
+class PrefixSource(Source, Protocol):
+    """A source whose listing covers everything under one URI prefix: an image under it that a
+    complete listing does not yield is gone. A manifest is not one (it names only some images)."""
+
+    @property
+    def uri_prefix(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class DirectorySource:
     """Every file with an image extension under `root`, recursively, in a stable order."""
@@ -64,6 +73,12 @@ class DirectorySource:
 
     def __str__(self) -> str:
         return str(self.root)
+
+    @property
+    def uri_prefix(self) -> str:
+        """`file:///root/`: every listed uri starts with it (`file_uri` quotes each path the same way)."""
+        root = file_uri(self.root)
+        return root if root.endswith("/") else root + "/"
 
     def refs(self) -> Iterator[ImageRef]:
         seen: set[tuple[int, int]] = set()
@@ -100,6 +115,11 @@ class S3Source:
     page_size: int = 1000
 
     def __str__(self) -> str:
+        return s3_uri(self.bucket, self.prefix)
+
+    @property
+    def uri_prefix(self) -> str:
+        """`s3://bucket/prefix`: S3 lists every key starting with the prefix, "folder" or not."""
         return s3_uri(self.bucket, self.prefix)
 
     def refs(self) -> Iterator[ImageRef]:

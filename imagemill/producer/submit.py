@@ -24,9 +24,9 @@ from imagemill.core.jobs import Job, JobRegistry, JobState, new_job_id
 from imagemill.core.pipeline_key import pipeline_key
 from imagemill.core.schemas import ChunkMessage, ImageRef, Task
 from imagemill.core.settings import Settings
-from imagemill.core.stores import KeyedStore, open_writer
+from imagemill.core.stores import KeyedStore, MarksDeleted, PrefixListing, open_writer
 from imagemill.pipeline.incremental import skip_existing
-from imagemill.pipeline.sources import Source
+from imagemill.pipeline.sources import PrefixSource, Source
 from imagemill.producer.backpressure import Backpressure
 from imagemill.producer.chunking import chunks
 
@@ -118,7 +118,9 @@ class Submission:
         count = 0
         # the sink searched for what to skip stays open while the listing runs, and no longer
         with ExitStack() as listing:
-            refs = self._incremental(_after(self.source.refs, self.resume_after), listing)
+            seen = self._prefix_listing(listing)
+            listed = _after(self.source.refs, self.resume_after)
+            refs = self._incremental(seen.record(listed) if seen else listed, listing)
             try:
                 for chunk in chunks(self.job_id, self.tasks, refs, self.settings.chunk_size, self.first_seq):
                     if not self.backpressure.wait_for_room(self._alive) or not self._alive():
@@ -129,8 +131,32 @@ class Submission:
             except UserError as exc:
                 self.registry.fail(self.job_id, str(exc))
                 raise
+            self._mark_unlisted(seen)
         self.registry.end_listing(self.job_id, self.first_seq + count)
         return count
+
+    def _prefix_listing(self, listing: ExitStack) -> PrefixListing | None:
+        """The sink following this listing, to mark what it no longer holds once it completes; None
+        for a manifest (it does not say what was deleted), a resumed listing (its start was another
+        producer's) or a sink that keeps only history. Opened into `listing`, closed with it."""
+        if self.resume_after is not None or not isinstance(self.source, PrefixSource):
+            return None
+        store = listing.enter_context(open_writer(self.sink))
+        if not isinstance(store, MarksDeleted):
+            return None
+        return listing.enter_context(store.listing(self.source.uri_prefix))
+
+    def _mark_unlisted(self, seen: PrefixListing | None) -> None:
+        """Before `end_listing`, so that a job is done only once its sink says what is current."""
+        if seen is None or not seen.complete:
+            return
+        self.registry.heartbeat(self.job_id)
+        try:
+            marks = seen.finish()
+        except Exception:  # the job's chunks are all enqueued: fail nothing, the next complete scan marks
+            log.exception("job %s: marking deleted and replaced objects failed", self.job_id)
+            return
+        log.info("job %s: listing of %s complete: %s", self.job_id, self.source, marks)
 
     def _incremental(self, refs: Iterable[ImageRef], listing: ExitStack) -> Iterable[ImageRef]:
         """Skip what the sink holds for the signature the workers published for this pipeline;

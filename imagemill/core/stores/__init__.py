@@ -12,6 +12,9 @@ from imagemill.core.stores.base import (
     IncrementalWriter,
     Key,
     KeyedStore,
+    ListingMarks,
+    MarksDeleted,
+    PrefixListing,
     RecordWriter,
     SearchableStore,
     WriterContext,
@@ -24,6 +27,9 @@ __all__ = [
     "IncrementalWriter",
     "Key",
     "KeyedStore",
+    "ListingMarks",
+    "MarksDeleted",
+    "PrefixListing",
     "RecordWriter",
     "SearchableStore",
     "WriterContext",
@@ -39,7 +45,8 @@ def open_writer(target: str, keep_existing: bool = False) -> RecordWriter:
     file:///shared/dir/ (one file per chunk), s3tags:// (results as tags on each record's own
     S3 object), or a *.jsonl / *.parquet file (local mode; `open_file_writer` types it precisely).
 
-    Capabilities beyond `RecordWriter` are checked with isinstance: `KeyedStore`, `SearchableStore`."""
+    Capabilities beyond `RecordWriter` are checked with isinstance: `KeyedStore`, `SearchableStore`,
+    `MarksDeleted`."""
     # each store's driver (psycopg, boto3, pyarrow) is imported only when that store is used
     if target.startswith(("postgresql://", "postgres://")):
         from imagemill.core.stores.postgres import PostgresStore

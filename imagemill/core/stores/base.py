@@ -2,12 +2,13 @@
 context-manager behaviour every writer shares (close on success, abort on error).
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-from imagemill.core.schemas import Record
+from imagemill.core.schemas import ImageRef, Record
 
 # a record's key: (uri, etag, signature); see `Record.key`
 Key = tuple[str, str | None, str]
@@ -59,6 +60,50 @@ class IncrementalWriter(RecordWriter, KeyedStore, Protocol):
     def keep(self, keys: Iterable[Key]) -> None: ...
 
     def abort(self) -> Path: ...
+
+
+@dataclass(frozen=True)
+class ListingMarks:
+    """What a completed listing changed in a store: rows marked deleted, rows of objects listed
+    again after being marked deleted, rows superseded by a newer object version, rows current again."""
+
+    deleted: int = 0
+    reappeared: int = 0
+    superseded: int = 0
+    restored: int = 0
+
+
+class PrefixListing(Protocol):
+    """One listing of everything under a URI prefix, as a store follows it.
+
+    `record(refs)` passes the refs through unchanged and remembers each one (skipped refs too: pass
+    it the listing before anything is dropped); `complete` turns true only when that iterator is
+    exhausted. `finish()` then marks what the listing no longer holds; on an incomplete listing it
+    marks nothing and returns None. `close()` forgets the listing."""
+
+    @property
+    def complete(self) -> bool: ...
+
+    def record(self, refs: Iterable[ImageRef]) -> Iterator[ImageRef]: ...
+
+    def finish(self) -> ListingMarks | None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None: ...
+
+
+@runtime_checkable
+class MarksDeleted(Protocol):
+    """A results store that keeps "what is true now" beside its history: after a complete listing
+    of a prefix it marks the records of objects no longer listed there as deleted, and those of
+    replaced objects (another etag listed) as superseded. PostgreSQL only: object sinks are append-only."""
+
+    def listing(self, uri_prefix: str) -> PrefixListing: ...
 
 
 class WriterContext:

@@ -1,12 +1,25 @@
 """PostgreSQL results store: one upserted row per record key (uri, etag, signature), one transaction per chunk.
 
-Owns the records table (`imagemill_records`, or `?table=`), the `imagemill_meta` schema version, and a connection.
+Owns the records table (`imagemill_records`, or `?table=`), its view of the current records
+(`imagemill_current`, or `<table>_current`: see `current_view`), the `imagemill_meta` schema
+version, and a connection. The table keeps history; the view answers "what is true now":
+
+- a complete listing of a prefix (`listing`) sets `deleted_at` on the rows of objects under it
+  that it no longer lists, and clears it on rows of objects listed again;
+- the same listing sets `superseded_at` on rows whose etag is not the one it listed (the object
+  was replaced), and clears it on rows of the listed etag (the object went back to that version);
+- the view holds, per uri, the most recently processed row that is neither deleted nor superseded:
+  the object's current version as last listed, annotated by the newest pipeline run on it. Where no
+  listing has spoken (a manifest, rows from before schema version 2) the newest row wins.
 """
 
+import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
 
 import psycopg
 from psycopg import sql
@@ -15,13 +28,19 @@ from psycopg.types.json import Jsonb
 
 from imagemill.core.errors import UserError
 from imagemill.core.redaction import redact_url, scrub_secret
-from imagemill.core.schemas import Record
-from imagemill.core.stores.base import Key, WriterContext
+from imagemill.core.schemas import ImageRef, Record
+from imagemill.core.stores.base import Key, ListingMarks, WriterContext
 from imagemill.core.stores.options import split_options
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+# 1: the records table; 2: written_at, superseded_at, deleted_at and the current view
+SCHEMA_VERSION = 2
 DEFAULT_TABLE = "imagemill_records"
 KEYS_PER_QUERY = 1000
+# listed (uri, etag) pairs sent per COPY: each COPY is its own short transaction, so a listing of
+# millions of objects never holds a transaction open (which would hold back VACUUM everywhere)
+LISTED_PER_COPY = 10_000
 # any constant works as long as every imagemill process uses the same one ("imgmill" in ASCII)
 _SCHEMA_LOCK = 0x696D676D696C6C
 # lowercase so people can query it unquoted; short so "<table>_job_id_idx" stays within 63 bytes
@@ -30,6 +49,12 @@ _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 
 class SchemaVersionError(UserError):
     """The database was set up by a newer imagemill than this one."""
+
+
+def current_view(table: str) -> str:
+    """The view of a records table's current records: `imagemill_records` -> `imagemill_current`,
+    any other table `t` -> `t_current`."""
+    return "imagemill_current" if table == DEFAULT_TABLE else f"{table}_current"
 
 
 def split_table(url: str) -> tuple[str, str]:
@@ -56,6 +81,11 @@ class PostgresStore(WriterContext):
     @property
     def table(self) -> str:
         return self._table
+
+    @property
+    def view(self) -> str:
+        """The view of the current records (one row per uri, deleted and replaced versions left out)."""
+        return current_view(self._table)
 
     def write(self, records: Sequence[Record], chunk: str = "") -> None:
         """Upsert a chunk in one transaction: all rows become visible together, or none do.
@@ -94,6 +124,10 @@ class PostgresStore(WriterContext):
             stored = self._stored_ok_keys(batch)
             found.update(key for key in batch if _stored_key(key) in stored)
         return found
+
+    def listing(self, uri_prefix: str) -> "PostgresListing":
+        """Follow a listing of everything under `uri_prefix` on a connection of its own (`MarksDeleted`)."""
+        return PostgresListing(self._connect(), self._table, uri_prefix)
 
     def failed_records(self, job_id: str) -> list[Record]:
         """The job's records that carry an error (for `imagemill retry`)."""
@@ -177,8 +211,126 @@ class PostgresStore(WriterContext):
             return {(uri, etag, signature) for uri, etag, signature in conn.execute(query, columns).fetchall()}
 
 
+class PostgresListing:
+    """One listing of everything under a URI prefix, followed on a connection of its own (`PrefixListing`).
+
+    The listed (uri, etag) pairs go into a temporary table, one COPY per `LISTED_PER_COPY` as they
+    pass, so the Python process holds one batch however long the listing. `finish` marks in the
+    database: four UPDATEs joining that table against the records, in one transaction, touching
+    only rows whose state changes. If the connection fails while recording, the listing stops being
+    recorded (the listing itself goes on) and marks nothing."""
+
+    def __init__(self, conn: psycopg.Connection[Any], table: str, uri_prefix: str) -> None:
+        self._conn = conn
+        self._table = table
+        self._prefix = uri_prefix
+        self._complete = False
+        self._failed = False
+        self.listed = 0
+        try:
+            conn.execute(f"CREATE TEMPORARY TABLE {_LISTED} (uri text NOT NULL, etag text NOT NULL)")
+            row = conn.execute("SELECT now()").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        # rows written after this (by the database's clock) may be of objects created behind the
+        # listing's back: a later listing judges them
+        self._started: datetime = row[0] if row else datetime.max
+
+    @property
+    def uri_prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def complete(self) -> bool:
+        """The listing passed through `record` to its end, and all of it was recorded."""
+        return self._complete and not self._failed
+
+    def record(self, refs: Iterable[ImageRef]) -> Iterator[ImageRef]:
+        batch: list[tuple[str, str]] = []
+        for ref in refs:
+            batch.append((_without_nul(ref.uri), _without_nul(ref.etag or "")))
+            if len(batch) >= LISTED_PER_COPY:
+                self._copy(batch)
+                batch = []
+            yield ref
+        self._copy(batch)
+        self._complete = True
+
+    def finish(self) -> ListingMarks | None:
+        """Mark what a complete listing no longer holds, and bring back what it holds again; None
+        (nothing marked) when the listing did not complete."""
+        if not self.complete:
+            return None
+        params = {"pattern": like_prefix(self._prefix), "started": self._started}
+        with self._conn.transaction():
+            # the join of millions of listed keys hashes in memory instead of in many batches on disk
+            self._conn.execute("SET LOCAL work_mem = '64MB'")
+            self._conn.execute(f"ANALYZE {_LISTED}")  # autovacuum never analyzes temporary tables
+            counts = [self._conn.execute(statement, params).rowcount for statement in _mark_sql(self._table)]
+        return ListingMarks(*counts)
+
+    def close(self) -> None:
+        """Close the connection; the temporary table goes with it."""
+        self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _copy(self, batch: list[tuple[str, str]]) -> None:
+        if not batch or self._failed:
+            return
+        try:
+            # autocommit: each COPY is a short transaction of its own
+            with self._conn.cursor() as cur, cur.copy(f"COPY {_LISTED} (uri, etag) FROM STDIN") as copy:
+                for row in batch:
+                    copy.write_row(row)
+        except psycopg.Error as exc:
+            self._failed = True
+            log.warning("recording the listing of %s failed, so it marks nothing: %s", self._prefix, exc)
+            return
+        self.listed += len(batch)
+
+
+# one per connection: each listing has a connection of its own
+_LISTED = "imagemill_listed"
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern (escape character `\\`) matching the strings that start with `prefix`."""
+    return re.sub(r"([\\%_])", r"\\\1", prefix) + "%"
+
+
+def _mark_sql(table: str) -> list[sql.Composed]:
+    """deleted, reappeared, superseded, restored: the order of `ListingMarks`' fields."""
+    name = sql.Identifier(table)
+    listed = sql.Identifier(_LISTED)
+    under = sql.SQL("r.uri LIKE %(pattern)s ESCAPE '\\'")
+    statements = [
+        # rows under the prefix whose uri the listing did not list
+        "UPDATE {t} AS r SET deleted_at = now() WHERE {under} AND r.deleted_at IS NULL"
+        " AND r.written_at < %(started)s AND NOT EXISTS (SELECT 1 FROM {listed} AS l WHERE l.uri = r.uri)",
+        # an object deleted before and listed again
+        "UPDATE {t} AS r SET deleted_at = NULL WHERE r.deleted_at IS NOT NULL AND {under}"
+        " AND EXISTS (SELECT 1 FROM {listed} AS l WHERE l.uri = r.uri)",
+        # rows of a version the listing no longer shows (a listing without an etag says nothing)
+        "UPDATE {t} AS r SET superseded_at = now() FROM {listed} AS l WHERE r.uri = l.uri AND l.etag <> ''"
+        " AND r.etag <> l.etag AND r.superseded_at IS NULL AND r.written_at < %(started)s",
+        # an object that went back to a version seen before
+        "UPDATE {t} AS r SET superseded_at = NULL FROM {listed} AS l WHERE r.uri = l.uri AND r.etag = l.etag"
+        " AND r.superseded_at IS NOT NULL",
+    ]
+    return [sql.SQL(statement).format(t=name, listed=listed, under=under) for statement in statements]
+
+
 def _ensure_schema(conn: psycopg.Connection[Any], table: str, where: str) -> None:
-    """Create the tables once, whichever of several starting workers gets there first."""
+    """Create the tables once, whichever of several starting workers gets there first; bring a
+    table of an older schema version up to this one."""
     with conn.transaction():
         # CREATE TABLE IF NOT EXISTS is not safe against a concurrent twin (duplicate pg_type row)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -188,11 +340,29 @@ def _ensure_schema(conn: psycopg.Connection[Any], table: str, where: str) -> Non
             (str(SCHEMA_VERSION),),
         )
         row = conn.execute("SELECT value FROM imagemill_meta WHERE key = 'schema_version'").fetchone()
-        _check_version(row[0] if row else None, where)
+        value = row[0] if row else None
+        if value == "1":
+            # the version is the database's: from now on imagemill 1 refuses it (it would not keep
+            # the view's columns right). Each version 1 table is migrated when it is first opened.
+            conn.execute("UPDATE imagemill_meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            value = str(SCHEMA_VERSION)
+        _check_version(value, where)
         # skipping DDL when the table exists also skips CREATE INDEX, which would lock out writers
         if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,):
             for statement in _create_sql(table):
                 conn.execute(statement)
+        elif not _has_column(conn, table, "deleted_at"):
+            log.warning("%s: migrating table %s to schema version %d", where, table, SCHEMA_VERSION)
+            for statement in _migrate_v1_sql(table):
+                conn.execute(statement)
+
+
+def _has_column(conn: psycopg.Connection[Any], table: str, column: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s AND NOT attisdropped",
+        (table, column),
+    ).fetchone()
+    return row is not None
 
 
 def _check_version(value: str | None, where: str) -> None:
@@ -219,21 +389,77 @@ def _create_sql(table: str) -> list[sql.Composed]:
         " error_kind text,"
         " processed_at timestamptz NOT NULL,"
         " record jsonb NOT NULL,"
+        " written_at timestamptz NOT NULL DEFAULT now(),"  # the database's clock, unlike processed_at
+        " superseded_at timestamptz,"  # a later listing found another etag at this uri
+        " deleted_at timestamptz,"  # a later complete listing of a prefix did not list this uri
         " PRIMARY KEY (uri, etag, signature))"
     ).format(name)
     index = sql.SQL("CREATE INDEX {} ON {} ({})")
-    return [create] + [
-        index.format(sql.Identifier(f"{table}_{column}_idx"), name, sql.Identifier(column))
-        for column in ("job_id", "error_kind", "flagged")
+    return (
+        [create]
+        + [
+            index.format(sql.Identifier(f"{table}_{column}_idx"), name, sql.Identifier(column))
+            for column in ("job_id", "error_kind", "flagged")
+        ]
+        + _current_sql(table)
+    )
+
+
+def _migrate_v1_sql(table: str) -> list[sql.Composed]:
+    """Version 1 -> 2 in place. Adding the columns rewrites nothing (constant defaults); the two
+    new indexes are built under the schema lock, so writers wait once for them."""
+    name = sql.Identifier(table)
+    return [
+        sql.SQL(
+            "ALTER TABLE {}"
+            # rows from before the migration count as written before any listing started
+            " ADD COLUMN written_at timestamptz NOT NULL DEFAULT '-infinity',"
+            " ADD COLUMN superseded_at timestamptz,"
+            " ADD COLUMN deleted_at timestamptz"
+        ).format(name),
+        sql.SQL("ALTER TABLE {} ALTER COLUMN written_at SET DEFAULT now()").format(name),
+        *_current_sql(table),
     ]
 
 
+def _current_sql(table: str) -> list[sql.Composed]:
+    """The indexes that listings mark by, and the view of current records."""
+    name = sql.Identifier(table)
+    return [
+        # `uri LIKE 'prefix%'` can use a btree index only in the C collation or with pattern ops
+        sql.SQL("CREATE INDEX {} ON {} (uri text_pattern_ops)").format(sql.Identifier(f"{table}_uri_prefix_idx"), name),
+        # the few rows out of the view: a listing finds those to bring back without a table scan
+        sql.SQL("CREATE INDEX {} ON {} (uri, etag) WHERE deleted_at IS NOT NULL OR superseded_at IS NOT NULL").format(
+            sql.Identifier(f"{table}_history_idx"), name
+        ),
+        _view_sql(table),
+    ]
+
+
+def _view_sql(table: str) -> sql.Composed:
+    # NOT EXISTS rather than DISTINCT ON: a filter on the view (`WHERE flagged`, `WHERE uri = …`,
+    # `WHERE job_id = …`) is applied to the table first and can use its indexes; each candidate is
+    # then checked against the other rows of its uri through the primary key
+    columns = sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in _ALL_COLUMNS)
+    return sql.SQL(
+        "CREATE OR REPLACE VIEW {view} AS SELECT {columns} FROM {table} AS r"
+        " WHERE r.deleted_at IS NULL AND r.superseded_at IS NULL AND NOT EXISTS ("
+        " SELECT 1 FROM {table} AS n WHERE n.uri = r.uri AND n.deleted_at IS NULL AND n.superseded_at IS NULL"
+        " AND (n.processed_at, n.etag, n.signature) > (r.processed_at, r.etag, r.signature))"
+    ).format(view=sql.Identifier(current_view(table)), columns=columns, table=sql.Identifier(table))
+
+
 _COLUMNS = ("uri", "etag", "signature", "job_id", "flagged", "caption", "error_kind", "processed_at", "record")
+_ALL_COLUMNS = (*_COLUMNS, "written_at", "superseded_at", "deleted_at")
 
 
 def _upsert_sql(table: str) -> sql.Composed:
+    # deleted_at and superseded_at are left as they are: only a listing says what exists now
     keys = ("uri", "etag", "signature")
-    updates = [sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in _COLUMNS if c not in keys]
+    updates: list[sql.Composable] = [
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in _COLUMNS if c not in keys
+    ]
+    updates.append(sql.SQL("written_at = now()"))
     return sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (uri, etag, signature) DO UPDATE SET {}").format(
         sql.Identifier(table),
         sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
