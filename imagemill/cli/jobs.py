@@ -157,7 +157,7 @@ def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")
     """The most recent jobs, newest first."""
     with _registry() as registry:
         recent = registry.recent(limit)
-    table = Table("job", "state", "tasks", "source", "processed", "queued", "failed", "created")
+    table = Table("job", "state", "tasks", "source", "processed", "queued", "failed", "created", "kept")
     for job in recent:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
         table.add_row(
@@ -169,8 +169,25 @@ def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")
             f"{job.queued:,}",
             f"{job.failed:,}",
             created,
+            kept(job),
         )
     stdout.print(table)
+
+
+def kept(job: Job) -> str:
+    """How long the registry keeps a job: while it runs, then IMAGEMILL_JOB_RETENTION after it ends."""
+    if job.expires_at is None or job.retention_s is None:
+        return "while running"
+    until = time.strftime("%m-%d %H:%M", time.localtime(job.expires_at))
+    return f"{duration(job.retention_s)}, until {until}"
+
+
+def duration(seconds: float) -> str:
+    """7d, 36h, 90m, 45s: the largest unit that divides it, else seconds."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def cancel(job_id: Annotated[str, typer.Argument(help="The job to stop.")]) -> None:
@@ -209,6 +226,7 @@ def job_table(job: Job) -> Table:
     table.add_column()
     rows = {
         "state": job.state.value + (f" ({job.error})" if job.error else ""),
+        "kept": kept(job),
         "source": job.source,
         "tasks": ", ".join(job.tasks),
         "sink": redact_url(job.sink),

@@ -98,7 +98,16 @@ class Settings(BaseSettings):
     soft_shutdown_timeout: float = Field(default=60.0, ge=0)
     chunk_size: int = Field(default=128, ge=1, le=10_000)
     queue_high_water: int = Field(default=200, ge=1, description="chunks queued before submit waits")
-    task_max_retries: int = Field(default=10, ge=0)
+    task_max_retries: int = Field(
+        default=10,
+        ge=0,
+        description="retries of a chunk after a transient fault; backoff 2, 4, 8 … 120 s (10: about 10 minutes)",
+    )
+    job_retention: int = Field(
+        default=7 * 24 * 3600,
+        ge=1,
+        description="seconds a finished job (done, failed, cancelled) stays in Redis, then it expires",
+    )
     worker_tasks: Annotated[tuple[Task, ...], NoDecode] = Field(
         default=tuple(Task), description="models a worker loads at start-up (others load on demand)"
     )
