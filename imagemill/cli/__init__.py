@@ -11,7 +11,7 @@ import redis
 import typer
 
 import imagemill
-from imagemill.cli import annotate, jobs, models, schedules, worker
+from imagemill.cli import annotate, jobs, models, review, schedules, worker
 from imagemill.cli.display import missing_extra, report
 from imagemill.core.errors import UserError
 
@@ -50,6 +50,7 @@ app.command("retry")(jobs.retry)
 app.command("worker")(worker.worker)
 app.add_typer(schedules.app, name="schedule")
 app.command("beat")(schedules.beat)
+app.command("review")(review.review)
 
 
 def main() -> None:
