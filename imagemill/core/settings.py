@@ -99,9 +99,10 @@ class Settings(BaseSettings):
     chunk_size: int = Field(default=128, ge=1, le=10_000)
     queue_high_water: int = Field(default=200, ge=1, description="chunks queued before submit waits")
     task_max_retries: int = Field(
-        default=10,
+        default=15,
         ge=0,
-        description="retries of a chunk after a transient fault; backoff 2, 4, 8 … 120 s (10: about 10 minutes)",
+        description="retries of a chunk after a transient fault; each pause random up to 2, 4, 8 … 120 s "
+        "(15: about ten minutes in all)",
     )
     job_retention: int = Field(
         default=7 * 24 * 3600,

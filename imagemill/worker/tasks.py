@@ -1,6 +1,7 @@
 """The Celery chunk task: a thin wrapper that validates the message and calls `run_chunk`.
 
-Its retry and failure policy is `ChunkTask` (imagemill.worker.retries); the worker process's signals are here.
+Its retry and failure policy is `ChunkTask` (imagemill.worker.retries): transient faults are retried,
+permanent ones (`classified`) fail the job at once; the worker process's signals are here.
 """
 
 import logging
@@ -14,7 +15,7 @@ from imagemill.core.broker import CHUNK_TASK
 from imagemill.core.schemas import ChunkMessage
 from imagemill.worker.celery import app
 from imagemill.worker.chunks import run_chunk
-from imagemill.worker.retries import ChunkTask
+from imagemill.worker.retries import TRANSIENT, ChunkTask, classified
 from imagemill.worker.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,14 @@ def annotate_chunk(self: ChunkTask, message: Any) -> dict[str, Any]:
         log.error("rejected a malformed chunk message (task id %s): %s", self.request.id, exc.errors()[:3])
         runtime().registry.count_rejected()
         raise Reject(f"malformed chunk message: {exc.error_count()} errors", requeue=False) from None
-    result = run_chunk(chunk, runtime())
+    try:
+        result = run_chunk(chunk, runtime())
+    except TRANSIENT as exc:
+        # a deleted bucket, bad credentials or a full disk fail the job now instead of being retried
+        fault = classified(exc)
+        if fault is exc:
+            raise
+        raise fault from exc
     log.info("chunk %s: %s %s", result.chunk_id, result.outcome, result.counts)
     return {"chunk_id": result.chunk_id, "outcome": result.outcome, "counts": result.counts}
 
