@@ -1,6 +1,13 @@
 """Chunk sinks: one S3 object, or one file on a shared volume, per chunk of records.
 
 Each chunk's name is deterministic (`{prefix}{chunk}.{format}`), so a redelivered chunk replaces itself.
+
+What they hold is append-only history per job: `{prefix}{job}/{seq}.{format}` has the records that
+chunk wrote, and nothing is ever marked deleted or superseded (they are not `MarksDeleted` stores).
+A replaced object's older records stay in older jobs' files; a deleted object's records stay
+forever. The current set (per uri, the most recently processed record, less the uris a fresh
+listing no longer has) is derived by reading them, the job of an export; the PostgreSQL store keeps
+it as the view `imagemill_current`.
 """
 
 import os

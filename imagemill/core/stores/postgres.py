@@ -266,9 +266,14 @@ class PostgresListing:
         with self._conn.transaction():
             # the join of millions of listed keys hashes in memory instead of in many batches on disk
             self._conn.execute("SET LOCAL work_mem = '64MB'")
+            # probing the listing by uri stays cheap whatever the planner thinks of the records' marks
+            # (their statistics lag: rows marked a moment ago in this transaction look like none)
+            self._conn.execute(f"CREATE INDEX ON {_LISTED} (uri)")
             self._conn.execute(f"ANALYZE {_LISTED}")  # autovacuum never analyzes temporary tables
-            counts = [self._conn.execute(statement, params).rowcount for statement in _mark_sql(self._table)]
-        return ListingMarks(*counts)
+            counts = {
+                name: self._conn.execute(statement, params).rowcount for name, statement in _mark_sql(self._table)
+            }
+        return ListingMarks(**counts)
 
     def close(self) -> None:
         """Close the connection; the temporary table goes with it."""
@@ -306,26 +311,27 @@ def like_prefix(prefix: str) -> str:
     return re.sub(r"([\\%_])", r"\\\1", prefix) + "%"
 
 
-def _mark_sql(table: str) -> list[sql.Composed]:
-    """deleted, reappeared, superseded, restored: the order of `ListingMarks`' fields."""
+def _mark_sql(table: str) -> list[tuple[str, sql.Composed]]:
+    """(`ListingMarks` field, UPDATE) in the order they run: bringing rows back first, so that those
+    marked a moment later are not searched again."""
     name = sql.Identifier(table)
     listed = sql.Identifier(_LISTED)
     under = sql.SQL("r.uri LIKE %(pattern)s ESCAPE '\\'")
-    statements = [
-        # rows under the prefix whose uri the listing did not list
-        "UPDATE {t} AS r SET deleted_at = now() WHERE {under} AND r.deleted_at IS NULL"
-        " AND r.written_at < %(started)s AND NOT EXISTS (SELECT 1 FROM {listed} AS l WHERE l.uri = r.uri)",
+    statements = {
         # an object deleted before and listed again
-        "UPDATE {t} AS r SET deleted_at = NULL WHERE r.deleted_at IS NOT NULL AND {under}"
+        "reappeared": "UPDATE {t} AS r SET deleted_at = NULL WHERE r.deleted_at IS NOT NULL AND {under}"
         " AND EXISTS (SELECT 1 FROM {listed} AS l WHERE l.uri = r.uri)",
-        # rows of a version the listing no longer shows (a listing without an etag says nothing)
-        "UPDATE {t} AS r SET superseded_at = now() FROM {listed} AS l WHERE r.uri = l.uri AND l.etag <> ''"
-        " AND r.etag <> l.etag AND r.superseded_at IS NULL AND r.written_at < %(started)s",
         # an object that went back to a version seen before
-        "UPDATE {t} AS r SET superseded_at = NULL FROM {listed} AS l WHERE r.uri = l.uri AND r.etag = l.etag"
-        " AND r.superseded_at IS NOT NULL",
-    ]
-    return [sql.SQL(statement).format(t=name, listed=listed, under=under) for statement in statements]
+        "restored": "UPDATE {t} AS r SET superseded_at = NULL FROM {listed} AS l WHERE r.uri = l.uri"
+        " AND r.etag = l.etag AND r.superseded_at IS NOT NULL",
+        # rows under the prefix whose uri the listing did not list
+        "deleted": "UPDATE {t} AS r SET deleted_at = now() WHERE {under} AND r.deleted_at IS NULL"
+        " AND r.written_at < %(started)s AND NOT EXISTS (SELECT 1 FROM {listed} AS l WHERE l.uri = r.uri)",
+        # rows of a version the listing no longer shows (a listing without an etag says nothing)
+        "superseded": "UPDATE {t} AS r SET superseded_at = now() FROM {listed} AS l WHERE r.uri = l.uri"
+        " AND l.etag <> '' AND r.etag <> l.etag AND r.superseded_at IS NULL AND r.written_at < %(started)s",
+    }
+    return [(key, sql.SQL(text).format(t=name, listed=listed, under=under)) for key, text in statements.items()]
 
 
 def _ensure_schema(conn: psycopg.Connection[Any], table: str, where: str) -> None:
