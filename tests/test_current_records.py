@@ -216,6 +216,7 @@ INSERT INTO imagemill_meta VALUES ('schema_version', '1');
 """
 
 
+@pytest.mark.slow  # a database of its own on the PostgreSQL server
 def test_a_version_1_table_is_migrated_in_place() -> None:
     with fresh_database(admin_url()) as url:
         with psycopg.connect(url, autocommit=True) as conn:
