@@ -21,7 +21,9 @@ def worker(
     ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
-    """Run annotation workers: one Celery worker process per GPU, restarted if it dies."""
+    """Run annotation workers: one Celery worker process per GPU, restarted if it dies.
+
+    Exits non-zero when a worker process keeps dying at start (IMAGEMILL_WORKER_MAX_CRASHES)."""
     settings = get_settings()
     logs.configure(settings.log_format, logging.INFO, "%(asctime)s %(levelname)s imagemill.worker: %(message)s")
     try:
@@ -34,5 +36,11 @@ def worker(
         else sorted({settings.queue, *settings.routes.values()})
     )
     raise typer.Exit(
-        Supervisor(slots=slots, queues=chosen, loglevel=loglevel, quiet=settings.log_format == "json").run()
+        Supervisor(
+            slots=slots,
+            queues=chosen,
+            loglevel=loglevel,
+            quiet=settings.log_format == "json",
+            max_crashes=settings.worker_max_crashes,
+        ).run()
     )

@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     worker_tasks: Annotated[tuple[Task, ...], NoDecode] = Field(
         default=tuple(Task), description="models a worker loads at start-up (others load on demand)"
     )
+    worker_max_crashes: int = Field(
+        default=5,
+        ge=1,
+        description="a worker process that exits this many times in a row, each within a minute of its start, "
+        "makes `imagemill worker` exit non-zero instead of restarting it again",
+    )
     max_worker_losses: int = Field(
         default=2, ge=0, description="worker deaths a chunk may cause before it is dead-lettered"
     )

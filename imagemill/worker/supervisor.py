@@ -2,8 +2,17 @@
 
 This parent never imports torch, so CUDA is never initialised in a process that forks; it
 restarts children that die and forwards SIGTERM for a graceful (soft) shutdown.
+
+Children die with it: on Linux each is started with PR_SET_PDEATHSIG (SIGKILL), so a supervisor
+that is SIGKILLed or crashes takes its Celery workers along (their own pool processes already
+die with them: Celery sets the same for its prefork children). Elsewhere (macOS) there is no such
+call: run it under a process manager that stops the whole process group. A child that keeps
+dying at start (WORKER_MAX_CRASHES times in a row, each within HEALTHY_AFTER_S of its start)
+makes the supervisor stop the others and exit non-zero, so an orchestrator sees the failure.
 """
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -18,7 +27,29 @@ log = logging.getLogger(__name__)
 
 CPU = "cpu"
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+# a child that ran this long was healthy: its exit starts a new count of crashes in a row
+HEALTHY_AFTER_S = 60.0
+CRASHED = 1  # the supervisor's exit status when a child crash-loops
 METRICS_PORT_VAR = "IMAGEMILL_METRICS_PORT"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get SIGKILL when this process dies (Linux prctl
+    PR_SET_PDEATHSIG); None where the platform has no such call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        # runs in the child between fork and exec: only async-signal-safe work
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(127)
+        if os.getppid() != parent:  # the parent died before the call took effect
+            os._exit(127)
+
+    return preexec
 
 
 @dataclass(frozen=True)
@@ -125,7 +156,7 @@ class Child:
     slot: Slot
     process: subprocess.Popen[bytes]
     started: float
-    restarts: int = 0
+    restarts: int = 0  # quick exits in a row before this start
 
 
 @dataclass
@@ -137,30 +168,46 @@ class Supervisor:
     loglevel: str = "INFO"
     quiet: bool = False  # no Celery banner (JSON logs)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    max_crashes: int = 5  # IMAGEMILL_WORKER_MAX_CRASHES
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
+    failed: bool = False  # a child crash-looped: the run ends with CRASHED
 
     def start(self) -> None:
         self.children = [self._spawn(slot) for slot in self.slots]
 
     def _spawn(self, slot: Slot, restarts: int = 0) -> Child:
         argv = celery_argv(slot, self.queues, self.loglevel, quiet=self.quiet)
-        process = subprocess.Popen(argv, env=slot.env(self.env))
+        process = subprocess.Popen(argv, env=slot.env(self.env), preexec_fn=die_with_parent())
         log.info("started %s (pid %d): %s", slot.name, process.pid, " ".join(argv[3:]))
         return Child(slot, process, time.monotonic(), restarts)
 
     def watch_once(self) -> None:
-        """Restart any child that died, with a growing pause when it keeps dying."""
+        """Restart any child that died, with a growing pause when it keeps dying; give up (stop
+        everything, `failed`) when one died `max_crashes` times in a row soon after starting."""
         for i, child in enumerate(self.children):
             code = child.process.poll()
             if code is None or self.stopping:
                 continue
-            healthy = time.monotonic() - child.started > 60
-            restarts = 0 if healthy else child.restarts + 1
-            pause = RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)] if restarts else 0
+            healthy = time.monotonic() - child.started > HEALTHY_AFTER_S
+            crashes = 0 if healthy else child.restarts + 1
+            if crashes >= self.max_crashes:
+                log.error(
+                    "%s (pid %d) exited with %s, %d times in a row within %.0f s of starting; giving up",
+                    child.slot.name,
+                    child.process.pid,
+                    code,
+                    crashes,
+                    HEALTHY_AFTER_S,
+                )
+                self.failed = self.stopping = True
+                return
+            pause = RESTART_BACKOFF_S[min(crashes, len(RESTART_BACKOFF_S) - 1)] if crashes else 0
             log.error("%s (pid %d) exited with %s; restarting in %ss", child.slot.name, child.process.pid, code, pause)
             time.sleep(pause)
-            self.children[i] = self._spawn(child.slot, restarts)
+            if self.stopping:  # a signal came during the pause
+                return
+            self.children[i] = self._spawn(child.slot, crashes)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -182,4 +229,6 @@ class Supervisor:
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
         codes = [child.process.wait() for child in self.children]
+        if self.failed:
+            return CRASHED
         return max((code for code in codes if code and code > 0), default=0)
