@@ -25,10 +25,11 @@ from imagemill.core.pipeline_key import pipeline_key
 from imagemill.core.schemas import ChunkMessage, ImageRef, Task
 from imagemill.core.settings import Settings
 from imagemill.core.stores import KeyedStore, MarksDeleted, PrefixListing, open_writer
-from imagemill.pipeline.incremental import skip_existing
+from imagemill.pipeline.incremental import mark_existing
 from imagemill.pipeline.sources import PrefixSource, Source
 from imagemill.producer.backpressure import Backpressure
 from imagemill.producer.chunking import chunks
+from imagemill.producer.resume import ResumePoint
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Submission:
     resume_after: str | None = None
     first_seq: int = 0
     force: bool = False  # annotate again even what the sink already holds
+    # the resume point only moves past refs enqueued or skipped, in listing order
+    _resume: ResumePoint = field(default_factory=ResumePoint, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.queue = queue_for(self.tasks, self.settings)
@@ -116,6 +119,7 @@ class Submission:
             time.sleep(min(1.0, self.settings.producer_stale_s / 2))
             self.producing = self._take_over()
         count = 0
+        self._resume = ResumePoint()
         # the sink searched for what to skip stays open while the listing runs, and no longer
         with ExitStack() as listing:
             seen = self._prefix_listing(listing)
@@ -131,6 +135,7 @@ class Submission:
             except UserError as exc:
                 self.registry.fail(self.job_id, str(exc))
                 raise
+            self._skipped(*self._resume.settle())  # skipped refs after the last chunk
             self._mark_unlisted(seen)
         self.registry.end_listing(self.job_id, self.first_seq + count)
         return count
@@ -170,15 +175,20 @@ class Submission:
             log.info("job %s annotates everything: %s", self.job_id, reason)
             return refs
 
-        def skipped(refs: list[ImageRef]) -> None:
-            self.registry.add_queued(self.job_id, listed=len(refs), queued=0, skipped=len(refs), last_uri=refs[-1].uri)
+        # skipped refs are counted, and moved past, only once the fresh refs listed before them are enqueued
+        return self._resume.fresh(mark_existing(refs, store, signature), self._skipped)
 
-        return skip_existing(refs, store, signature, skipped)
+    def _skipped(self, count: int, last_uri: str | None) -> None:
+        if count:
+            self.registry.add_queued(self.job_id, listed=count, queued=0, skipped=count, last_uri=last_uri)
 
     def _enqueue(self, chunk: ChunkMessage) -> None:
         self.celery.send_task(CHUNK_TASK, args=[chunk.model_dump(mode="json")], queue=self.queue)
         n = len(chunk.refs)
-        self.registry.add_queued(self.job_id, listed=n, queued=n, last_uri=chunk.refs[-1].uri)
+        # skipped refs listed before this chunk's last ref (or after it, when no fresh ref follows) count now
+        skipped, after = self._resume.enqueued(n)
+        last_uri = after or chunk.refs[-1].uri
+        self.registry.add_queued(self.job_id, listed=n + skipped, queued=n, skipped=skipped, last_uri=last_uri)
         self.on_chunk(chunk)
 
     def _alive(self) -> bool:
