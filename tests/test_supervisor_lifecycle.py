@@ -91,3 +91,30 @@ def test_the_crash_limit_is_a_setting_five_by_default(monkeypatch: pytest.Monkey
     assert Settings().worker_max_crashes == 7
     monkeypatch.delenv("IMAGEMILL_WORKER_MAX_CRASHES")
     assert Settings().worker_max_crashes == 5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_worker_check_is_the_probe_of_a_live_worker_and_its_broker(
+    model_env: dict[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    from tests.fixtures.cli import run_cli
+
+    env = {**model_env, "IMAGEMILL_BROKER_URL": redis_url, "IMAGEMILL_WORKER_STATUS_FILE": str(tmp_path / "w.json")}
+    before = run_cli("worker", "--check", env=env)
+    assert before.returncode == 1 and "no worker status" in before.stderr
+    worker = start_worker(env, tmp_path / "worker.log").wait_ready()
+    group = worker.process.pid
+    try:
+        alive = run_cli("worker", "--check", env=env)
+        assert alive.returncode == 0 and alive.stdout.strip() == "ok", alive.stderr
+        assert run_cli("worker", "--ready", env=env).returncode == 0
+        unreachable = run_cli("worker", "--ready", env={**env, "IMAGEMILL_BROKER_URL": "redis://127.0.0.1:1/0"})
+        assert unreachable.returncode == 1 and "cannot reach Redis" in unreachable.stderr
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.wait()
+        wait_for(lambda: live_pids_in_group(group) == [], 30, "the children to die")
+        dead = run_cli("worker", "--check", env=env)
+        assert dead.returncode == 1 and "is gone" in dead.stderr
+    finally:
+        if live_pids_in_group(group):
+            os.killpg(group, signal.SIGKILL)

@@ -4,14 +4,17 @@ Owns the command's options only; the supervisor (`imagemill.worker.supervisor`) 
 """
 
 import logging
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, NoReturn
 
 import typer
 
 from imagemill.cli.display import fail
 from imagemill.core import logs
+from imagemill.core.connections import check_reachable
+from imagemill.core.errors import UserError
 from imagemill.core.settings import get_settings
-from imagemill.worker.supervisor import Supervisor, plan_slots
+from imagemill.worker.supervisor import Supervisor, check_alive, plan_slots
 
 
 def worker(
@@ -20,11 +23,25 @@ def worker(
         str | None, typer.Option(help="Comma-separated queues [default: IMAGEMILL_QUEUE and routed queues].")
     ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Probe a running `imagemill worker` (liveness): exit 0 when its supervisor and Celery "
+            "processes are alive, 1 with the reason when not. Starts nothing.",
+        ),
+    ] = False,
+    ready: Annotated[
+        bool,
+        typer.Option("--ready", help="Like --check, and the broker answers a ping (readiness). Starts nothing."),
+    ] = False,
 ) -> None:
     """Run annotation workers: one Celery worker process per GPU, restarted if it dies.
 
     Exits non-zero when a worker process keeps dying at start (IMAGEMILL_WORKER_MAX_CRASHES)."""
     settings = get_settings()
+    if check or ready:
+        probe(settings.worker_status_file, settings.broker_url if ready else None)
     logs.configure(settings.log_format, logging.INFO, "%(asctime)s %(levelname)s imagemill.worker: %(message)s")
     try:
         slots = plan_slots(gpus)
@@ -42,5 +59,21 @@ def worker(
             loglevel=loglevel,
             quiet=settings.log_format == "json",
             max_crashes=settings.worker_max_crashes,
+            status_file=settings.worker_status_file,
         ).run()
     )
+
+
+def probe(status_file: Path, broker_url: str | None) -> NoReturn:
+    """The probes' command: one line and exit 0 when healthy, 1 when not."""
+    problem = check_alive(status_file)
+    if problem is None and broker_url is not None:
+        try:
+            check_reachable(broker_url)
+        except UserError as exc:
+            problem = str(exc)
+    if problem is not None:
+        typer.echo(f"unhealthy: {problem}", err=True)
+        raise typer.Exit(1)
+    typer.echo("ok")
+    raise typer.Exit(0)

@@ -55,8 +55,13 @@ class Settings(BaseSettings):
     moderation_model: str = "Falconsai/nsfw_image_detection"
     tags_model: str = "openai/clip-vit-base-patch32"
     tags_vocabulary: Path = DEFAULT_VOCABULARY
+    # one hub revision (branch, tag or commit; pin a commit) per model: the three are different repositories
+    caption_revision: str | None = Field(default=None, description="hub revision of the caption model")
+    moderation_revision: str | None = Field(default=None, description="hub revision of the moderation model")
+    tags_revision: str | None = Field(default=None, description="hub revision of the tags model")
     model_revision: str | None = Field(
-        default=None, description="Hub revision (branch, tag or commit) for hub-id models."
+        default=None,
+        description="deprecated: one revision for every model; used only where IMAGEMILL_<TASK>_REVISION is unset",
     )
 
     # inference
@@ -118,6 +123,10 @@ class Settings(BaseSettings):
         description="a worker process that exits this many times in a row, each within a minute of its start, "
         "makes `imagemill worker` exit non-zero instead of restarting it again",
     )
+    worker_status_file: Path = Field(
+        default=Path("/tmp/imagemill-worker.json"),
+        description="where `imagemill worker` records its processes for `imagemill worker --check` (liveness)",
+    )
     max_worker_losses: int = Field(
         default=2, ge=0, description="worker deaths a chunk may cause before it is dead-lettered"
     )
@@ -156,6 +165,16 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    def revision(self, task: Task) -> str | None:
+        """The hub revision of `task`'s model: IMAGEMILL_<TASK>_REVISION, else the deprecated
+        IMAGEMILL_MODEL_REVISION, else None (the default branch)."""
+        own: str | None = {
+            Task.CAPTION: self.caption_revision,
+            Task.MODERATION: self.moderation_revision,
+            Task.TAGS: self.tags_revision,
+        }[task]
+        return own or self.model_revision
 
     @property
     def registry_url(self) -> str:

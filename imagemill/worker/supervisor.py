@@ -13,6 +13,7 @@ makes the supervisor stop the others and exit non-zero, so an orchestrator sees 
 
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,9 @@ HEALTHY_AFTER_S = 60.0
 CRASHED = 1  # the supervisor's exit status when a child crash-loops
 METRICS_PORT_VAR = "IMAGEMILL_METRICS_PORT"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# what `imagemill worker --check` reads: the supervisor rewrites it while it watches its children
+STATUS_EVERY_S = 5.0
+STATUS_STALE_S = 30.0
 
 
 def die_with_parent() -> Callable[[], None] | None:
@@ -172,6 +177,8 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
     failed: bool = False  # a child crash-looped: the run ends with CRASHED
+    status_file: Path | None = None  # IMAGEMILL_WORKER_STATUS_FILE: liveness for `imagemill worker --check`
+    _status_written: float = 0.0
 
     def start(self) -> None:
         self.children = [self._spawn(slot) for slot in self.slots]
@@ -215,8 +222,23 @@ class Supervisor:
         self.start()
         while not self.stopping:
             self.watch_once()
+            self.write_status()
             time.sleep(0.5)
         return self.shutdown()
+
+    def write_status(self, force: bool = False) -> None:
+        """Every STATUS_EVERY_S: this process and its children's pids, for `imagemill worker --check`."""
+        now = time.time()
+        if self.status_file is None or (not force and now - self._status_written < STATUS_EVERY_S):
+            return
+        status = {"supervisor": os.getpid(), "children": [c.process.pid for c in self.children], "at": now}
+        partial = self.status_file.with_name(self.status_file.name + ".tmp")
+        try:
+            partial.write_text(json.dumps(status), encoding="utf-8")
+            partial.replace(self.status_file)
+        except OSError as exc:  # a probe then fails: say why here
+            log.warning("cannot write the worker status file %s: %s", self.status_file, exc)
+        self._status_written = now
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info(
@@ -232,3 +254,34 @@ class Supervisor:
         if self.failed:
             return CRASHED
         return max((code for code in codes if code and code > 0), default=0)
+
+
+def check_alive(status_file: Path, stale_after_s: float = STATUS_STALE_S) -> str | None:
+    """None when the supervisor that writes `status_file` is watching live Celery workers; else
+    what is wrong, in one line (the liveness probe of `imagemill worker --check`)."""
+    try:
+        status = json.loads(status_file.read_text(encoding="utf-8"))
+        age = time.time() - float(status["at"])
+        pids = [int(pid) for pid in [status["supervisor"], *status["children"]]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"no worker status in {status_file}: {exc}"
+    if age > stale_after_s:
+        return f"the supervisor last wrote {status_file} {age:.0f} s ago"
+    if len(pids) < 2:
+        return "the supervisor runs no worker process"
+    for pid in pids:
+        if not _alive(pid):
+            return f"process {pid} of the worker is gone"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    # a zombie is dead but not yet reaped
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
