@@ -44,6 +44,12 @@ def review(
             "--write-tags", help="serve: also tag each decided S3 object imagemill-review=approved|rejected|escalated."
         ),
     ] = False,
+    tokens: Annotated[
+        Path | None,
+        typer.Option(
+            help="serve: a JSON file of reviewer -> token [IMAGEMILL_REVIEW_TOKENS: the JSON or such a path]."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="export: decisions.csv or decisions.jsonl.")] = None,
     history: Annotated[
         bool,
@@ -63,6 +69,9 @@ def review(
         run_reporting_errors(lambda: _export(target, out, history))
         return
     review_settings = get_review_settings()
+    if tokens is not None:
+        # a path only: tokens on a command line would show in `ps` to everyone on the machine
+        review_settings = review_settings.model_copy(update={"tokens": str(tokens)})
     # before anything else: no tokens, no server (and no database connection either)
     run_reporting_errors(lambda: load_tokens(review_settings.tokens))
     try:
