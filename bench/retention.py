@@ -90,7 +90,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
         "# Redis memory after finished jobs (bench/retention.py)",
         "",
-        "| retention | jobs | used_memory baseline | after the jobs | after the retention | growth | keys (baseline / jobs / after) |",
+        "| retention | jobs | used_memory baseline | after the jobs | after the retention | growth "
+        "| keys (baseline / jobs / after) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:

@@ -68,7 +68,9 @@ def test_a_finished_job_and_all_its_keys_expire_after_the_retention(
     registry.recent()  # what `imagemill jobs` does: drops index entries of expired jobs
     assert job_keys(client, job.id) == []
     # the same source submitted again is a new job, and late writes do not bring the old one back
-    again, created = registry.create("job2", "s3://b/p", (Task.CAPTION,), "postgresql://db/x", "imagemill", idempotency_key="k")
+    again, created = registry.create(
+        "job2", "s3://b/p", (Task.CAPTION,), "postgresql://db/x", "imagemill", idempotency_key="k"
+    )
     assert created and again.id == "job2"
     registry.heartbeat(job.id)
     registry.chunk_started(job.id, "sig")

@@ -212,9 +212,13 @@ class Supervisor:
             pause = RESTART_BACKOFF_S[min(crashes, len(RESTART_BACKOFF_S) - 1)] if crashes else 0
             log.error("%s (pid %d) exited with %s; restarting in %ss", child.slot.name, child.process.pid, code, pause)
             time.sleep(pause)
-            if self.stopping:  # a signal came during the pause
+            if self.stop_requested():  # a signal came during the pause
                 return
             self.children[i] = self._spawn(child.slot, crashes)
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asked to stop (the handler sets `stopping` at any moment)."""
+        return self.stopping
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
