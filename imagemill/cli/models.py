@@ -19,6 +19,9 @@ ENV_NAMES = {
     Task.TAGS: "IMAGEMILL_TAGS_MODEL",
 }
 
+# weight formats other than safetensors (pickles, TF, Flax, ONNX): not fetched
+UNSAFE_WEIGHTS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.onnx", "*.tflite"]
+
 
 @app.command("download")
 def download(
@@ -41,7 +44,10 @@ def download(
         target = to / name.replace("/", "--") if to else None
         console.print(f"{task}: fetching {name}…")
         try:
-            path = snapshot_download(name, revision=settings.model_revision, local_dir=target)
+            # safetensors only: the workers load nothing else (no pickled weights)
+            path = snapshot_download(
+                name, revision=settings.revision(task), local_dir=target, ignore_patterns=UNSAFE_WEIGHTS
+            )
         except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             fail(f"cannot download {name}: {reason}", code=1)

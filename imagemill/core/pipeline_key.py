@@ -24,4 +24,7 @@ def pipeline_key(tasks: tuple[Task, ...], settings: Settings) -> str:
         "models": [configured_model(settings, task) for task in tasks],
         "revision": settings.model_revision,
     }
+    own = {task.value: settings.revision(task) for task in tasks if settings.revision(task) != settings.model_revision}
+    if own:  # per-model revisions (the key is unchanged where only the deprecated one is set)
+        spec["revisions"] = own
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]

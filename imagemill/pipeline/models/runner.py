@@ -43,9 +43,10 @@ class Runner(ABC):
     model_loader: Any  # and of its model
 
     def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
-        name, revision = configured_model(settings, self.task), settings.model_revision
+        name, revision = configured_model(settings, self.task), settings.revision(self.task)
         self.processor = load_pretrained(self.task, self.processor_loader, name, revision)
-        model = load_pretrained(self.task, self.model_loader, name, revision, dtype=dtype)
+        # safetensors only: a checkpoint that has only pickled weights is refused, never unpickled
+        model = load_pretrained(self.task, self.model_loader, name, revision, dtype=dtype, use_safetensors=True)
         self.model = model.to(device).eval()
         self.model_id = model_id(name, revision)
         self.device = device
