@@ -364,14 +364,14 @@ def test_compose_environment_validates(services: dict, service: str, monkeypatch
     env = env_of(services[service])
     settings = _settings_from({k: v for k, v in env.items() if k.startswith("IMAGEMILL_")}, monkeypatch)
     assert settings.sink and settings.sink.startswith("postgresql://")
-    assert settings.s3_endpoint_url == "http://minio:9000"
+    assert settings.s3_endpoint_url == "http://s3:8333"
 
 
 # =========================================================================== compose
 
 
 def test_compose_has_the_services(services: dict) -> None:
-    assert {"redis", "minio", "minio-init", "postgres", "worker", "worker-cpu", "producer"} <= set(services)
+    assert {"redis", "s3", "s3-init", "postgres", "worker", "worker-cpu", "producer"} <= set(services)
     assert services["redis"]["image"].split(":")[0] == "redis" and services["redis"]["image"].startswith("redis:7")
     assert services["postgres"]["image"] == "postgres:16"
     assert services["producer"]["profiles"] == ["tools"]
@@ -391,7 +391,7 @@ def test_compose_services_that_are_waited_on_have_healthchecks(services: dict) -
         deps = services[name]["depends_on"]
         assert deps["redis"]["condition"] == "service_healthy"
         assert deps["postgres"]["condition"] == "service_healthy"
-        assert deps["minio-init"]["condition"] == "service_completed_successfully"
+        assert deps["s3-init"]["condition"] == "service_completed_successfully"
 
 
 def test_compose_redis_runs_the_durable_config(services: dict) -> None:
@@ -435,11 +435,14 @@ def test_compose_passwords_agree(services: dict) -> None:
     assert sink.password == postgres["POSTGRES_PASSWORD"]
     assert sink.path.lstrip("/") == postgres["POSTGRES_DB"] == "annotations"
 
-    minio = env_of(services["minio"])
-    assert worker["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
-    assert worker["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
-    assert len(minio["MINIO_ROOT_PASSWORD"]) >= 8, "MinIO refuses a root password under 8 characters"
-    assert urlsplit(worker["IMAGEMILL_S3_ENDPOINT_URL"]).hostname == "minio"
+    s3 = env_of(services["s3"])
+    assert worker["AWS_ACCESS_KEY_ID"] == s3["S3_ACCESS_KEY"]
+    assert worker["AWS_SECRET_ACCESS_KEY"] == s3["S3_SECRET_KEY"]
+    # the S3 server's identity is written from those two variables at start
+    script = " ".join(argv_of(services["s3"]["entrypoint"]))
+    assert '"$S3_ACCESS_KEY" "$S3_SECRET_KEY" > /tmp/s3.json' in script and "-s3.config=/tmp/s3.json" in script
+    endpoint = urlsplit(worker["IMAGEMILL_S3_ENDPOINT_URL"])
+    assert endpoint.hostname == "s3" and f"-s3.port={endpoint.port}" in script
 
 
 def test_compose_dev_defaults_match_env_example() -> None:
@@ -466,13 +469,60 @@ def test_compose_producer_and_workers_share_settings(services: dict) -> None:
         assert {k: worker.get(k) for k in shared} == {k: producer[k] for k in shared}
 
 
-def test_compose_minio_init_creates_the_buckets_used(services: dict) -> None:
-    init = services["minio-init"]
+def test_compose_s3_init_creates_the_buckets_used(services: dict) -> None:
+    init = services["s3-init"]
+    assert init["image"] == services["s3"]["image"], "the buckets are made with the S3 server's own shell"
     script = " ".join(argv_of(init.get("entrypoint") or init.get("command")))
-    buckets = set(re.findall(r"mc mb (?:--ignore-existing |-p )*local/([\w.-]+)", script))
+    loop = re.search(r"for bucket in ([\w. -]+?); do", script)
+    assert loop and "s3.bucket.create -name $bucket" in script
+    buckets = set(loop.group(1).split())
     assert {"photos", "annotations"} <= buckets
+    # it fails (and the workers do not start) unless every bucket is then listed
+    assert all(f"grep -qw {bucket} /tmp/buckets" in script for bucket in buckets)
     source = next(arg for arg in argv_of(services["producer"]["command"]) if arg.startswith("s3://"))
-    assert urlsplit(source).hostname in buckets, f"the producer reads {source}, a bucket minio-init does not create"
+    assert urlsplit(source).hostname in buckets, f"the producer reads {source}, a bucket s3-init does not create"
+
+
+# Images deleted from their registry: a compose or manifest that names one fails at the pull.
+# minio/minio and minio/mc left Docker Hub in September 2026 (MinIO's community edition was archived).
+GONE_IMAGES = {"minio/minio", "minio/mc", "bitnami/minio", "quay.io/minio/minio", "quay.io/minio/mc"}
+
+
+def image_repository(image: str) -> str:
+    """`registry/name:tag@digest` -> `registry/name`, with Docker Hub's `docker.io/` and `library/` dropped."""
+    name = image.split("@")[0]
+    if ":" in name.rsplit("/", 1)[-1]:
+        name = name.rsplit(":", 1)[0]
+    name = name.removeprefix("docker.io/").removeprefix("index.docker.io/")
+    return name.removeprefix("library/")
+
+
+def deployed_images() -> list[tuple[str, str]]:
+    found = [
+        (f"compose {name}", str(svc["image"])) for name, svc in load_yaml(COMPOSE)["services"].items() if "image" in svc
+    ]
+    for obj in k8s_objects():
+        pod = (obj.get("spec") or {}).get("template", {}).get("spec", {})
+        for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
+            found.append((f"k8s {obj['kind']}/{obj['metadata']['name']}", container["image"]))
+    for path in DOCKERFILES:
+        found += [(dockerfile_id(path), base) for base in dockerfile(path).parent_images]
+    return found
+
+
+def test_no_deployment_file_names_an_image_known_to_be_gone() -> None:
+    images = deployed_images()
+    assert any(where.startswith("compose") for where, _ in images) and any(w.startswith("k8s") for w, _ in images)
+    gone = [(where, image) for where, image in images if image_repository(image) in GONE_IMAGES]
+    assert not gone, f"images deleted from their registry: {gone}"
+    for path in [COMPOSE, *sorted(K8S.glob("*.yaml")), *DOCKERFILES]:  # comments and scripts too
+        assert not re.search(r"\bminio/(minio|mc)\b", path.read_text(encoding="utf-8")), path
+
+
+def test_the_gone_image_check_recognises_every_spelling() -> None:
+    for image in ("minio/minio", "minio/minio:latest", "docker.io/minio/mc:RELEASE.2025", "minio/mc@sha256:abc"):
+        assert image_repository(image) in GONE_IMAGES, image
+    assert image_repository("chrislusf/seaweedfs:latest") not in GONE_IMAGES
 
 
 def test_compose_worker_reserves_gpus_and_drains(services: dict) -> None:
@@ -731,7 +781,7 @@ def test_k8s_worker_gpu_security_and_grace() -> None:
 
 
 def test_k8s_producer_job_submits_and_waits_once() -> None:
-    job = k8s_object("Job")
+    job = k8s_object("Job", "imagemill-submit-photos")
     _hardened(job)
     assert job["spec"]["backoffLimit"] == 0, "a retried pod submits the same job twice"
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
@@ -983,3 +1033,134 @@ def test_submit_and_the_supervisor_import_no_torch(tmp_path: Path) -> None:
     # it failed on the sink, i.e. after every import of the submit path had run
     assert "ImportError" not in report["exception"], report
     assert report["exit"] != 0 and "bogus://nowhere" in report["output"], report
+
+
+# =========================================================================== shutdown, retries, probes (issue 12)
+
+# seconds a pod or container gets beyond the soft-shutdown window for Celery and the supervisor to exit
+SHUTDOWN_MARGIN_S = 60
+
+
+def worker_container() -> dict:
+    return k8s_object("Deployment", "imagemill-worker")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_the_grace_period_is_derived_from_the_soft_shutdown_timeout(services: dict) -> None:
+    """Kubernetes' terminationGracePeriodSeconds and compose's stop_grace_period are the soft
+    shutdown window plus a fixed margin: a chunk that fits the window finishes, one that does not is
+    handed back, and neither is killed half-way by SIGKILL."""
+    soft = float(configured("soft_shutdown_timeout"))
+    grace = k8s_object("Deployment", "imagemill-worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace == soft + SHUTDOWN_MARGIN_S
+    for name in ("worker", "worker-cpu"):
+        compose_soft = float(env_of(services[name])["IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT"])
+        assert compose_seconds(services[name]["stop_grace_period"]) == compose_soft + SHUTDOWN_MARGIN_S, name
+    # the comments describe the soft shutdown they configure, not Celery's unbounded warm one
+    for path in (COMPOSE, K8S / "worker-deployment.yaml", K8S / "configmap.yaml", DEPLOY / "README.md"):
+        assert "warm shutdown" not in path.read_text(encoding="utf-8"), path
+
+
+def test_retries_wait_what_the_readme_promises() -> None:
+    """IMAGEMILL_TASK_MAX_RETRIES (the ConfigMap's, and the default) with the chunk task's jittered
+    backoff waits about ten minutes in all, as README.md says."""
+    from imagemill.worker.retries import ChunkTask, expected_backoff_s
+
+    assert ChunkTask.retry_jitter is True
+    for retries in (int(configured("task_max_retries")), Settings.model_fields["task_max_retries"].default):
+        assert 8 * 60 <= expected_backoff_s(retries) <= 12 * 60, retries
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `IMAGEMILL_TASK_MAX_RETRIES`"))
+    assert f"| `{Settings.model_fields['task_max_retries'].default}` |" in row and "about ten minutes" in row
+
+
+def test_worker_probes_run_the_worker_check() -> None:
+    container = worker_container()
+    live, ready = container["livenessProbe"]["exec"]["command"], container["readinessProbe"]["exec"]["command"]
+    assert parse_cli(live).params["check"] is True and parse_cli(ready).params["ready"] is True
+    for probe in (container["livenessProbe"], container["readinessProbe"]):
+        assert probe["timeoutSeconds"] >= 10, "the probe starts a Python process"
+    # the status file the probe reads is on the writable /tmp
+    status = Path(str(Settings.model_fields["worker_status_file"].default))
+    assert any(status.is_relative_to(m["mountPath"]) for m in container["volumeMounts"])
+
+
+def test_worker_pods_have_a_disruption_budget() -> None:
+    pdb = k8s_object("PodDisruptionBudget", "imagemill-worker")
+    labels = k8s_object("Deployment", "imagemill-worker")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert "minAvailable" not in pdb["spec"], "KEDA scales to zero: a minimum would block every drain"
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_worker_metrics_port_is_exposed_and_annotated_for_scraping() -> None:
+    template = k8s_object("Deployment", "imagemill-worker")["spec"]["template"]
+    container = worker_container()
+    env = {e["name"]: e for e in container["env"]}
+    port = int(env["IMAGEMILL_METRICS_PORT"]["value"])
+    assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in container["ports"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == port
+    # one worker process per pod (one GPU): the supervisor gives it exactly the base port
+    assert plan_slots("all", detect=lambda: ["0"])[0].env({"IMAGEMILL_METRICS_PORT": str(port)})[
+        "IMAGEMILL_METRICS_PORT"
+    ] == str(port)
+
+
+def test_torch_threads_follow_the_cpu_limit() -> None:
+    container = worker_container()
+    ref = {e["name"]: e for e in container["env"]}["IMAGEMILL_TORCH_THREADS"]["valueFrom"]["resourceFieldRef"]
+    assert ref["resource"] == "limits.cpu" and ref.get("containerName", container["name"]) == container["name"]
+    assert str(ref.get("divisor", "1")) == "1", "whole cores: torch takes a thread count"
+    assert "cpu" in container["resources"]["limits"], "without a CPU limit the node's core count is used"
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_keda_speaks_tls_exactly_when_the_broker_does(scheme: str) -> None:
+    """enableTLS follows the broker URL's scheme (rediss:// is Redis over TLS); the example uses
+    redis://, and the rule is checked for both."""
+    (trigger,) = k8s_object("ScaledObject")["spec"]["triggers"]
+    broker = secret_data("imagemill-secrets")["IMAGEMILL_BROKER_URL"]
+    tls = trigger["metadata"].get("enableTLS", "false") == "true"
+    assert tls == (urlsplit(broker).scheme == "rediss")
+    assert keda_tls_for(f"{scheme}://:p@redis:6379/0") == (scheme == "rediss")
+
+
+def keda_tls_for(broker_url: str) -> bool:
+    return urlsplit(broker_url).scheme == "rediss"
+
+
+def test_a_models_job_fills_the_volume_the_offline_workers_read() -> None:
+    job = k8s_object("Job", "imagemill-models-download")
+    container = _hardened(job)
+    assert container["args"] == ["imagemill", "models", "download"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert configmap_data()["HF_HUB_OFFLINE"] == "1", "the workers must never download"
+    assert env["HF_HUB_OFFLINE"] == "0", "the Job's env must override the ConfigMap's offline switch"
+    worker = worker_container()
+    worker_env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["HF_HOME"] == worker_env["HF_HOME"]
+
+    def claim(obj: dict, container: dict, path: str) -> str:
+        volumes = {v["name"]: v for v in obj["spec"]["template"]["spec"]["volumes"]}
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == path]
+        return volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+
+    deployment = k8s_object("Deployment", "imagemill-worker")
+    assert claim(job, container, env["HF_HOME"]) == claim(deployment, worker, worker_env["HF_HOME"])
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in {"OnFailure", "Never"}
+
+
+def test_each_model_has_its_own_revision() -> None:
+    config = configmap_data()
+    assert "IMAGEMILL_MODEL_REVISION" not in config, "deprecated: one revision for three repositories"
+    for task in ("CAPTION", "MODERATION", "TAGS"):
+        assert config.get(f"IMAGEMILL_{task}_MODEL") and config.get(f"IMAGEMILL_{task}_REVISION"), task
+
+
+def test_worker_image_pins_a_cuda_build_pytorch_publishes() -> None:
+    """The torch wheel index and the CUDA base agree: cuXYZ wheels on a CUDA X.Y runtime image."""
+    args = build_args(WORKER_DOCKERFILE)
+    index = re.fullmatch(r"https://download\.pytorch\.org/whl/cu(\d+)(\d)", args["TORCH_INDEX_URL"])
+    base = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu\d+\.\d+", args["CUDA_IMAGE"])
+    assert index and base, (args["TORCH_INDEX_URL"], args["CUDA_IMAGE"])
+    assert index.groups() == base.groups(), "the CUDA runtime image and the wheels' CUDA differ"
