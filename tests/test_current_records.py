@@ -249,9 +249,11 @@ def _submit(env: dict[str, str], source: str, *extra: str) -> str:
     return submitted(run_cli("submit", source, "--tasks", "moderation", "--chunk-size", "4", "--wait", *extra, env=env))
 
 
-def _view(pg_url: str) -> dict[str, str]:
+def _view(pg_url: str, bucket: str) -> dict[str, str]:
+    """The view's rows of this test's bucket (the database is shared by the whole session's tests)."""
+    query = "SELECT uri, etag FROM imagemill_current WHERE uri LIKE %s"
     with psycopg.connect(pg_url) as conn:
-        return dict(conn.execute("SELECT uri, etag FROM imagemill_current WHERE uri LIKE 's3://%'").fetchall())
+        return dict(conn.execute(query, (f"s3://{bucket}/%",)).fetchall())
 
 
 def _deleted(pg_url: str, uri: str) -> list[bool]:
@@ -270,7 +272,7 @@ def test_replaced_and_deleted_objects_leave_the_view_on_resubmit(
     workers.append(start_worker(dist_env, tmp_path / "worker.log").wait_ready())
     source = f"s3://{bucket}/now/"
     _submit(dist_env, source)
-    first = _view(pg_url)
+    first = _view(pg_url, bucket)
     assert sorted(first) == uris
 
     client = s3_client(endpoint)
@@ -278,7 +280,7 @@ def test_replaced_and_deleted_objects_leave_the_view_on_resubmit(
     job_id = _submit(dist_env, source)
     job = JobRegistry(dist_env["IMAGEMILL_BROKER_URL"]).get(job_id)
     assert (job.listed, job.skipped, job.queued) == (10, 9, 1)  # only the replaced one is annotated again
-    view = _view(pg_url)
+    view = _view(pg_url, bucket)
     assert len(view) == 10 and view[uris[3]] != first[uris[3]]
     assert {uri: etag for uri, etag in view.items() if uri != uris[3]} == {
         uri: etag for uri, etag in first.items() if uri != uris[3]
@@ -291,7 +293,7 @@ def test_replaced_and_deleted_objects_leave_the_view_on_resubmit(
     job_id = _submit(dist_env, source)
     job = JobRegistry(dist_env["IMAGEMILL_BROKER_URL"]).get(job_id)
     assert (job.listed, job.skipped, job.queued) == (9, 9, 0)  # a deleted object costs nothing
-    view = _view(pg_url)
+    view = _view(pg_url, bucket)
     assert len(view) == 9 and uris[5] not in view
     assert _deleted(pg_url, uris[5]) == [True]
 
@@ -300,11 +302,11 @@ def test_replaced_and_deleted_objects_leave_the_view_on_resubmit(
     manifest.write_text(f"{uris[0]}\n")
     client.delete_object(Bucket=bucket, Key=keys[6])
     _submit(dist_env, str(manifest))
-    assert len(_view(pg_url)) == 9 and _deleted(pg_url, uris[6]) == [False]
+    assert len(_view(pg_url, bucket)) == 9 and _deleted(pg_url, uris[6]) == [False]
 
     # the next complete scan notices
     _submit(dist_env, source)
-    assert len(_view(pg_url)) == 8 and _deleted(pg_url, uris[6]) == [True]
+    assert len(_view(pg_url, bucket)) == 8 and _deleted(pg_url, uris[6]) == [True]
 
 
 class BrokenListing:
