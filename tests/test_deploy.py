@@ -43,6 +43,7 @@ from markdown_it import MarkdownIt
 
 from imagemill.cli import app as cli_app
 from imagemill.core.settings import Settings
+from imagemill.review.settings import ReviewSettings
 from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
 from tests.fixtures.redis import redis_server_binary
 
@@ -61,7 +62,10 @@ PRODUCER_DOCKERFILE = ROOT / "producer" / "Dockerfile"
 DOCKERFILES = [WORKER_DOCKERFILE, PRODUCER_DOCKERFILE]
 SERVICE_READMES = [ROOT / service / "README.md" for service in SERVICES]
 
-SETTING_NAMES = {f"IMAGEMILL_{name.upper()}" for name in Settings.model_fields}
+# the core settings and the review app's own (IMAGEMILL_REVIEW_*)
+SETTING_NAMES = {f"IMAGEMILL_{name.upper()}" for name in Settings.model_fields} | {
+    f"IMAGEMILL_REVIEW_{name.upper()}" for name in ReviewSettings.model_fields
+}
 # a setting's name: IMAGEMILL_ and at least one more word character (not `IMAGEMILL_*_MODEL`)
 SETTING_RE = re.compile(r"\bIMAGEMILL_[A-Z0-9]+(?:_[A-Z0-9]+)*\b")
 NON_ROOT_UID = 10001
@@ -649,7 +653,8 @@ def test_producer_image_has_no_torch() -> None:
     runs = " ".join(values(PRODUCER_DOCKERFILE, "RUN", stage=None))
     assert "[worker]" not in runs and "torch==" not in runs and "pip install torch" not in runs
     assert build_args(PRODUCER_DOCKERFILE, stage=0)["PYTHON_IMAGE"].startswith("python:3.11")
-    assert "pip install /src" in runs
+    # the project with the review app's web libraries (`imagemill review` runs from this image)
+    assert "pip install '/src[review]'" in runs
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=dockerfile_id)
