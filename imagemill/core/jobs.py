@@ -8,11 +8,11 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from enum import StrEnum
-from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
+from imagemill.core.closing import Closing
 from imagemill.core.connections import check_reachable, redis_client
 from imagemill.core.redaction import redact_url
 from imagemill.core.schemas import Task
@@ -225,7 +225,7 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-class JobRegistry:
+class JobRegistry(Closing):
     """Jobs and their counters, kept in Redis where producers, workers and `status` all see them."""
 
     def __init__(self, url: str, retention_s: int | None = None) -> None:
@@ -409,11 +409,3 @@ class JobRegistry:
     def close(self) -> None:
         """Close the connections (the next call opens new ones)."""
         self.redis.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()

@@ -12,12 +12,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
 from celery import Celery
 
 from imagemill.core.broker import CHUNK_TASK, make_celery, queue_for
+from imagemill.core.closing import Closing
 from imagemill.core.connections import redis_client
 from imagemill.core.errors import UserError
 from imagemill.core.jobs import Job, JobRegistry, JobState, new_job_id
@@ -41,7 +40,7 @@ def job_key(source: str, sink: str, tasks: tuple[Task, ...], settings: Settings)
 
 
 @dataclass
-class Submission:
+class Submission(Closing):
     """One job being enqueued; `register` then `run` lists and enqueues everything.
 
     A context manager: `with` closes its broker connections (the registry is the caller's to close)."""
@@ -73,14 +72,6 @@ class Submission:
         # app on this broker (the next submission in a beat worker reuses them): not ours to close
         self.celery.close()
         self.backpressure.client.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
 
     def register(self) -> tuple[Job, bool]:
         """Create the job, or attach to the running one with the same key. True when created."""

@@ -18,14 +18,14 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
+from imagemill.core.closing import Closing
 from imagemill.core.errors import UserError
 from imagemill.core.redaction import redact_url, scrub_secret
 from imagemill.core.schemas import ImageRef, Record
@@ -211,7 +211,7 @@ class PostgresStore(WriterContext):
             return {(uri, etag, signature) for uri, etag, signature in conn.execute(query, columns).fetchall()}
 
 
-class PostgresListing:
+class PostgresListing(Closing):
     """One listing of everything under a URI prefix, followed on a connection of its own (`PrefixListing`).
 
     The listed (uri, etag) pairs go into a temporary table, one COPY per `LISTED_PER_COPY` as they
@@ -278,14 +278,6 @@ class PostgresListing:
     def close(self) -> None:
         """Close the connection; the temporary table goes with it."""
         self._conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _copy(self, batch: list[tuple[str, str]]) -> None:
         if not batch or self._failed:
