@@ -72,7 +72,7 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def queue_depth(client: "redis.Redis[Any]", queue: str) -> int:
+def queue_depth(client: redis.Redis, queue: str) -> int:
     """Messages waiting in a Redis-backed Celery queue (all priority levels)."""
     pipe = client.pipeline()
     for priority in KOMBU_PRIORITIES:

@@ -3,7 +3,7 @@
 Clients that work (registry, backpressure, beat) wait out a Redis restart; probes (checks, scrapes) never block.
 """
 
-from typing import Any, Literal, overload
+from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -40,23 +40,9 @@ def redis_options(*, probe: bool = False) -> dict[str, Any]:
     }
 
 
-@overload
-def redis_client(
-    url: str, *, probe: bool = False, decode_responses: Literal[False] = False
-) -> "redis.Redis[bytes]": ...
-
-
-@overload
-def redis_client(url: str, *, probe: bool = False, decode_responses: Literal[True]) -> "redis.Redis[str]": ...
-
-
-def redis_client(url: str, *, probe: bool = False, decode_responses: bool = False) -> "redis.Redis[Any]":
+def redis_client(url: str, *, probe: bool = False, decode_responses: bool = False) -> redis.Redis:
     """A client for `url`: retrying with backoff, or with `probe` one short try that never blocks."""
-    options = redis_options(probe=probe)
-    # two calls, not `decode_responses=decode_responses`: the stubs type each literal's client separately
-    if decode_responses:
-        return redis.Redis.from_url(url, decode_responses=True, **options)
-    return redis.Redis.from_url(url, decode_responses=False, **options)
+    return redis.Redis.from_url(url, decode_responses=decode_responses, **redis_options(probe=probe))
 
 
 def check_reachable(url: str) -> None:

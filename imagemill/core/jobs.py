@@ -310,12 +310,13 @@ class JobRegistry(Closing):
 
     def get(self, job_id: str) -> Job | None:
         data = self.redis.hgetall(self.key(job_id))
-        return Job.from_hash(data) if data else None
+        return Job.from_hash({_text(k): _text(v) for k, v in data.items()}) if data else None
 
     def recent(self, limit: int = 20) -> list[Job]:
         self.prune()
-        ids = self.redis.zrevrange(JOBS_INDEX, 0, limit - 1)
-        return [job for job in map(self.get, ids) if job]
+        # without scores the reply is a list of members (redis-py types every zrange shape at once)
+        ids = cast("list[bytes | str]", self.redis.zrevrange(JOBS_INDEX, 0, limit - 1))
+        return [job for job in map(self.get, map(_text, ids)) if job]
 
     def prune(self) -> int:
         """Drop the index entries of jobs whose keys have expired; how many. (Finishing a job prunes too.)"""
@@ -323,7 +324,7 @@ class JobRegistry(Closing):
 
     def state(self, job_id: str) -> JobState | None:
         value = self.redis.hget(self.key(job_id), "state")
-        return JobState(value) if value else None
+        return JobState(_text(value)) if value else None
 
     def add_queued(self, job_id: str, listed: int, queued: int, skipped: int = 0, last_uri: str | None = None) -> None:
         """Count what the producer listed and enqueued; `last_uri` is where a successor resumes."""
@@ -374,7 +375,8 @@ class JobRegistry(Closing):
         self.redis.hset(SIGNATURES, pipeline, signature)
 
     def signature_for(self, pipeline: str) -> str | None:
-        return self.redis.hget(SIGNATURES, pipeline)
+        value = self.redis.hget(SIGNATURES, pipeline)
+        return _text(value) if value is not None else None
 
     def count_rejected(self) -> int:
         """A message that was refused unexecuted (wrong shape, foreign serializer)."""
@@ -384,7 +386,7 @@ class JobRegistry(Closing):
         return int(self.redis.get(REJECTED) or 0)
 
     def chunk_cancelled(self, job_id: str, chunk_id: str) -> bool:
-        args = [chunk_id, time.time(), self.retention_s, "chunks_cancelled", 1]
+        args: list[str | float] = [chunk_id, time.time(), self.retention_s, "chunks_cancelled", 1]
         return bool(self._chunk_done(keys=self.job_keys(job_id), args=args))
 
     def cancel(self, job_id: str) -> bool:
@@ -397,7 +399,7 @@ class JobRegistry(Closing):
 
     def _transition(self, job_id: str, state: JobState, error: str = "") -> bool:
         """Running -> `state`, with the job's keys set to expire, in one script. False if not running."""
-        args = [state.value, time.time(), self.retention_s, error]
+        args: list[str | float] = [state.value, time.time(), self.retention_s, error]
         return bool(self._transition_script(keys=self.job_keys(job_id), args=args))
 
     def _transaction(self, func: Callable[[WatchingPipe], T], *watched: str) -> T:
@@ -409,3 +411,8 @@ class JobRegistry(Closing):
     def close(self) -> None:
         """Close the connections (the next call opens new ones)."""
         self.redis.close()
+
+
+def _text(value: bytes | str) -> str:
+    """A reply as text: the registry's client decodes responses, but redis-py types them bytes or str."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -16,7 +16,7 @@ from imagemill.core.broker import queue_depth
 class Backpressure:
     """Watches one queue's depth through `client` (made by `imagemill.core.connections`)."""
 
-    client: "redis.Redis[bytes]"
+    client: redis.Redis
     queue: str
     high_water: int
     poll_s: float = 0.5

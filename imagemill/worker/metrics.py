@@ -113,10 +113,10 @@ class QueueDepthCollector(Collector):
     def __init__(self, broker_url: str, queues: Iterable[str]) -> None:
         self._url = broker_url
         self._queues = sorted(set(queues))
-        self._client: redis.Redis[bytes] | None = None
+        self._client: redis.Redis | None = None
         self._lock = threading.Lock()
 
-    def _redis(self) -> "redis.Redis[bytes]":
+    def _redis(self) -> redis.Redis:
         with self._lock:
             if self._client is None:
                 # a probe (short timeouts, no retries): a scrape must not hang on a Redis outage
