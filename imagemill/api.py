@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from imagemill.core.schemas import ImageRef, Record, Task, parse_tasks
+from imagemill.core.schemas import DEFAULT_TASKS, ImageRef, Record, Task, parse_tasks
 from imagemill.core.settings import Settings, get_settings
 from imagemill.core.storage import is_s3
 from imagemill.pipeline.prefetch import InlineImage
@@ -36,7 +36,7 @@ ITEM_TYPES = (
     "an ImageRef or an InlineImage"
 )
 
-ALL_TASKS: tuple[Task, ...] = tuple(Task)
+ALL_TASKS: tuple[Task, ...] = DEFAULT_TASKS
 URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 SINGLE_ITEMS = (str, bytes, bytearray, memoryview, os.PathLike, Image.Image, np.ndarray)
 

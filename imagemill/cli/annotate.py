@@ -13,7 +13,7 @@ import typer
 from rich.progress import Progress, TaskID
 
 from imagemill.cli.display import console, progress_bar, run_reporting_errors, summary_table
-from imagemill.core.schemas import Task, parse_tasks
+from imagemill.core.schemas import DEFAULT_TASKS, Task, parse_tasks
 from imagemill.core.settings import Settings, get_settings
 from imagemill.core.stores import open_file_writer
 from imagemill.pipeline.run import run
@@ -21,7 +21,7 @@ from imagemill.pipeline.run import run
 if TYPE_CHECKING:  # the module imports boto3; run_local imports it when it runs
     from imagemill.pipeline.sources import Source
 
-ALL_TASKS = ",".join(t.value for t in Task)
+ALL_TASKS = ",".join(t.value for t in DEFAULT_TASKS)
 WRITE_EVERY = 64  # records per write: small enough to lose little on a crash
 
 

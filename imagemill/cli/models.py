@@ -17,6 +17,7 @@ ENV_NAMES = {
     Task.CAPTION: "IMAGEMILL_CAPTION_MODEL",
     Task.MODERATION: "IMAGEMILL_MODERATION_MODEL",
     Task.TAGS: "IMAGEMILL_TAGS_MODEL",
+    Task.EMBEDDING: "IMAGEMILL_TAGS_MODEL",
 }
 
 # weight formats other than safetensors (pickles, TF, Flax, ONNX): not fetched
@@ -36,7 +37,10 @@ def download(
 
     settings = get_settings()
     exports = []
-    for task in tasks_option(tasks):
+    chosen = tasks_option(tasks)
+    for task in chosen:
+        if task is Task.EMBEDDING and Task.TAGS in chosen:
+            continue  # the same model as the tags: fetched once
         name = configured_model(settings, task)
         if Path(name).is_dir():
             console.print(f"{task}: {name} is a local directory already; nothing to fetch")

@@ -15,6 +15,7 @@ def configured_model(settings: Settings, task: Task) -> str:
         Task.CAPTION: settings.caption_model,
         Task.MODERATION: settings.moderation_model,
         Task.TAGS: settings.tags_model,
+        Task.EMBEDDING: settings.tags_model,  # the tags model's image embedding
     }[task]
 
 

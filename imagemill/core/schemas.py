@@ -3,11 +3,24 @@
 Pydantic models, validated on arrival; a record is defined here once for every writer.
 """
 
+import base64
+import binascii
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+import numpy as np
+import numpy.typing as npt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from imagemill.core.errors import ErrorKind
 
@@ -18,6 +31,11 @@ class Task(StrEnum):
     CAPTION = "caption"
     MODERATION = "moderation"
     TAGS = "tags"
+    EMBEDDING = "embedding"
+
+
+# what runs when no tasks are named: the embedding (kilobytes per record) is asked for by name
+DEFAULT_TASKS = (Task.CAPTION, Task.MODERATION, Task.TAGS)
 
 
 def parse_tasks(text: str) -> tuple[Task, ...]:
@@ -73,6 +91,53 @@ class Tags(ModelOutput):
     labels: list[TagScore]
 
 
+EMBEDDING_DTYPE = np.dtype("<f4")
+
+
+class Embedding(ModelOutput):
+    """The tags model's image embedding, L2-normalised: `dim` little-endian float32 values held as
+    bytes (4 x dim), written to JSON as standard base64 (RFC 4648 with `+/`, not pydantic's
+    URL-safe default, so `base64.b64decode` and numpy read it back as the README shows)."""
+
+    dim: int = Field(gt=0)
+    vector: bytes
+
+    @field_validator("vector", mode="before")
+    @classmethod
+    def _as_bytes(cls, value: object) -> object:
+        if isinstance(value, str):  # JSON: base64 (URL-safe spelling accepted too)
+            try:
+                return base64.b64decode(value.translate(_URLSAFE), validate=True)
+            except binascii.Error as exc:
+                raise ValueError(f"embedding vector is not base64: {exc}") from exc
+        if isinstance(value, (list, tuple, np.ndarray)):  # e.g. a Parquet or real[] column of floats
+            return np.asarray(value, dtype=EMBEDDING_DTYPE).tobytes()
+        return value
+
+    @model_validator(mode="after")
+    def _length_matches_dim(self) -> Self:
+        if len(self.vector) != EMBEDDING_DTYPE.itemsize * self.dim:
+            raise ValueError(f"embedding vector has {len(self.vector)} bytes; dim {self.dim} needs {4 * self.dim}")
+        return self
+
+    @field_serializer("vector", when_used="json")
+    def _base64(self, vector: bytes) -> str:
+        return base64.b64encode(vector).decode("ascii")
+
+    def array(self) -> npt.NDArray[np.float32]:
+        """The vector as a read-only float32 array of shape (dim,), a view of `vector` (no copy)."""
+        return np.frombuffer(self.vector, dtype=EMBEDDING_DTYPE)
+
+    @classmethod
+    def of(cls, array: npt.ArrayLike, *, model: str, revision: str | None = None) -> "Embedding":
+        """An embedding from any 1-d array of numbers, stored as little-endian float32."""
+        values = np.asarray(array, dtype=EMBEDDING_DTYPE).reshape(-1)
+        return cls(model=model, revision=revision, dim=values.size, vector=values.tobytes())
+
+
+_URLSAFE = str.maketrans("-_", "+/")
+
+
 class RecordError(BaseModel):
     kind: ErrorKind
     message: str
@@ -99,6 +164,7 @@ class Record(BaseModel):
     caption: Caption | None = None
     moderation: Moderation | None = None
     tags: Tags | None = None
+    embedding: Embedding | None = None
     error: RecordError | None = None
     signature: str
     job_id: str | None = None

@@ -173,6 +173,7 @@ class Settings(BaseSettings):
             Task.CAPTION: self.caption_revision,
             Task.MODERATION: self.moderation_revision,
             Task.TAGS: self.tags_revision,
+            Task.EMBEDDING: self.tags_revision,  # the embedding is the tags model's
         }[task]
         return own or self.model_revision
 
