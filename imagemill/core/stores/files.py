@@ -133,14 +133,19 @@ def parquet_row(record: Record) -> dict[str, Any]:
     return row
 
 
+def parquet_record(row: dict[str, Any]) -> Record:
+    """The inverse of `parquet_row`: one row of a Parquet file (as pyarrow's `to_pylist` gives it) as a record."""
+    # Parquet has no dict type: the map column comes back as (key, value) pairs
+    if row.get("moderation"):
+        row["moderation"]["scores"] = dict(row["moderation"]["scores"])
+    return Record.model_validate(row)
+
+
 def iter_records(path: Path) -> Iterator[Record]:
     """Stream the records of a JSONL or Parquet file, a batch at a time."""
     if path.suffix == ".parquet":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                if row.get("moderation"):
-                    row["moderation"]["scores"] = dict(row["moderation"]["scores"])
-                yield Record.model_validate(row)
+            yield from map(parquet_record, batch.to_pylist())
         return
     with path.open(encoding="utf-8") as handle:
         for line in handle:
@@ -183,10 +188,5 @@ def decode_records(data: bytes, fmt: str) -> list[Record]:
     if fmt == "jsonl":
         return [Record.model_validate_json(line) for line in data.splitlines() if line.strip()]
     if fmt == "parquet":
-        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
-        for row in rows:
-            # Parquet has no dict type: the map column comes back as (key, value) pairs
-            if row.get("moderation"):
-                row["moderation"]["scores"] = dict(row["moderation"]["scores"])
-        return [Record.model_validate(row) for row in rows]
+        return [parquet_record(row) for row in pq.read_table(pa.BufferReader(data)).to_pylist()]
     raise ValueError(f"unknown record format {fmt!r}; expected jsonl or parquet")

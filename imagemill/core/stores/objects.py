@@ -69,7 +69,8 @@ def normalise_prefix(prefix: str) -> str:
     return f"{stripped}/" if stripped else ""
 
 
-def _format_of(name: str) -> str | None:
+def format_of(name: str) -> str | None:
+    """`job/000001.parquet` -> `parquet`; None for a name that is not a chunk (a marker, a temporary file)."""
     suffix = name.rpartition(".")[2]
     return suffix if suffix in FORMATS else None
 
@@ -126,15 +127,23 @@ class ObjectStoreSink(WriterContext):
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix_within):
             for entry in page.get("Contents", []):
                 # other tools' markers (e.g. `_SUCCESS`) are not chunks
-                if _format_of(entry["Key"]):
+                if format_of(entry["Key"]):
                     yield entry["Key"]
+
+    def chunk_names(self, prefix_within: str = "") -> Iterator[str]:
+        """The chunk objects' keys under the prefix (plus `prefix_within`), in key order (`ChunkReader`)."""
+        return self.keys(prefix_within)
+
+    def chunk_bytes(self, name: str) -> bytes:
+        """One chunk object's body, named as `chunk_names` gives it."""
+        body: bytes = self.client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
+        return body
 
     def read_all(self, prefix_within: str = "") -> list[Record]:
         """Every record in every chunk under the prefix, decoded by each object's own suffix."""
         records: list[Record] = []
         for key in self.keys(prefix_within):
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-            records.extend(decode_records(body, _format_of(key) or self.fmt))
+            records.extend(decode_records(self.chunk_bytes(key), format_of(key) or self.fmt))
         return records
 
     def failed_records(self, job_id: str) -> list[Record]:
@@ -178,14 +187,23 @@ class DirectorySink(WriterContext):
     def close(self) -> None:
         """Nothing to do: each `write` is fsynced before it returns."""
 
+    def chunk_names(self, prefix_within: str = "") -> Iterator[str]:
+        """The chunk files' names relative to the directory, starting with `prefix_within`, in name
+        order (`ChunkReader`); half-written temporary files are not chunks."""
+        for path in sorted(self.directory.rglob("*")):
+            name = path.relative_to(self.directory).as_posix()
+            if format_of(name) and path.is_file() and name.startswith(prefix_within):
+                yield name
+
+    def chunk_bytes(self, name: str) -> bytes:
+        """One chunk file's content, named as `chunk_names` gives it."""
+        return (self.directory / name).read_bytes()
+
     def read_all(self, prefix_within: str = "") -> list[Record]:
         """Every record in every chunk file whose relative name starts with `prefix_within`."""
         records: list[Record] = []
-        for path in sorted(self.directory.rglob("*")):
-            name = path.relative_to(self.directory).as_posix()
-            fmt = _format_of(name)
-            if fmt and path.is_file() and name.startswith(prefix_within):
-                records.extend(decode_records(path.read_bytes(), fmt))
+        for name in self.chunk_names(prefix_within):
+            records.extend(decode_records(self.chunk_bytes(name), format_of(name) or self.fmt))
         return records
 
     def failed_records(self, job_id: str) -> list[Record]:
