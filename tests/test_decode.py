@@ -1,12 +1,14 @@
 """Decoding: every mode to RGB, limits enforced, broken files named by the right error kind."""
 
 import io
+import struct
+import zlib
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from imagemill.core.errors import ErrorKind, ImageError
-from imagemill.pipeline.decode import decode, to_rgb
+from imagemill.pipeline.decode import decode, from_image, to_rgb
 from tests.fixtures.images import mixed_cases, photo_jpeg
 
 LIMIT = 64_000_000
@@ -71,3 +73,37 @@ def test_animation_uses_its_first_frame() -> None:
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
     red, _, blue = decode(buffer.getvalue(), max_pixels=LIMIT).image.getpixel((4, 4))
     assert red > 200 and blue < 60
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but whose pixel data is one empty row: a full decode
+    of it fails (cut short), so only a check made from the header alone can call it too large."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * (3 * width + 1)))
+        + chunk(b"IEND", b"")
+    )
+
+
+def opened(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))  # lazily: Pillow reads the header only
+
+
+@pytest.mark.parametrize("entry", ["bytes", "picture"])
+def test_pixel_limit_is_checked_from_the_header_before_any_pixel_is_decoded(entry: str, monkeypatch) -> None:
+    data = header_only_png(6000, 5000)  # 30 MP claimed, a few bytes of pixels
+    loads: list[str] = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append("load") or real_load(self))
+    limit = 6000 * 5000 - 1
+    with pytest.raises(ImageError) as raised:
+        decode(data, max_pixels=limit, min_side=64) if entry == "bytes" else from_image(opened(data), max_pixels=limit)
+    assert raised.value.kind == ErrorKind.TOO_LARGE, raised.value.message
+    assert "6000x5000" in raised.value.message
+    assert loads == []  # refused before Pillow decoded anything

@@ -12,7 +12,7 @@ from imagemill.core.schemas import ImageRef, Task
 from imagemill.core.settings import Settings
 from imagemill.core.storage import file_uri
 from imagemill.pipeline.engine import Engine
-from imagemill.pipeline.models import load_runners
+from imagemill.pipeline.models import RUNNERS, load_runners
 from imagemill.pipeline.models.device import pins_memory, resolve_device, resolve_dtype
 from imagemill.pipeline.models.runner import weights_hash
 from tests.fixtures.images import photo_image
@@ -42,6 +42,17 @@ def test_moderation_records_every_label_and_flags_by_threshold(tiny_models) -> N
         assert sum(result.scores.values()) == pytest.approx(1.0, abs=1e-4)
         assert not result.flagged
     assert all(result.flagged for result in always.run(pictures()))
+
+
+def test_flagged_comes_from_the_thresholded_labels_only_at_or_over_their_limit(tiny_models) -> None:
+    (runner,) = load_runners(settings_for(tiny_models, moderation_thresholds={"nsfw": 0.5}), (Task.MODERATION,))
+    assert runner.labels == ["normal", "nsfw"]  # rows below are in this order
+    # a confident label without a threshold never flags, however high its score
+    assert not runner._judge([0.99, 0.01]).flagged
+    assert not runner._judge([0.500001, 0.499999]).flagged
+    # the limit itself flags (>=), just under it does not
+    assert runner._judge([0.5, 0.5]).flagged
+    assert runner._judge([0.01, 0.99]).flagged
 
 
 def test_thresholds_must_name_a_label_the_model_has(tiny_models) -> None:
@@ -157,6 +168,29 @@ def test_runners_infer_without_autograd_in_the_configured_dtype(tiny_models) -> 
     assert pixels.dtype == torch.bfloat16 and next(runner.model.parameters()).dtype == torch.bfloat16
     with torch.enable_grad():
         assert len(runner.infer(pixels)) == 2  # inference_mode inside: no graph is built
+
+
+@pytest.mark.parametrize("task", list(RUNNERS))
+def test_every_runner_runs_its_model_in_inference_mode(tiny_models, task: Task) -> None:
+    """Every module call a runner makes (tags' text embeddings at load included) is in inference mode:
+    its outputs are inference tensors (no autograd graph, no version counters) even under enable_grad."""
+    calls: list[tuple[str, bool, bool]] = []
+
+    def record(module: torch.nn.Module, _args: object, output: object) -> None:
+        tensor = output if isinstance(output, torch.Tensor) else getattr(output, "last_hidden_state", None)
+        if isinstance(tensor, torch.Tensor):
+            calls.append((type(module).__name__, torch.is_inference_mode_enabled(), tensor.is_inference()))
+
+    with torch.enable_grad():
+        handle = torch.nn.modules.module.register_module_forward_hook(record)
+        try:
+            (runner,) = load_runners(settings_for(tiny_models), (task,))
+            runner.run(pictures(2))
+        finally:
+            handle.remove()
+    assert calls, "the hook saw no module calls"
+    outside = [name for name, enabled, inference in calls if not (enabled and inference)]
+    assert outside == [], f"{task}: modules run outside inference mode: {sorted(set(outside))}"
 
 
 @pytest.mark.parametrize("task", [Task.MODERATION, Task.TAGS])
