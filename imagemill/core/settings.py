@@ -4,6 +4,7 @@ Every tunable lives here so the CLI, the worker and the producer read the same n
 """
 
 import os
+import re
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal
 import pydantic_settings
 from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -166,6 +167,24 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device(value)
+
+    @field_validator("routes")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, str]) -> dict[str, str]:
+        # a misspelt task would route nothing, silently: its jobs would go to the default queue
+        unknown = sorted(set(value) - set(Task))
+        if unknown:
+            raise PydanticCustomError(
+                "unknown_task",
+                "unknown task {unknown}: expected {tasks}",
+                {"unknown": ", ".join(unknown), "tasks": ", ".join(Task)},
+            )
+        return value
+
     def revision(self, task: Task) -> str | None:
         """The hub revision of `task`'s model: IMAGEMILL_<TASK>_REVISION, else the deprecated
         IMAGEMILL_MODEL_REVISION, else None (the default branch)."""
@@ -187,6 +206,17 @@ class Settings(BaseSettings):
         lines = self.tags_vocabulary.read_text(encoding="utf-8").splitlines()
         tags = [line.strip() for line in lines]
         return list(dict.fromkeys(t for t in tags if t and not t.startswith("#")))
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(value: str) -> str:
+    """`value` if it names a device imagemill runs on (IMAGEMILL_DEVICE, `--device`); else an error with the choices."""
+    if not _DEVICE.fullmatch(value):
+        raise PydanticCustomError("unknown_device", "expected {choices}", {"choices": DEVICE_CHOICES})
+    return value
 
 
 def get_settings() -> Settings:
