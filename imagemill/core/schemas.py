@@ -75,6 +75,8 @@ class ModelOutput(BaseModel):
 
 class Caption(ModelOutput):
     text: str
+    # what the model was asked (a Florence-2 task token such as <CAPTION>); None for BLIP, which takes none
+    prompt: str | None = None
 
 
 class Moderation(ModelOutput):

@@ -76,6 +76,17 @@ class Settings(BaseSettings):
     # outputs (these change records, so they enter the pipeline signature)
     caption_max_new_tokens: int = Field(default=30, ge=1, le=512)
     caption_num_beams: int = Field(default=1, ge=1, le=16)
+    caption_prompt: str | None = Field(
+        default=None,
+        min_length=1,
+        description="what the caption model is asked: a Florence-2 task token (<CAPTION>, <DETAILED_CAPTION>, "
+        "<MORE_DETAILED_CAPTION>, <OCR>; default <CAPTION>); BLIP takes none",
+    )
+    caption_compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="static KV cache and torch.compile for caption generation: auto = on a GPU for models "
+        "transformers compiles whole; on = wherever the model allows (compiled on GPUs only); off = never",
+    )
     moderation_thresholds: dict[str, float] = {"nsfw": 0.5}
     tags_top_k: int = Field(default=5, ge=1, le=100)
     tags_threshold: float = Field(default=0.05, ge=0.0, le=1.0)

@@ -24,7 +24,7 @@ PARQUET_SCHEMA = pa.schema(
         ("etag", pa.string()),
         ("bytes", pa.int64()),
         ("image", pa.struct([("width", pa.int32()), ("height", pa.int32()), ("format", pa.string())])),
-        ("caption", pa.struct([*_OWNED, ("text", pa.string())])),
+        ("caption", pa.struct([*_OWNED, ("text", pa.string()), ("prompt", pa.string())])),
         ("moderation", pa.struct([*_OWNED, ("flagged", pa.bool_()), ("scores", pa.map_(pa.string(), pa.float64()))])),
         (
             "tags",

@@ -1,13 +1,24 @@
-"""Captioning: an image-to-text model (BLIP by default) run with batched, bounded `generate`."""
+"""Captioning: an image-to-text model run with batched, bounded `generate`, the path picked from its config.
+
+BLIP (and any model that captions from pixels alone) generates unprompted; Florence-2 generates for
+a task token (IMAGEMILL_CAPTION_PROMPT) and its own processor post-processes the text.
+"""
 
 from typing import Any
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from imagemill.core.pipeline_key import configured_model
 from imagemill.core.schemas import Caption, Task
-from imagemill.core.settings import Settings
-from imagemill.pipeline.models.runner import Runner
+from imagemill.core.settings import Settings, SettingsError
+from imagemill.pipeline.models.generation import generation_plan
+from imagemill.pipeline.models.runner import Runner, load_pretrained
+
+# Florence-2's task tokens whose answer is plain text; the others (<OD>, <OCR_WITH_REGION>…) answer boxes
+FLORENCE_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OCR>")
+FLORENCE_MODEL_TYPES = {"florence2"}
 
 
 class CaptionRunner(Runner):
@@ -17,15 +28,80 @@ class CaptionRunner(Runner):
     model_loader = AutoModelForImageTextToText
 
     def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
+        name, revision = configured_model(settings, self.task), settings.revision(self.task)
+        # the config alone says the path, so a prompt the model cannot take is refused before any weights load
+        self.family = caption_family(load_pretrained(self.task, AutoConfig, name, revision))
+        self.prompt = caption_prompt(settings.caption_prompt, self.family)
         super().__init__(settings, device, dtype)
         self.max_new_tokens = settings.caption_max_new_tokens
         self.num_beams = settings.caption_num_beams
+        self.plan = generation_plan(settings.caption_compile, device, self.model)
+        self._prompt_inputs = self._encode_prompt() if self.prompt is not None else {}
 
     def options(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
+        options: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
+        if self.prompt is not None:  # absent, not null, for BLIP: its signatures stay as they were
+            options["prompt"] = self.prompt
+        return options
 
     @torch.inference_mode()
     def infer(self, pixels: torch.Tensor) -> list[Caption]:
-        tokens = self.model.generate(pixel_values=pixels, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
-        texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
-        return [Caption(text=text.strip(), model=self.model_id.name, revision=self.model_id.revision) for text in texts]
+        # the prompt is the same for every image: tokenised once, repeated down the batch
+        prompt = {key: value.expand(len(pixels), -1) for key, value in self._prompt_inputs.items()}
+        tokens = self.model.generate(
+            pixel_values=pixels,
+            **prompt,
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            **self.plan.generate_kwargs(),
+        )
+        texts = [
+            self._text(text) for text in self.processor.batch_decode(tokens, skip_special_tokens=self.prompt is None)
+        ]
+        return [
+            Caption(text=text, model=self.model_id.name, revision=self.model_id.revision, prompt=self.prompt)
+            for text in texts
+        ]
+
+    def _encode_prompt(self) -> dict[str, torch.Tensor]:
+        """The processor's own input for the prompt (task token → its question, image tokens, specials)."""
+        blank = Image.new("RGB", (self.min_side, self.min_side))
+        encoded = self.processor(text=[self.prompt], images=[blank], return_tensors="pt")
+        return {key: encoded[key].to(self.device) for key in ("input_ids", "attention_mask") if key in encoded}
+
+    def _text(self, decoded: str) -> str:
+        if self.family != "florence2":
+            return decoded.strip()
+        # Florence-2's post-processing strips its special tokens and parses the answer for the task
+        size = (self.min_side, self.min_side)  # used only to place boxes, which the text tasks have none of
+        answer = self.processor.post_process_generation(decoded, task=self.prompt, image_size=size)[self.prompt]
+        return str(answer).strip()
+
+
+def caption_family(config: Any) -> str:
+    """`florence2`, or `pixels` for BLIP and every model that captions from pixels alone, from the
+    config's model_type (or its architectures, for a config saved under another type)."""
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "model_type", None) in FLORENCE_MODEL_TYPES or any(
+        a.startswith("Florence2") for a in architectures
+    ):
+        return "florence2"
+    return "pixels"
+
+
+def caption_prompt(prompt: str | None, family: str) -> str | None:
+    """The prompt the model is given; SettingsError naming IMAGEMILL_CAPTION_PROMPT for one it cannot take."""
+    if family == "florence2":
+        if prompt is None:
+            return FLORENCE_TASKS[0]
+        if prompt.strip() not in FLORENCE_TASKS:
+            raise SettingsError(
+                f"IMAGEMILL_CAPTION_PROMPT={prompt!r}: Florence-2 captions for one of {', '.join(FLORENCE_TASKS)}"
+            )
+        return prompt.strip()
+    if prompt is not None:
+        raise SettingsError(
+            f"IMAGEMILL_CAPTION_PROMPT={prompt!r}: this caption model (BLIP-like) takes no prompt; unset it "
+            "or use a Florence-2 model"
+        )
+    return None
