@@ -22,13 +22,19 @@ ORIENTATION_TAG = 0x0112
 
 
 @dataclass(frozen=True)
-class Decoded:
-    """A picture ready for the models, with the original image's facts for the record."""
+class ImageFacts:
+    """The original image's facts for the record (a device decoder knows them from the header)."""
 
-    image: Image.Image  # RGB, possibly reduced in size
     width: int  # after EXIF orientation, at full resolution
     height: int
     format: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decoded(ImageFacts):
+    """A picture ready for the models, with the original image's facts for the record."""
+
+    image: Image.Image  # RGB, possibly reduced in size
 
 
 def decode(data: bytes, *, max_pixels: int, min_side: int | None = None) -> Decoded:
@@ -69,6 +75,11 @@ def from_image(image: Image.Image, *, max_pixels: int, min_side: int | None = No
     if min_side:
         image = reduce_to(image, min_side)
     return Decoded(image=image, width=width, height=height, format=fmt)
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """ImageError (too large) when a picture of this size is over the limit: the header's size suffices."""
+    _check_pixels(width, height, max_pixels)
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:

@@ -10,16 +10,21 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from imagemill.core.errors import ErrorKind
+import torch
+
+from imagemill.core.errors import ErrorKind, ModelLoadError
 from imagemill.core.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, Task
 from imagemill.core.settings import Settings
 from imagemill.core.storage import ObjectReader
 from imagemill.pipeline.batching import batched
+from imagemill.pipeline.device_decode import DeviceDecoder, resolve_decode_device, supports
 from imagemill.pipeline.hooks import Middleware
 from imagemill.pipeline.models import load_runners
 from imagemill.pipeline.models.runner import Runner, TaskOutput
 from imagemill.pipeline.prefetch import Prefetcher, Prepared
+from imagemill.pipeline.preprocess import Preprocessor
 from imagemill.pipeline.signature import pipeline_signature
+from imagemill.pipeline.staging import Stager
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", Caption, Moderation, Tags)
@@ -61,18 +66,49 @@ class Engine:
         recipes = list(dict.fromkeys(runner.preprocess for runner in self.runners))
         self.prefetcher.preprocessors = recipes
         self._input_of = {id(runner): recipes.index(runner.preprocess) for runner in self.runners}
+        self.stager: Stager | None = None
+        try:
+            decode_device = resolve_decode_device(settings.decode_device, self.runners[0].device)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        if decode_device is not None or self.runners[0].device.type == "cuda":
+            self.decode_on(decode_device)
+
+    def decode_on(self, device: torch.device | None, decoder: DeviceDecoder | None = None) -> None:
+        """Stage batches on the models' device one batch ahead; decode JPEGs on `device` (None: Pillow).
+
+        Settings call it for a GPU; tests call it with the CPU, where the same code runs without streams.
+        Recipes the device cannot compute (a processor imagemill does not mirror) keep the Pillow path."""
+        recipes = self.prefetcher.preprocessors
+        on_device = all(isinstance(recipe, Preprocessor) and supports(recipe) for recipe in recipes)
+        if device is not None and not on_device:
+            log.info("decoding on the CPU: a model's preprocessing is not one the device path computes")
+        if device is not None and on_device:
+            decoder = decoder or DeviceDecoder(
+                device, [r for r in recipes if isinstance(r, Preprocessor)], self.prefetcher.min_side
+            )
+        else:
+            decoder = None
+        self.prefetcher.device_jpegs = decoder is not None
+        runner = self.runners[0]
+        self.stager = Stager(runner.device, runner.dtype, self.prefetcher.decode_here, decoder)
 
     def annotate(self, refs: Iterable[Prefetcher.Item], job_id: str | None = None) -> Iterator[Record]:
         """One record per ref, in the refs' order; a bad image is an error record, never a raise."""
         size = self.settings.batch_size
         window = max(2 * size, 2 * self.settings.fetch_threads)
-        for batch in batched(self.prefetcher.prepared(refs, window), size):
+        batches: Iterable[list[Prepared]] = batched(self.prefetcher.prepared(refs, window), size)
+        if self.stager is not None:
+            batches = self.stager.staged(batches)
+        for batch in batches:
             outcomes = self._infer([item for item in batch if item.decoded is not None])
             for item in batch:
                 yield self._record(item, outcomes.get(id(item)), job_id)
 
     def close(self) -> None:
         self.prefetcher.close()
+        if self.stager is not None:
+            self.stager.close()
 
     def __enter__(self) -> "Engine":
         return self

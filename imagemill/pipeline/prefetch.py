@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import numpy as np
+import torch
 from PIL import Image
 
 from imagemill.core.errors import ErrorKind, ImageError
 from imagemill.core.schemas import ImageRef, RecordError, Timings
 from imagemill.core.storage import ObjectReader
-from imagemill.pipeline.decode import Decoded, decode, from_image
+from imagemill.pipeline.decode import Decoded, ImageFacts, decode, from_image
+from imagemill.pipeline.device_decode import PendingJpeg, read_header
 
 MAX_URI_LENGTH = 4096  # ImageRef's bound: the uri ends up in a record like any other
 
@@ -51,15 +53,19 @@ class InlineImage:
 
 @dataclass
 class Prepared:
-    """One image after fetch and decode: either `decoded` (with `inputs`) or `error` is set."""
+    """One image after fetch and decode: either `decoded` (with `inputs`) or `error` is set.
+
+    Or, when a device decodes JPEGs, `pending`: its bytes and header, for `imagemill.pipeline.staging`."""
 
     ref: ImageRef
     etag: str | None = None
     size: int | None = None
-    decoded: Decoded | None = None
-    inputs: list[np.ndarray] = field(default_factory=list)  # one per preprocessor, in order
+    decoded: ImageFacts | None = None  # a `Decoded` (with its picture) when Pillow decoded it
+    # one per preprocessor, in order: host arrays, or rows of a batch on the models' device once staged
+    inputs: list[np.ndarray | torch.Tensor] = field(default_factory=list)
     error: RecordError | None = None
     timings: Timings = field(default_factory=Timings)
+    pending: PendingJpeg | None = None
 
 
 class Prefetcher:
@@ -75,6 +81,7 @@ class Prefetcher:
         self._max_pixels = max_pixels
         self.min_side: int | None = None
         self.preprocessors: Sequence[Callable[[Image.Image], np.ndarray]] = ()
+        self.device_jpegs = False  # JPEGs a device can decode are left encoded (`Prepared.pending`)
 
     def prepared(self, refs: Iterable[Item], window: int) -> Iterator[Prepared]:
         """Yield every item's `Prepared`, in order, keeping up to `window` in flight."""
@@ -96,14 +103,24 @@ class Prefetcher:
             content = source.data if isinstance(source, InlineImage) else self._fetch(item)
             fetched = time.perf_counter()
             item.timings.fetch_ms = (fetched - started) * 1000
-            with self._decode_slots:
-                # a picture skips decoding but not the rest: limits, orientation, RGB, reduction
-                item.decoded = self._from_image(content) if isinstance(content, Image.Image) else self._decode(content)
-                item.inputs = self._preprocess(item.decoded.image)
+            device = self.device_jpegs and isinstance(content, bytes)
+            header = read_header(content, self._max_pixels) if isinstance(content, bytes) and device else None
+            if header is not None and isinstance(content, bytes):
+                item.pending = PendingJpeg(content, header)
+            else:
+                self.decode_here(item, content)
             item.timings.decode_ms = (time.perf_counter() - fetched) * 1000
         except ImageError as exc:
             item.error = RecordError(kind=exc.kind, message=exc.message)
         return item
+
+    def decode_here(self, item: Prepared, content: bytes | Image.Image) -> None:
+        """Decode and preprocess on this thread (Pillow); ImageError for a bad image."""
+        with self._decode_slots:
+            # a picture skips decoding but not the rest: limits, orientation, RGB, reduction
+            decoded = self._from_image(content) if isinstance(content, Image.Image) else self._decode(content)
+            item.inputs = self._preprocess(decoded.image)
+            item.decoded = decoded
 
     def _fetch(self, item: Prepared) -> bytes:
         try:
@@ -133,7 +150,7 @@ class Prefetcher:
             message = f"cannot convert this picture for the models: {type(exc).__name__}: {exc}"
             raise ImageError(ErrorKind.UNSUPPORTED, message) from exc
 
-    def _preprocess(self, image: Image.Image) -> list[np.ndarray]:
+    def _preprocess(self, image: Image.Image) -> list[np.ndarray | torch.Tensor]:
         try:
             return [prepare(image) for prepare in self.preprocessors]
         except Exception as exc:  # an input the resize cannot take costs this image only

@@ -71,9 +71,13 @@ class Runner(ABC):
 
         A Sequence, not a list: each runner returns a list of its own output type, and a list is invariant."""
 
-    def batch(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
-        """Preprocessed images -> one tensor on the model's device and dtype."""
-        pixels = torch.from_numpy(np.stack(inputs))
+    def batch(self, inputs: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """Preprocessed images -> one tensor on the model's device and dtype.
+
+        Tensors are rows already staged on the device (`imagemill.pipeline.staging`): stacked there."""
+        if inputs and all(isinstance(row, torch.Tensor) for row in inputs):
+            return torch.stack([torch.as_tensor(row) for row in inputs]).to(self.device, dtype=self.dtype)
+        pixels = torch.from_numpy(np.stack([np.asarray(row) for row in inputs]))
         if pins_memory(self.device):
             # pinned host memory lets the copy overlap with the previous batch's compute
             return pixels.pin_memory().to(self.device, dtype=self.dtype, non_blocking=True)
