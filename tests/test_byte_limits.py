@@ -1,0 +1,117 @@
+"""IMAGEMILL_MAX_IMAGE_BYTES: an object over the limit is refused from its listed size before any
+download, else from its file size or Content-Length, and never read past the limit.
+
+S3 requests are counted by the fault-injecting proxy in front of the moto server (the server's
+own view of what was asked), not by the client.
+"""
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from botocore.response import StreamingBody
+
+from imagemill.core.errors import ErrorKind, ImageError
+from imagemill.core.schemas import ImageRef
+from imagemill.core.settings import Settings
+from imagemill.core.storage import ObjectReader, file_uri
+from imagemill.core.stores.files import read_records
+from tests.fixtures.cli import run_cli
+from tests.fixtures.faulty_s3 import FaultyProxy, faulty_proxy
+from tests.fixtures.images import photo_jpeg
+from tests.fixtures.s3 import s3_client
+
+LIMIT = 1000
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultyProxy]:
+    with faulty_proxy(s3_endpoint) as running:
+        yield running
+
+
+def reader(endpoint: str, limit: int = LIMIT) -> ObjectReader:
+    return ObjectReader(Settings(s3_endpoint_url=endpoint, max_image_bytes=limit, s3_max_attempts=1))
+
+
+def refused(read: ObjectReader, ref: ImageRef) -> str:
+    with pytest.raises(ImageError) as raised:
+        read.read(ref)
+    assert raised.value.kind == ErrorKind.TOO_LARGE, raised.value.message
+    assert "IMAGEMILL_MAX_IMAGE_BYTES" in raised.value.message
+    return raised.value.message
+
+
+def test_a_listed_size_over_the_limit_is_refused_without_a_request(
+    proxy: FaultyProxy, bucket: str, tmp_path: Path
+) -> None:
+    s3_client(proxy.url).put_object(Bucket=bucket, Key="big.jpg", Body=b"x" * (LIMIT + 1))
+    message = refused(reader(proxy.url), ImageRef(uri=f"s3://{bucket}/big.jpg", size=LIMIT + 1))
+    assert "1,001 bytes" in message
+    assert proxy.count("GET", "big.jpg") == 0 and proxy.count("HEAD", "big.jpg") == 0
+    # a local file is not even opened: this one does not exist, and the answer is still too_large
+    refused(reader(proxy.url), ImageRef(uri=file_uri(tmp_path / "gone.jpg"), size=LIMIT + 1))
+
+
+def test_an_s3_object_over_the_limit_is_refused_from_its_content_length(
+    proxy: FaultyProxy, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = s3_client(proxy.url)
+    client.put_object(Bucket=bucket, Key="over.jpg", Body=b"x" * (LIMIT + 1))
+    client.put_object(Bucket=bucket, Key="at.jpg", Body=b"y" * LIMIT)
+    read = reader(proxy.url)
+    bodies_read: list[int | None] = []
+    real_read = StreamingBody.read
+    monkeypatch.setattr(StreamingBody, "read", lambda body, amt=None: bodies_read.append(amt) or real_read(body, amt))
+    refused(read, ImageRef(uri=f"s3://{bucket}/over.jpg"))  # no size listed: the answer's length decides
+    assert proxy.count("GET", "over.jpg") == 1  # one request, not retried
+    assert bodies_read == []  # refused from the headers: the body is closed unread
+    # the limit itself is allowed, whether listed or not
+    assert read.read(ImageRef(uri=f"s3://{bucket}/at.jpg")).data == b"y" * LIMIT
+    assert read.read(ImageRef(uri=f"s3://{bucket}/at.jpg", size=LIMIT)).data == b"y" * LIMIT
+
+
+def test_an_s3_answer_without_a_length_is_read_no_further_than_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed answer (no Content-Length) cannot be refused up front; reading stops one byte past the limit."""
+    asked: list[int] = []
+
+    class Body(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            asked.append(-1 if size is None else size)
+            return super().read(size)
+
+    class Client:
+        def get_object(self, Bucket: str, Key: str) -> dict[str, object]:
+            return {"Body": Body(b"z" * (LIMIT * 10)), "ETag": '"e"'}
+
+    read = reader("http://127.0.0.1:1")
+    monkeypatch.setattr(ObjectReader, "s3", property(lambda _: Client()))
+    refused(read, ImageRef(uri="s3://b/streamed.jpg"))
+    assert asked == [LIMIT + 1]
+    monkeypatch.setattr(Client, "get_object", lambda *_, **__: {"Body": Body(b"z" * LIMIT)})
+    assert read.read(ImageRef(uri="s3://b/streamed.jpg")).data == b"z" * LIMIT
+
+
+def test_a_local_file_over_the_limit_is_refused_from_its_size(tmp_path: Path) -> None:
+    over, at = tmp_path / "over.jpg", tmp_path / "at.jpg"
+    over.write_bytes(b"x" * (LIMIT + 1))
+    at.write_bytes(b"y" * LIMIT)
+    read = reader("http://127.0.0.1:1")
+    refused(read, ImageRef(uri=file_uri(over)))  # listed without a size (a manifest's bare path)
+    assert read.read(ImageRef(uri=file_uri(at))).data == b"y" * LIMIT
+
+
+def test_the_setting_reaches_a_real_run(model_env: dict[str, str], tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    small, large = photo_jpeg(64, 48), photo_jpeg(640, 480)
+    (folder / "small.jpg").write_bytes(small)
+    (folder / "large.jpg").write_bytes(large)
+    assert len(small) < 20_000 < len(large)
+    out = tmp_path / "out.jsonl"
+    env = {**model_env, "IMAGEMILL_MAX_IMAGE_BYTES": "20000"}
+    result = run_cli("annotate", str(folder), "--tasks", "moderation", "--out", str(out), "-q", env=env)
+    assert result.returncode == 0, result.stderr
+    kinds = {Path(r.uri).name: (r.error.kind if r.error else None) for r in read_records(out)}
+    assert kinds == {"small.jpg": None, "large.jpg": "too_large"}
