@@ -1,0 +1,128 @@
+"""Near-duplicate grouping on constructed vectors: connected components of pairs at or above the
+threshold, the largest image as representative, tiles smaller than n giving the same groups."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imagemill.core.errors import ErrorKind, UserError
+from imagemill.core.schemas import Embedding, ImageInfo, Record, RecordError
+from imagemill.pipeline.near_duplicates import Embeddings, collect, components, group, similar_pairs
+
+
+def record(uri: str, vector: list[float], size: tuple[int, int] = (100, 100), nbytes: int = 1000) -> Record:
+    return Record(
+        uri=uri,
+        etag="e",
+        bytes=nbytes,
+        image=ImageInfo(width=size[0], height=size[1], format="JPEG"),
+        embedding=Embedding.of(vector, model="clip"),
+        signature="s",
+    )
+
+
+def grouped(records: list[Record], threshold: float, block: int = 4096) -> list[list[str]]:
+    """Each group's uris, representative first."""
+    return [[m.uri for m in g.members] for g in group(collect([records]), threshold, block)]
+
+
+def test_a_chain_of_similar_pairs_is_one_group_even_where_its_ends_are_not_alike() -> None:
+    # a ~ b and b ~ c at cos 0.96, a and c at cos 0.84: connected components, not cliques
+    angle = np.arccos(0.96)
+    vectors = {name: [np.cos(k * angle), np.sin(k * angle), 0.0] for k, name in enumerate("abc")}
+    vectors["far"] = [0.0, 0.0, 1.0]
+    records = [record(f"file:///{name}.jpg", v) for name, v in vectors.items()]
+    # same sizes: the first uri represents; the others follow by similarity to it
+    assert grouped(records, 0.95) == [["file:///a.jpg", "file:///b.jpg", "file:///c.jpg"]]
+    assert grouped(records, 0.97) == []
+
+
+def test_the_threshold_is_inclusive() -> None:
+    # cos = 0.5 exactly in float32: (1,0,0,0) against (½,½,½,½)
+    records = [record("file:///a.jpg", [1, 0, 0, 0]), record("file:///b.jpg", [0.5, 0.5, 0.5, 0.5])]
+    assert len(grouped(records, 0.5)) == 1
+    assert grouped(records, float(np.nextafter(np.float32(0.5), np.float32(1)))) == []
+
+
+def test_the_representative_is_the_largest_image_then_the_most_bytes_then_the_first_uri() -> None:
+    same = [1.0, 0.0]
+    by_pixels = [
+        record("file:///small.jpg", same, (100, 100), 9000),
+        record("file:///big.jpg", same, (200, 100), 10),
+    ]
+    assert grouped(by_pixels, 0.95)[0][0] == "file:///big.jpg"
+    by_bytes = [record("file:///a.jpg", same, (100, 100), 10), record("file:///b.jpg", same, (100, 100), 20)]
+    assert grouped(by_bytes, 0.95)[0][0] == "file:///b.jpg"
+    by_uri = [record("file:///b.jpg", same), record("file:///a.jpg", same)]
+    assert grouped(by_uri, 0.95)[0][0] == "file:///a.jpg"
+
+
+def test_members_carry_their_similarity_to_the_representative_and_singletons_are_left_out() -> None:
+    records = [
+        record("file:///copy.jpg", [0.99, 0.141, 0]),
+        record("file:///original.jpg", [1, 0, 0], (400, 300)),
+        record("file:///alone.jpg", [0, 0, 1]),
+    ]
+    (only,) = group(collect([records]), 0.95)
+    assert only.representative == "file:///original.jpg" and only.size == 2
+    assert [m.similarity for m in only.members] == [pytest.approx(1.0), pytest.approx(0.99, abs=1e-3)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    block=st.integers(1, 70),
+    seed=st.integers(0, 2**32 - 1),
+    threshold=st.sampled_from([0.5, 0.8, 0.95]),
+)
+def test_tiles_smaller_than_n_give_the_groups_of_one_tile(n: int, block: int, seed: int, threshold: float) -> None:
+    rng = np.random.default_rng(seed)
+    # few distinct directions, jittered: many pairs across tile borders
+    centres = rng.normal(size=(max(1, n // 4), 8)).astype(np.float32)
+    vectors = centres[rng.integers(0, len(centres), n)] + rng.normal(scale=0.2, size=(n, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    one_tile = components(n, similar_pairs(vectors, threshold, block=n))
+    tiled = components(n, similar_pairs(vectors, threshold, block=block))
+    # the same partition (labels may be numbered differently)
+    assert np.array_equal(one_tile[:, None] == one_tile[None, :], tiled[:, None] == tiled[None, :])
+    # and the partition is the brute-force one: pairs at or above the threshold, closed transitively
+    linked = vectors @ vectors.T >= np.float32(threshold)
+    closure = linked.copy()
+    for k in range(n):
+        closure |= closure[:, k : k + 1] & closure[k : k + 1, :]
+    assert np.array_equal(closure, one_tile[:, None] == one_tile[None, :])
+
+
+def test_pending_pairs_are_folded_without_changing_the_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    import imagemill.pipeline.near_duplicates as near
+
+    vectors = np.repeat(np.eye(3, dtype=np.float32), 40, axis=0)  # three groups of 40: 2,340 pairs
+    unfolded = components(len(vectors), similar_pairs(vectors, 0.9, block=7))
+    monkeypatch.setattr(near, "_PENDING_PAIRS", 10)
+    folded = components(len(vectors), similar_pairs(vectors, 0.9, block=7))
+    assert np.array_equal(unfolded, folded) and len(np.unique(folded)) == 3
+
+
+def test_records_without_embeddings_or_with_errors_are_counted_not_grouped() -> None:
+    plain = Record(uri="file:///plain.jpg", signature="s")
+    broken = Record(uri="file:///x.jpg", error=RecordError(kind=ErrorKind.TRUNCATED, message="cut"), signature="s")
+    found: Embeddings = collect([[plain, broken, record("file:///a.jpg", [1, 0])]])
+    assert (len(found.images), found.without_embedding, found.without_embedding_shown, found.failed) == (
+        1,
+        1,
+        ["file:///plain.jpg"],
+        1,
+    )
+
+
+def test_embeddings_of_two_models_are_refused_in_one_line() -> None:
+    other = record("file:///b.jpg", [1, 0]).model_copy(update={"embedding": Embedding.of([1, 0, 0], model="siglip")})
+    with pytest.raises(UserError, match=r"file:///b.jpg has an embedding of siglip \(dim 3\), others of clip"):
+        collect([[record("file:///a.jpg", [1, 0])], [other]])
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.5, 1.5])
+def test_a_threshold_outside_0_to_1_is_refused(threshold: float) -> None:
+    with pytest.raises(UserError, match="--threshold must be above 0 and at most 1"):
+        group(collect([[record("file:///a.jpg", [1, 0])]]), threshold)

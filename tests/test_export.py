@@ -1,0 +1,213 @@
+"""`imagemill export`: annotated records with their images' original bytes, opened again with
+`datasets.load_from_disk` and `webdataset.WebDataset`; gone and replaced images reported and
+skipped; shards cut by --shard-size; --where and --only-ok filters; the same from PostgreSQL."""
+
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import webdataset
+
+from imagemill.core.errors import UserError
+from imagemill.core.schemas import Record
+from imagemill.core.settings import Settings
+from imagemill.core.storage import ObjectReader, local_path
+from imagemill.core.stores import open_writer
+from imagemill.core.stores.files import read_records
+from imagemill.pipeline.exports import ExportFormat, Options, export
+from imagemill.pipeline.record_filter import parse_where
+from tests.fixtures.cli import run_cli
+from tests.fixtures.images import photo_jpeg, write_mixed
+
+
+@dataclass(frozen=True)
+class Annotated:
+    folder: Path
+    records_file: Path
+    records: list[Record]
+    gone: str  # uri of an image deleted after annotation
+    replaced: str  # uri of an image overwritten after annotation
+
+    def exportable(self) -> list[Record]:
+        return [r for r in self.records if r.uri not in (self.gone, self.replaced)]
+
+
+@pytest.fixture(scope="module")
+def annotated(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Annotated:
+    """A folder of test photos (good, broken, hostile) annotated with every task, embedding included;
+    then one image deleted and one overwritten, as happens between annotation and export."""
+    root = tmp_path_factory.mktemp("export")
+    folder = root / "photos"
+    write_mixed(folder)
+    (folder / "doomed.jpg").write_bytes(photo_jpeg(320, 240, seed=7))
+    (folder / "touched.jpg").write_bytes(photo_jpeg(320, 240, seed=8))
+    out = root / "records.jsonl"
+    env = {
+        "IMAGEMILL_CAPTION_MODEL": str(tiny_models["caption"]),
+        "IMAGEMILL_MODERATION_MODEL": str(tiny_models["moderation"]),
+        "IMAGEMILL_TAGS_MODEL": str(tiny_models["tags"]),
+        "IMAGEMILL_TAGS_THRESHOLD": "0",
+        "IMAGEMILL_CAPTION_MAX_NEW_TOKENS": "4",
+        "IMAGEMILL_DEVICE": "cpu",
+    }
+    tasks = "caption,moderation,tags,embedding"
+    result = run_cli("annotate", str(folder), "--tasks", tasks, "--out", str(out), "-q", env=env)
+    assert result.returncode == 0, result.stderr
+    (folder / "doomed.jpg").unlink()
+    (folder / "touched.jpg").write_bytes(photo_jpeg(640, 480, seed=9))
+    uri = (folder / "doomed.jpg").absolute().as_uri()
+    return Annotated(folder, out, read_records(out), uri, (folder / "touched.jpg").absolute().as_uri())
+
+
+def file_bytes(uri: str) -> bytes:
+    return local_path(uri).read_bytes()
+
+
+def test_hf_export_opens_with_load_from_disk_holding_the_files_bytes_and_the_records_fields(
+    annotated: Annotated, tmp_path: Path
+) -> None:
+    out = tmp_path / "hf"
+    result = run_cli("export", str(annotated.records_file), "--format", "hf", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"1 image gone since annotation, skipped: {annotated.gone}" in result.stderr.replace("\n", "")
+    assert "1 image replaced since annotation" in result.stderr
+
+    dataset = datasets.load_from_disk(str(out))
+    expected = annotated.exportable()
+    assert len(dataset) == len(expected)
+    dim = next(r.embedding.dim for r in expected if r.embedding)
+    assert dataset.features["embedding"].length == dim  # a fixed-length float sequence
+    raw = dataset.cast_column("image", datasets.Image(decode=False))
+    for row, record in zip(raw, expected, strict=True):
+        assert row["uri"] == record.uri and row["etag"] == record.etag
+        if record.error is None:
+            assert row["image"]["bytes"] == file_bytes(record.uri)
+            assert record.caption and record.moderation and record.tags and record.embedding
+            assert row["caption"] == record.caption.text
+            assert row["tags"] == [{"tag": t.tag, "score": t.score} for t in record.tags.labels]
+            assert row["flagged"] == record.moderation.flagged
+            assert row["scores"] == record.moderation.scores
+            assert np.array_equal(np.asarray(row["embedding"], dtype=np.float32), record.embedding.array())
+            assert (row["width"], row["height"]) == (record.image.width, record.image.height)  # type: ignore[union-attr]
+            assert row["error"] is None
+        else:  # never annotated: no image, the error's kind says why
+            assert row["image"] is None and row["error"] == record.error.kind.value
+            assert row["caption"] is None and row["embedding"] is None
+    # decoded, the good images are pictures of the recorded size
+    picture = next(row["image"] for row in dataset if row["uri"].endswith("photo_medium.jpg"))
+    assert picture.size == (640, 480)
+
+
+def test_webdataset_shards_hold_the_original_bytes_with_their_real_extension_and_the_record(
+    annotated: Annotated, tmp_path: Path
+) -> None:
+    out = tmp_path / "wds"
+    result = run_cli(
+        "export", str(annotated.records_file), "--format", "webdataset", "--out", str(out), "--shard-size", "4"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 image gone since annotation" in result.stderr
+
+    expected = annotated.exportable()
+    shards = sorted(out.glob("*.tar"))
+    assert [s.name for s in shards] == [f"shard-{n:06d}.tar" for n in range(-(-len(expected) // 4))]
+    per_shard = [sum(1 for _ in webdataset.WebDataset(str(s), shardshuffle=False)) for s in shards]
+    assert all(n == 4 for n in per_shard[:-1]) and 1 <= per_shard[-1] <= 4
+
+    samples = list(webdataset.WebDataset([str(s) for s in shards], shardshuffle=False))
+    assert len(samples) == len(expected)
+    extensions = {}
+    for sample, record in zip(samples, expected, strict=True):
+        assert Record.model_validate_json(sample["json"]) == record
+        images = {k: v for k, v in sample.items() if not k.startswith("__") and k != "json"}
+        if record.error is None:
+            ((ext, data),) = images.items()
+            assert data == file_bytes(record.uri)
+            extensions[record.uri.rsplit("/", 1)[-1]] = ext
+        else:
+            assert images == {}
+    assert extensions["UPPER.JPG"] == "jpg" and extensions["alpha.png"] == "png"
+    assert extensions["animated.gif"] == "gif" and extensions.get("tiny.webp", "webp") == "webp"
+
+
+def exported_uris(records: list[Record], tmp_path: Path, **options: object) -> list[str]:
+    out = tmp_path / f"out-{secrets.token_hex(3)}"
+    export(lambda: [records], ExportFormat.WEBDATASET, out, ObjectReader(Settings()), Options(**options))  # type: ignore[arg-type]
+    return [
+        json.loads(s["json"])["uri"] for s in webdataset.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False)
+    ]
+
+
+def test_where_and_only_ok_keep_the_matching_records(annotated: Annotated, tmp_path: Path) -> None:
+    records = annotated.exportable()
+    flagged = {r.uri for r in records if r.moderation and r.moderation.flagged}
+    ok = [r.uri for r in records if r.error is None]
+    assert flagged and set(ok) - flagged  # the tiny model flags some and not others
+    assert exported_uris(records, tmp_path, only_ok=True) == ok
+    unflagged = exported_uris(records, tmp_path, where=parse_where(["flagged=false"]))
+    assert unflagged == [u for u in ok if u not in flagged]  # a record without moderation is neither
+    assert exported_uris(records, tmp_path, where=parse_where(["error=truncated"])) == [
+        r.uri for r in records if r.error and r.error.kind == "truncated"
+    ]
+    tag = records[0].tags.labels[0].tag  # type: ignore[union-attr]
+    assert exported_uris(records, tmp_path, where=parse_where([f"tag={tag}", "error=none"])) == [
+        r.uri for r in records if r.tags and any(t.tag == tag for t in r.tags.labels)
+    ]
+    assert exported_uris(records, tmp_path, where=parse_where(["format!=jpeg"]), only_ok=True) == [
+        r.uri for r in records if r.error is None and r.image and r.image.format != "JPEG"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("colour=red", "unknown field 'colour'; choose from flagged, error, tag, format, job"),
+        ("flagged=maybe", "expected true or false"),
+        ("error=exploded", "expected none or one of"),
+        ("flagged", "expected field=value or field!=value"),
+    ],
+)
+def test_a_bad_where_is_refused_in_one_line(where: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        parse_where([where])
+
+
+def test_bad_input_is_one_line_and_exit_2_leaving_nothing_behind(annotated: Annotated, tmp_path: Path) -> None:
+    records = str(annotated.records_file)
+    where = run_cli("export", records, "--format", "hf", "--out", str(tmp_path / "a"), "--where", "colour=red")
+    assert where.returncode == 2 and where.stderr.count("error:") == 1 and "unknown field 'colour'" in where.stderr
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    taken = run_cli("export", records, "--format", "webdataset", "--out", str(tmp_path / "full"))
+    assert taken.returncode == 2 and "already exists and is not empty" in taken.stderr
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    missing = run_cli("export", str(tmp_path / "nope.jsonl"), "--format", "hf", "--out", str(tmp_path / "b"))
+    assert missing.returncode == 2 and missing.stderr.count("error:") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no partial export left
+
+
+def test_export_from_postgresql_reads_the_current_records(annotated: Annotated, pg_url: str, tmp_path: Path) -> None:
+    url = f"{pg_url}?table=export_{secrets.token_hex(4)}"
+    with open_writer(url) as store:
+        store.write(annotated.records, chunk="job/0")
+    expected = annotated.exportable()
+    hf = run_cli("export", url, "--format", "hf", "--out", str(tmp_path / "hf"), "--only-ok")
+    assert hf.returncode == 0, hf.stderr
+    assert "1 image gone since annotation" in hf.stderr
+    dataset = datasets.load_from_disk(str(tmp_path / "hf")).cast_column("image", datasets.Image(decode=False))
+    ok = {r.uri: r for r in expected if r.error is None}
+    assert sorted(dataset["uri"]) == sorted(ok)
+    for row in dataset:
+        record = ok[row["uri"]]
+        assert row["image"]["bytes"] == file_bytes(record.uri)
+        assert row["caption"] == record.caption.text  # type: ignore[union-attr]
+        assert np.array_equal(np.asarray(row["embedding"], dtype=np.float32), record.embedding.array())  # type: ignore[union-attr]
+    wds = run_cli("export", url, "--format", "webdataset", "--out", str(tmp_path / "wds"))
+    assert wds.returncode == 0, wds.stderr
+    samples = list(webdataset.WebDataset(str(tmp_path / "wds" / "shard-000000.tar"), shardshuffle=False))
+    assert sorted(json.loads(s["json"])["uri"] for s in samples) == sorted(r.uri for r in expected)
