@@ -1,8 +1,10 @@
 """Sources: folders, S3 prefixes and manifests list image references lazily and completely."""
 
+import itertools
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from imagemill.core.errors import SourceError
 from imagemill.core.settings import Settings
 from imagemill.core.storage import file_uri
 from imagemill.pipeline.sources import DirectorySource, ManifestSource, S3Source, open_source
+from tests.fixtures.faulty_s3 import faulty_proxy
 from tests.fixtures.s3 import s3_client
 
 
@@ -55,6 +58,26 @@ def test_directory_listing_is_lazy(tmp_path: Path) -> None:
     assert list(refs) == []
 
 
+def test_directory_yields_its_first_ref_before_an_endless_tree_is_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tree that never ends (os.walk replaced by an endless one): a listing made up front never returns."""
+    touch(tmp_path / "x.jpg")
+    walked: list[int] = []
+
+    def endless_walk(root: str, followlinks: bool = False) -> Iterator[tuple[str, list[str], list[str]]]:
+        for depth in itertools.count():
+            walked.append(depth)
+            if len(walked) > 1000:
+                raise AssertionError("the listing walked the tree up front")
+            yield str(root), [], ["x.jpg"]
+
+    monkeypatch.setattr(os, "walk", endless_walk)
+    refs = DirectorySource(tmp_path).refs()
+    assert next(refs).uri == file_uri(tmp_path / "x.jpg")
+    assert len(walked) == 1
+
+
 def test_manifests_mix_local_paths_and_s3_uris(tmp_path: Path) -> None:
     touch(tmp_path / "local.jpg")
     lines = ["local.jpg", "s3://bucket/key with space.jpg", file_uri(tmp_path / "local.jpg")]
@@ -91,8 +114,11 @@ def test_s3_prefix_is_paged_and_filtered(s3_endpoint: str, bucket: str) -> None:
     keys = [f"in/{i:03}.jpg" for i in range(7)] + ["in/odd key ü %20 ../x.JPG"]
     for key in [*keys, "in/readme.md", "in/folder/", "out/1.jpg"]:
         client.put_object(Bucket=bucket, Key=key, Body=b"data")
-    source = S3Source(bucket, "in/", client, page_size=3)
-    refs = list(source.refs())
+    with faulty_proxy(s3_endpoint) as proxy:
+        source = S3Source(bucket, "in/", s3_client(proxy.url), page_size=3)
+        refs = list(source.refs())
+        # 11 keys under in/, 3 a page: the server answered four listing requests
+        assert proxy.count("GET", f"/{bucket}") == 4
     assert sorted(r.uri for r in refs) == sorted(f"s3://{bucket}/{k}" for k in keys)
     assert all(r.size == 4 and r.etag for r in refs)
 
