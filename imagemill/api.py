@@ -153,8 +153,9 @@ def record_columns(records: Sequence[Record], tasks: Sequence[Task]) -> dict[str
     """Records -> columns, one value per record; a task's columns only if it was asked for.
 
     caption (str), flagged (bool), moderation_scores ([{label, score}]), tags ([str]),
-    tag_scores ([float]), error_kind and error_message (str). A failed image has None in every
-    task column, so "no tags above the threshold" ([]) stays apart from "not annotated" (None).
+    tag_scores ([float]), embedding (float32 array, unit norm), error_kind and error_message
+    (str). A failed image has None in every task column, so "no tags above the threshold" ([])
+    stays apart from "not annotated" (None).
     """
     columns: dict[str, list[Any]] = {}
     if Task.CAPTION in tasks:
@@ -168,6 +169,8 @@ def record_columns(records: Sequence[Record], tasks: Sequence[Task]) -> dict[str
     if Task.TAGS in tasks:
         columns["tags"] = [[t.tag for t in r.tags.labels] if r.tags else None for r in records]
         columns["tag_scores"] = [[t.score for t in r.tags.labels] if r.tags else None for r in records]
+    if Task.EMBEDDING in tasks:
+        columns["embedding"] = [r.embedding.array() if r.embedding else None for r in records]
     columns["error_kind"] = [r.error.kind.value if r.error else None for r in records]
     columns["error_message"] = [r.error.message if r.error else None for r in records]
     return columns
@@ -209,6 +212,8 @@ class DatasetsMapper:
         if Task.TAGS in self.annotator.tasks:
             types["tags"] = [text]
             types["tag_scores"] = [score]
+        if Task.EMBEDDING in self.annotator.tasks:
+            types["embedding"] = [score]
         types |= {"error_kind": text, "error_message": text}
         return datasets.Features({**(existing or {}), **types})
 

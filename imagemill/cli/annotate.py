@@ -34,7 +34,9 @@ def tasks_option(value: str) -> tuple[Task, ...]:
 
 def annotate(
     source: Annotated[str, typer.Argument(help="A folder, s3://bucket/prefix, or a manifest (.jsonl, .csv, .txt).")],
-    tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderation, tags.")] = ALL_TASKS,
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated: caption, moderation, tags, embedding (asked by name).")
+    ] = ALL_TASKS,
     out: Annotated[Path, typer.Option(help="Where records go: a .jsonl or .parquet file.")] = Path("annotations.jsonl"),
     batch_size: Annotated[
         int | None, typer.Option(min=1, help="Images per model batch [IMAGEMILL_BATCH_SIZE].")
@@ -66,7 +68,7 @@ def run_local(
     source = open_source(source_spec, settings)
     with console.status(f"loading models for {', '.join(tasks)}…", spinner="dots"):
         engine = Engine(settings, tasks)
-    writer = open_file_writer(str(out), keep_existing=not force)
+    writer = open_file_writer(str(out), keep_existing=not force, embedding_dtype=settings.embedding_dtype)
     started = time.perf_counter()
     try:
         with engine, progress_bar("annotating", disable=quiet) as (progress, bar):

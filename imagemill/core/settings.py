@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     tags_top_k: int = Field(default=5, ge=1, le=100)
     tags_threshold: float = Field(default=0.05, ge=0.0, le=1.0)
     tags_prompt: str = "a photo of {}."
+    embedding_dtype: Literal["float32", "float16"] = Field(
+        default="float32", description="precision of stored embeddings (Parquet column, PostgreSQL, JSONL values)"
+    )
 
     # input limits
     max_image_pixels: int = Field(default=64_000_000, ge=1)

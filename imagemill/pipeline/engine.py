@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 
 from imagemill.core.errors import ErrorKind, ModelLoadError
-from imagemill.core.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, Task
+from imagemill.core.schemas import Caption, Embedding, ImageInfo, Moderation, Record, RecordError, Tags, Task
 from imagemill.core.settings import Settings
 from imagemill.core.storage import ObjectReader
 from imagemill.pipeline.batching import batched
@@ -27,7 +27,7 @@ from imagemill.pipeline.signature import pipeline_signature
 from imagemill.pipeline.staging import Stager
 
 log = logging.getLogger(__name__)
-T = TypeVar("T", Caption, Moderation, Tags)
+T = TypeVar("T", Caption, Moderation, Tags, Embedding)
 
 
 @dataclass
@@ -121,8 +121,11 @@ class Engine:
         if not items:
             return outcomes
         started = time.perf_counter()
+        # one batch tensor per input recipe, handed to each runner of that recipe: stacked and
+        # copied once, and a model shared by two tasks (tags, embedding) sees the same tensor twice
+        batches: dict[int, torch.Tensor] = {}
         for runner in self.runners:
-            self._run_task(runner, items, outcomes)
+            self._run_task(runner, items, outcomes, batches)
         share_ms = (time.perf_counter() - started) * 1000 / len(items)
         for item in items:
             item.timings.infer_ms = share_ms
@@ -130,10 +133,14 @@ class Engine:
             hook.after_batch(len(items))
         return outcomes
 
-    def _run_task(self, runner: Runner, items: list[Prepared], outcomes: dict[int, Outcome]) -> None:
+    def _run_task(
+        self, runner: Runner, items: list[Prepared], outcomes: dict[int, Outcome], batches: dict[int, torch.Tensor]
+    ) -> None:
         slot = self._input_of[id(runner)]
         try:
-            results = runner.infer(runner.batch([item.inputs[slot] for item in items]))
+            if slot not in batches:
+                batches[slot] = runner.batch([item.inputs[slot] for item in items])
+            results = runner.infer(batches[slot])
             for item, result in zip(items, results, strict=True):
                 outcomes[id(item)].outputs[runner.task] = result
         except Exception:  # noqa: BLE001 - whatever the model raised, the images alone say whose it was
@@ -163,6 +170,7 @@ class Engine:
             caption=_output(outputs, Task.CAPTION, Caption),
             moderation=_output(outputs, Task.MODERATION, Moderation),
             tags=_output(outputs, Task.TAGS, Tags),
+            embedding=_output(outputs, Task.EMBEDDING, Embedding),
             error=item.error or (outcome.error if outcome else None),
             signature=self.signature,
             job_id=job_id,

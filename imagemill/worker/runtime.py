@@ -54,7 +54,8 @@ class Runtime:
         if not missing:
             return
         log.info("loading models for %s", ",".join(missing))
-        self.runners.update(zip(missing, load_runners(self.settings, missing, self.middleware), strict=True))
+        loaded = load_runners(self.settings, missing, self.middleware, loaded=list(self.runners.values()))
+        self.runners.update(zip(missing, loaded, strict=True))
         self.publish_signatures()
 
     def publish_signatures(self) -> None:

@@ -69,9 +69,10 @@ def open_writer(target: str, keep_existing: bool = False) -> RecordWriter:
     return open_file_writer(target, keep_existing)
 
 
-def open_file_writer(target: str, keep_existing: bool = False) -> "RecordFile":
+def open_file_writer(target: str, keep_existing: bool = False, embedding_dtype: str | None = None) -> "RecordFile":
     """Local mode's `--out` file (*.jsonl or *.parquet): an `IncrementalWriter` that writes beside
-    the target and replaces it on close; `abort` leaves the earlier file as it was."""
+    the target and replaces it on close; `abort` leaves the earlier file as it was. `embedding_dtype`
+    types a Parquet embedding column (default: IMAGEMILL_EMBEDDING_DTYPE)."""
     from imagemill.core.stores import files  # pyarrow, only for a run that writes a file
 
-    return files.open_file_writer(target, keep_existing)
+    return files.open_file_writer(target, keep_existing, embedding_dtype)

@@ -1,6 +1,8 @@
 """Record files: JSON Lines (one object per line) and Parquet (pyarrow, typed columns).
 
-Both hold exactly the fields of `Record`; the Parquet schema mirrors it column for column.
+Both hold exactly the fields of `Record`; the Parquet schema mirrors it column for column. An
+embedding is base64 of little-endian float32 in JSONL and a fixed-size list of float32 (or float16,
+IMAGEMILL_EMBEDDING_DTYPE) in Parquet.
 """
 
 import json
@@ -14,11 +16,12 @@ import pyarrow.parquet as pq
 
 from imagemill.core.errors import UserError
 from imagemill.core.schemas import Record
+from imagemill.core.settings import get_settings
 from imagemill.core.stores.base import Key, WriterContext
 
 _OWNED = pa.struct([("model", pa.string()), ("revision", pa.string())])
 
-PARQUET_SCHEMA = pa.schema(
+_BASE_SCHEMA = pa.schema(
     [
         ("uri", pa.string()),
         ("etag", pa.string()),
@@ -37,6 +40,22 @@ PARQUET_SCHEMA = pa.schema(
         ("processed_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+EMBEDDING_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+# rows held back while no record has shown the embedding's dimension (the schema needs it)
+HOLD_ROWS = 16_384
+
+
+def parquet_schema(dim: int | None = None, embedding_dtype: str = "float32") -> pa.Schema:
+    """The records' Parquet schema; the embedding vector a fixed-size list of `dim` values (of
+    `embedding_dtype`), or a plain list when no record shows the dimension (no embeddings at all)."""
+    values = EMBEDDING_TYPES[embedding_dtype]
+    vector = pa.list_(values, dim) if dim else pa.list_(values)
+    embedding = pa.struct([*_OWNED, ("dim", pa.int32()), ("vector", vector)])
+    # after the task columns, before error: the order of `Record`'s fields
+    return _BASE_SCHEMA.insert(_BASE_SCHEMA.get_field_index("error"), pa.field("embedding", embedding))
+
+
+PARQUET_SCHEMA = parquet_schema()
 SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -101,31 +120,49 @@ class JsonlWriter(RecordFile):
 
 
 class ParquetWriter(RecordFile):
-    """Typed columns, buffered into row groups of `ROW_GROUP` rows."""
+    """Typed columns, buffered into row groups of `ROW_GROUP` rows. The file is begun at the first
+    row group that holds an embedding (its schema fixes the vector's length), or once `HOLD_ROWS`
+    rows have none (a plain list then), or at close."""
 
     ROW_GROUP = 4096
 
+    def __init__(self, path: Path, keep_existing: bool, embedding_dtype: str | None = None) -> None:
+        self.embedding_dtype = embedding_dtype or get_settings().embedding_dtype
+        super().__init__(path, keep_existing)
+
     def _open(self) -> None:
-        self._writer = pq.ParquetWriter(self.partial, PARQUET_SCHEMA, compression="zstd")
+        self._writer: pq.ParquetWriter | None = None
         self._buffer: list[dict[str, Any]] = []
+        self._dim: int | None = None
 
     def write(self, records: Sequence[Record], chunk: str = "") -> None:
-        self._buffer.extend(parquet_row(record) for record in records)
+        for record in records:
+            self._dim = self._dim or (record.embedding.dim if record.embedding else None)
+            self._buffer.append(parquet_row(record, self.embedding_dtype))
         if len(self._buffer) >= self.ROW_GROUP:
-            self._flush()
+            self._flush(final=False)
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = True) -> None:
+        if self._writer is None:
+            if self._dim is None and not final and len(self._buffer) < HOLD_ROWS:
+                return
+            schema = parquet_schema(self._dim, self.embedding_dtype)
+            self._writer = pq.ParquetWriter(self.partial, schema, compression="zstd")
         if self._buffer:
-            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=PARQUET_SCHEMA))
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self._writer.schema))
             self._buffer = []
 
     def _close(self) -> None:
         self._flush()
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
-def parquet_row(record: Record) -> dict[str, Any]:
+def parquet_row(record: Record, embedding_dtype: str = "float32") -> dict[str, Any]:
     row = record.model_dump(mode="python")
+    if record.embedding:
+        # a numpy array of the column's own type: pyarrow takes float16 values only as np.float16
+        row["embedding"]["vector"] = record.embedding.array().astype(embedding_dtype, copy=False)
     if row.get("moderation"):
         row["moderation"]["scores"] = list(row["moderation"]["scores"].items())
     if row.get("error"):
@@ -158,25 +195,31 @@ def read_records(path: Path) -> list[Record]:
     return list(iter_records(path))
 
 
-def open_file_writer(target: str, keep_existing: bool = False) -> RecordFile:
-    """A JSONL or Parquet writer by the target's suffix; UserError for another suffix or a missing folder."""
+def open_file_writer(target: str, keep_existing: bool = False, embedding_dtype: str | None = None) -> RecordFile:
+    """A JSONL or Parquet writer by the target's suffix; UserError for another suffix or a missing folder.
+
+    `embedding_dtype` (float32 or float16) types a Parquet file's embedding column; by default the
+    environment's IMAGEMILL_EMBEDDING_DTYPE."""
     path = Path(target)
     if path.suffix.lower() not in SUFFIXES:
         raise UserError(f"--out {target}: the file name must end in .jsonl or .parquet")
     if not path.parent.is_dir():
         raise UserError(f"--out {target}: folder {path.parent} does not exist")
     if path.suffix.lower() == ".parquet":
-        return ParquetWriter(path, keep_existing)
+        return ParquetWriter(path, keep_existing, embedding_dtype)
     return JsonlWriter(path, keep_existing)
 
 
-def encode_records(records: Sequence[Record], fmt: str) -> bytes:
-    """A whole chunk of records as one JSONL or Parquet document (for one-object-per-chunk sinks)."""
+def encode_records(records: Sequence[Record], fmt: str, embedding_dtype: str | None = None) -> bytes:
+    """A whole chunk of records as one JSONL or Parquet document (for one-object-per-chunk sinks);
+    `embedding_dtype` as for `open_file_writer`."""
     if fmt == "jsonl":
         return "".join(record.model_dump_json() + "\n" for record in records).encode()
     if fmt == "parquet":
         sink = pa.BufferOutputStream()
-        table = pa.Table.from_pylist([parquet_row(r) for r in records], schema=PARQUET_SCHEMA)
+        dtype = embedding_dtype or get_settings().embedding_dtype
+        dim = next((r.embedding.dim for r in records if r.embedding), None)
+        table = pa.Table.from_pylist([parquet_row(r, dtype) for r in records], schema=parquet_schema(dim, dtype))
         pq.write_table(table, sink, compression="zstd")
         data: bytes = sink.getvalue().to_pybytes()
         return data

@@ -11,6 +11,9 @@ version, and a connection. The table keeps history; the view answers "what is tr
 - the view holds, per uri, the most recently processed row that is neither deleted nor superseded:
   the object's current version as last listed, annotated by the newest pipeline run on it. Where no
   listing has spoken (a manifest, rows from before schema version 2) the newest row wins.
+
+A record's embedding is also kept in the `embedding` column for SQL: `real[]`, or pgvector's
+`vector` when the database has the extension installed when the table is made (`embedding_type`).
 """
 
 import logging
@@ -34,8 +37,8 @@ from imagemill.core.stores.options import split_options
 
 log = logging.getLogger(__name__)
 
-# 1: the records table; 2: written_at, superseded_at, deleted_at and the current view
-SCHEMA_VERSION = 2
+# 1: the records table; 2: written_at, superseded_at, deleted_at and the current view; 3: embedding
+SCHEMA_VERSION = 3
 DEFAULT_TABLE = "imagemill_records"
 KEYS_PER_QUERY = 1000
 # listed (uri, etag) pairs sent per COPY: each COPY is its own short transaction, so a listing of
@@ -339,20 +342,29 @@ def _ensure_schema(conn: psycopg.Connection[Any], table: str, where: str) -> Non
         )
         row = conn.execute("SELECT value FROM imagemill_meta WHERE key = 'schema_version'").fetchone()
         value = row[0] if row else None
-        if value == "1":
-            # the version is the database's: from now on imagemill 1 refuses it (it would not keep
-            # the view's columns right). Each version 1 table is migrated when it is first opened.
+        if value in ("1", "2"):
+            # the version is the database's: from now on older imagemills refuse it (they would not
+            # keep the view's columns right). Each older table is migrated when it is first opened.
             conn.execute("UPDATE imagemill_meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             value = str(SCHEMA_VERSION)
         _check_version(value, where)
         # skipping DDL when the table exists also skips CREATE INDEX, which would lock out writers
         if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,):
-            for statement in _create_sql(table):
+            for statement in _create_sql(table, embedding_type(conn)):
                 conn.execute(statement)
-        elif not _has_column(conn, table, "deleted_at"):
+        elif not _has_column(conn, table, "embedding"):
             log.warning("%s: migrating table %s to schema version %d", where, table, SCHEMA_VERSION)
-            for statement in _migrate_v1_sql(table):
+            older = _migrate_v1_sql(table) if not _has_column(conn, table, "deleted_at") else []
+            for statement in [*older, *_migrate_v2_sql(table, embedding_type(conn))]:
                 conn.execute(statement)
+
+
+def embedding_type(conn: psycopg.Connection[Any]) -> str:
+    """The embedding column's type for a new table: pgvector's `vector` (no fixed dimension, so any
+    tags model fits; an index needs one: see the README) when the extension is installed in this
+    database, else `real[]`. Detected once, when the table is made or migrated."""
+    installed = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
+    return "vector" if installed else "real[]"
 
 
 def _has_column(conn: psycopg.Connection[Any], table: str, column: str) -> bool:
@@ -374,7 +386,7 @@ def _check_version(value: str | None, where: str) -> None:
     raise SchemaVersionError(f"{where}: imagemill_meta has schema_version {value!r}, expected {SCHEMA_VERSION}")
 
 
-def _create_sql(table: str) -> list[sql.Composed]:
+def _create_sql(table: str, embedding: str) -> list[sql.Composed]:
     name = sql.Identifier(table)
     create = sql.SQL(
         "CREATE TABLE {} ("
@@ -390,8 +402,9 @@ def _create_sql(table: str) -> list[sql.Composed]:
         " written_at timestamptz NOT NULL DEFAULT now(),"  # the database's clock, unlike processed_at
         " superseded_at timestamptz,"  # a later listing found another etag at this uri
         " deleted_at timestamptz,"  # a later complete listing of a prefix did not list this uri
+        " embedding {},"  # the record's embedding vector, when it has one (also in record, as base64)
         " PRIMARY KEY (uri, etag, signature))"
-    ).format(name)
+    ).format(name, sql.SQL(_EMBEDDING_TYPES[embedding]))
     index = sql.SQL("CREATE INDEX {} ON {} ({})")
     return (
         [create]
@@ -404,8 +417,9 @@ def _create_sql(table: str) -> list[sql.Composed]:
 
 
 def _migrate_v1_sql(table: str) -> list[sql.Composed]:
-    """Version 1 -> 2 in place. Adding the columns rewrites nothing (constant defaults); the two
-    new indexes are built under the schema lock, so writers wait once for them."""
+    """Version 1 -> 2 in place (the view comes with version 3's column). Adding the columns rewrites
+    nothing (constant defaults); the two new indexes are built under the schema lock, so writers
+    wait once for them."""
     name = sql.Identifier(table)
     return [
         sql.SQL(
@@ -416,12 +430,28 @@ def _migrate_v1_sql(table: str) -> list[sql.Composed]:
             " ADD COLUMN deleted_at timestamptz"
         ).format(name),
         sql.SQL("ALTER TABLE {} ALTER COLUMN written_at SET DEFAULT now()").format(name),
-        *_current_sql(table),
+        *_listing_index_sql(table),
     ]
+
+
+def _migrate_v2_sql(table: str, embedding: str) -> list[sql.Composed]:
+    """Version 2 -> 3 in place: a column without a default (no rewrite), then the view that shows it."""
+    add = sql.SQL("ALTER TABLE {} ADD COLUMN embedding {}").format(
+        sql.Identifier(table), sql.SQL(_EMBEDDING_TYPES[embedding])
+    )
+    return [add, _view_sql(table)]
+
+
+# the SQL of each type `embedding_type` names (constants: never text from outside)
+_EMBEDDING_TYPES = {"real[]": "real[]", "vector": "vector"}
 
 
 def _current_sql(table: str) -> list[sql.Composed]:
     """The indexes that listings mark by, and the view of current records."""
+    return [*_listing_index_sql(table), _view_sql(table)]
+
+
+def _listing_index_sql(table: str) -> list[sql.Composed]:
     name = sql.Identifier(table)
     return [
         # `uri LIKE 'prefix%'` can use a btree index only in the C collation or with pattern ops
@@ -430,7 +460,6 @@ def _current_sql(table: str) -> list[sql.Composed]:
         sql.SQL("CREATE INDEX {} ON {} (uri, etag) WHERE deleted_at IS NOT NULL OR superseded_at IS NOT NULL").format(
             sql.Identifier(f"{table}_history_idx"), name
         ),
-        _view_sql(table),
     ]
 
 
@@ -447,8 +476,11 @@ def _view_sql(table: str) -> sql.Composed:
     ).format(view=sql.Identifier(current_view(table)), columns=columns, table=sql.Identifier(table))
 
 
-_COLUMNS = ("uri", "etag", "signature", "job_id", "flagged", "caption", "error_kind", "processed_at", "record")
-_ALL_COLUMNS = (*_COLUMNS, "written_at", "superseded_at", "deleted_at")
+_COLUMNS = (
+    "uri", "etag", "signature", "job_id", "flagged", "caption", "error_kind", "processed_at", "record", "embedding"
+)  # fmt: skip
+# the view's columns: added ones go last (CREATE OR REPLACE VIEW can only append)
+_ALL_COLUMNS = (*_COLUMNS[:-1], "written_at", "superseded_at", "deleted_at", "embedding")
 
 
 def _upsert_sql(table: str) -> sql.Composed:
@@ -475,6 +507,8 @@ def _row(record: Record) -> tuple[Any, ...]:
         str(record.error.kind) if record.error else None,
         record.processed_at,
         Jsonb(_without_nul(record.model_dump(mode="json"))),
+        # a list of floats is sent as float8[]: assigned to real[] (or to pgvector's vector) by the server
+        record.embedding.array().tolist() if record.embedding else None,
     )
 
 

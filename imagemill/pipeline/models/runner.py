@@ -17,12 +17,12 @@ from PIL import Image
 
 from imagemill.core.errors import ModelLoadError
 from imagemill.core.pipeline_key import configured_model
-from imagemill.core.schemas import Caption, Moderation, Tags, Task
+from imagemill.core.schemas import Caption, Embedding, Moderation, Tags, Task
 from imagemill.core.settings import Settings
 from imagemill.pipeline.models.device import pins_memory
 from imagemill.pipeline.preprocess import from_processor
 
-TaskOutput = Caption | Moderation | Tags
+TaskOutput = Caption | Moderation | Tags | Embedding
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 

@@ -4,25 +4,23 @@ import hashlib
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoProcessor
 
 from imagemill.core.errors import ModelLoadError
 from imagemill.core.schemas import Tags, TagScore, Task
 from imagemill.core.settings import Settings
-from imagemill.pipeline.models.runner import Runner
+from imagemill.pipeline.models.contrastive import ContrastiveRunner, normalised, projected
 
 SIGMOID_MODEL_TYPES = {"siglip", "siglip2"}
 TEXT_BATCH = 256
 
 
-class TagsRunner(Runner):
+class TagsRunner(ContrastiveRunner):
     task = Task.TAGS
 
-    processor_loader = AutoProcessor
-    model_loader = AutoModel
-
-    def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(settings, device, dtype)
+    def __init__(
+        self, settings: Settings, device: torch.device, dtype: torch.dtype, share: ContrastiveRunner | None = None
+    ) -> None:
+        super().__init__(settings, device, dtype, share)
         self.vocabulary = _vocabulary(settings)
         self.prompt = settings.tags_prompt
         self.top_k = min(settings.tags_top_k, len(self.vocabulary))
@@ -49,12 +47,12 @@ class TagsRunner(Runner):
             tokens = self.processor.tokenizer(prompts, padding=padding, truncation=True, return_tensors="pt").to(
                 self.device
             )
-            chunks.append(_normalised(_embeddings(self.model.get_text_features(**tokens))))
+            chunks.append(normalised(projected(self.model.get_text_features(**tokens))))
         return torch.cat(chunks)
 
     @torch.inference_mode()
     def infer(self, pixels: torch.Tensor) -> list[Tags]:
-        image_embeddings = _normalised(_embeddings(self.model.get_image_features(pixel_values=pixels)))
+        image_embeddings = normalised(self.tower.features(pixels))
         logits = image_embeddings @ self.text_embeddings.T * self.model.logit_scale.exp()
         probs = (logits + self.model.logit_bias).sigmoid() if self.sigmoid else logits.softmax(dim=-1)
         scores, indices = probs.float().topk(self.top_k, dim=-1)
@@ -77,16 +75,3 @@ def _vocabulary(settings: Settings) -> list[str]:
     if not vocabulary:
         raise ModelLoadError(f"the tag vocabulary {settings.tags_vocabulary} has no tags")
     return vocabulary
-
-
-def _embeddings(output: Any) -> torch.Tensor:
-    # transformers 5 returns an output object whose pooler_output is the projected embedding
-    if isinstance(output, torch.Tensor):
-        return output
-    pooled: torch.Tensor = output.pooler_output
-    return pooled
-
-
-def _normalised(embeddings: torch.Tensor) -> torch.Tensor:
-    # torch.div, not `/`: the same operation, but typed (Tensor.__truediv__ returns Any in torch's stubs)
-    return torch.div(embeddings, embeddings.norm(p=2, dim=-1, keepdim=True))
