@@ -1,14 +1,74 @@
-"""Near-duplicate grouping on constructed vectors: connected components of pairs at or above the
-threshold, the largest image as representative, tiles smaller than n giving the same groups."""
+"""Near-duplicates: `imagemill dedup` groups resized and recompressed copies of test photos through
+real embeddings; on constructed vectors, connected components of pairs at or above the threshold,
+the largest image as representative, tiles smaller than n giving the same groups."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
+from imagemill.cli import app
 from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.schemas import Embedding, ImageInfo, Record, RecordError
+from imagemill.core.stores.files import read_records
 from imagemill.pipeline.near_duplicates import Embeddings, collect, components, group, similar_pairs
+from tests.fixtures.cli import run_cli
+from tests.fixtures.images import write_near_duplicates
+
+# The tiny CLIP's random weights put every photo near one direction (distinct photos measured at
+# cosine 0.58-0.98), but its embedding is a deterministic function of the 64-pixel input, which a
+# resized or recompressed copy reproduces almost exactly (measured ≥ 0.9999). So copies group and
+# distinct photos do not at 0.99, not at the 0.95 that suits real CLIP/SigLIP embeddings; the test
+# asserts that margin first, so a change to the tiny model that closes it fails by name.
+TINY_CLIP_THRESHOLD = 0.99
+
+
+def test_dedup_groups_resized_and_recompressed_copies_under_their_original(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    copies = write_near_duplicates(folder, 4)
+    (folder / "notes.txt.jpg").write_bytes(b"not an image")  # an error record: counted, not compared
+    env = {"IMAGEMILL_TAGS_MODEL": str(tiny_models["tags"]), "IMAGEMILL_DEVICE": "cpu"}
+    records = tmp_path / "records.jsonl"
+    annotated = run_cli("annotate", str(folder), "--tasks", "embedding", "--out", str(records), "-q", env=env)
+    assert annotated.returncode == 0, annotated.stderr
+
+    found = collect([read_records(records)])
+    names = [image.uri.rsplit("/", 1)[-1] for image in found.images]
+    family = [name.split("_")[1].split(".")[0] for name in names]
+    alike = found.vectors @ found.vectors.T
+    same = np.equal.outer(family, family)
+    assert alike[same].min() > TINY_CLIP_THRESHOLD > alike[~same].max()
+
+    out = tmp_path / "groups.jsonl"
+    result = run_cli("dedup", str(records), "--threshold", str(TINY_CLIP_THRESHOLD), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "4 groups holding 12 images" in result.stderr and "1 error records" in result.stderr
+    groups = [json.loads(line) for line in out.read_text().splitlines()]
+    by_representative = {
+        g["representative"].rsplit("/", 1)[-1]: [m["uri"].rsplit("/", 1)[-1] for m in g["members"]] for g in groups
+    }
+    assert {rep: sorted(members[1:]) for rep, members in by_representative.items()} == {
+        original: sorted(names) for original, names in copies.items()
+    }
+    assert all(g["members"][0]["width"] == 640 and g["size"] == 3 for g in groups)
+    # at the threshold for real embeddings the tiny model's distinct photos merge: the margin above matters
+    loose = run_cli("dedup", str(records), "--out", str(tmp_path / "loose.jsonl"), "-q")
+    assert loose.returncode == 0 and "4 groups" not in loose.stderr
+
+
+def test_dedup_refuses_a_bad_threshold_and_an_unreadable_source_in_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad = runner.invoke(app, ["dedup", str(tmp_path / "none.jsonl"), "--threshold", "1.5", "--out", "g.jsonl"])
+    assert bad.exit_code == 2 and bad.stderr.count("error:") == 1 and "--threshold must be above 0" in bad.stderr
+    gone = runner.invoke(app, ["dedup", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "g.jsonl"), "-q"])
+    assert gone.exit_code == 2 and gone.stderr.count("error:") == 1 and "no such file" in gone.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def record(uri: str, vector: list[float], size: tuple[int, int] = (100, 100), nbytes: int = 1000) -> Record:

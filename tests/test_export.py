@@ -11,7 +11,9 @@ import datasets
 import numpy as np
 import pytest
 import webdataset
+from typer.testing import CliRunner
 
+from imagemill.cli import app
 from imagemill.core.errors import UserError
 from imagemill.core.schemas import Record
 from imagemill.core.settings import Settings
@@ -177,17 +179,16 @@ def test_a_bad_where_is_refused_in_one_line(where: str, message: str) -> None:
 
 
 def test_bad_input_is_one_line_and_exit_2_leaving_nothing_behind(annotated: Annotated, tmp_path: Path) -> None:
-    records = str(annotated.records_file)
-    where = run_cli("export", records, "--format", "hf", "--out", str(tmp_path / "a"), "--where", "colour=red")
-    assert where.returncode == 2 and where.stderr.count("error:") == 1 and "unknown field 'colour'" in where.stderr
-    assert not (tmp_path / "a").exists()
+    runner, records = CliRunner(), str(annotated.records_file)
+    where = runner.invoke(app, ["export", records, "--format", "hf", "--out", str(tmp_path / "a"), "--where", "x=1"])
+    assert where.exit_code == 2 and where.stderr.count("error:") == 1 and "unknown field 'x'" in where.stderr
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    taken = run_cli("export", records, "--format", "webdataset", "--out", str(tmp_path / "full"))
-    assert taken.returncode == 2 and "already exists and is not empty" in taken.stderr
+    taken = runner.invoke(app, ["export", records, "--format", "webdataset", "--out", str(tmp_path / "full"), "-q"])
+    assert taken.exit_code == 2 and "already exists and is not empty" in taken.stderr
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
-    missing = run_cli("export", str(tmp_path / "nope.jsonl"), "--format", "hf", "--out", str(tmp_path / "b"))
-    assert missing.returncode == 2 and missing.stderr.count("error:") == 1
+    missing = runner.invoke(app, ["export", str(tmp_path / "no.jsonl"), "--format", "hf", "--out", str(tmp_path / "b")])
+    assert missing.exit_code == 2 and missing.stderr.count("error:") == 1 and "no such file" in missing.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no partial export left
 
 
