@@ -1,11 +1,15 @@
-"""Captioners beside BLIP: Florence-2 and its task prompts, the path from the config, fast generation decisions."""
+"""Captioners beside BLIP: Florence-2's task prompts, a chat VLM's prompt, the path from the config, fast generation."""
 
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import BlipForConditionalGeneration, Florence2ForConditionalGeneration
+from transformers import (
+    BlipForConditionalGeneration,
+    Florence2ForConditionalGeneration,
+    SmolVLMForConditionalGeneration,
+)
 
 from imagemill.core.schemas import ImageRef, Task
 from imagemill.core.settings import Settings, SettingsError
@@ -13,10 +17,11 @@ from imagemill.core.storage import file_uri
 from imagemill.core.stores.files import read_records
 from imagemill.pipeline.engine import Engine
 from imagemill.pipeline.models import load_runners
+from imagemill.pipeline.models.caption import CHAT_PROMPT
 from imagemill.pipeline.models.generation import generation_plan
 from tests.fixtures.cli import run_cli
 from tests.fixtures.images import photo_image, write_photos
-from tests.fixtures.tiny_models import build_caption_florence, quiet_transformers
+from tests.fixtures.tiny_models import IMAGE_SIZE, build_caption_chat, build_caption_florence, quiet_transformers
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
@@ -25,6 +30,17 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda")
 def florence(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with quiet_transformers():
         return build_caption_florence(tmp_path_factory.mktemp("models") / "florence2-caption")
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    with quiet_transformers():
+        return build_caption_chat(tmp_path_factory.mktemp("models") / "smolvlm-caption")
+
+
+@pytest.fixture(scope="module")
+def captioners(florence: Path, chat: Path) -> dict[str, Path]:
+    return {"florence": florence, "chat": chat}
 
 
 def caption_settings(model: Path, **overrides: object) -> Settings:
@@ -43,6 +59,22 @@ def test_florence_captions_name_their_task_prompt(florence: Path) -> None:
         assert runner.options()["prompt"] == prompt
 
 
+def test_chat_captions_answer_the_prompt_with_only_the_new_tokens(chat: Path) -> None:
+    (default,) = load_runners(caption_settings(chat), (Task.CAPTION,))
+    (asked,) = load_runners(caption_settings(chat, caption_prompt="What is in the picture?"), (Task.CAPTION,))
+    pictures = [photo_image(96, 64, seed=i) for i in range(3)]
+    for runner, prompt in ((default, CHAT_PROMPT), (asked, "What is in the picture?")):
+        captions = runner.run(pictures)
+        assert [c.prompt for c in captions] == [prompt] * 3
+        # a byte per token in the tiny vocabulary, so at most a character each: the prompt and the chat
+        # template (tens of characters) were not decoded with the answer
+        assert all(0 < len(c.text) <= 4 for c in captions)
+    # one tile per image (tiling off): the same tokens for every image, a batch of equal lengths
+    assert not default.image_processor.do_image_splitting
+    assert default.preprocess(photo_image(300, 100)).shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert default.min_side == IMAGE_SIZE
+
+
 def test_blip_takes_no_prompt_and_its_signature_options_are_unchanged(tiny_models: dict[str, Path]) -> None:
     (blip,) = load_runners(caption_settings(tiny_models["caption"]), (Task.CAPTION,))
     assert blip.options() == {"max_new_tokens": 4, "num_beams": 1}  # no prompt key: old BLIP stores still match
@@ -51,12 +83,12 @@ def test_blip_takes_no_prompt_and_its_signature_options_are_unchanged(tiny_model
 
 @pytest.mark.parametrize(
     ("model", "prompt"),
-    [("florence", "<OD>"), ("florence", "<CAPTION> of a dog"), ("blip", "a picture of")],
+    [("florence", "<OD>"), ("florence", "<CAPTION> of a dog"), ("chat", "<CAPTION>"), ("blip", "a picture of")],
 )
 def test_a_prompt_the_model_cannot_take_is_a_settings_error_naming_the_variable(
-    florence: Path, tiny_models: dict[str, Path], model: str, prompt: str
+    captioners: dict[str, Path], tiny_models: dict[str, Path], model: str, prompt: str
 ) -> None:
-    folder = florence if model == "florence" else tiny_models["caption"]
+    folder = captioners[model] if model in captioners else tiny_models["caption"]
     with pytest.raises(SettingsError) as raised:
         load_runners(caption_settings(folder, caption_prompt=prompt), (Task.CAPTION,))
     message = str(raised.value)
@@ -64,7 +96,11 @@ def test_a_prompt_the_model_cannot_take_is_a_settings_error_naming_the_variable(
 
 
 def test_generation_plan_per_model_family_and_device() -> None:
-    florence, blip = Florence2ForConditionalGeneration, BlipForConditionalGeneration
+    florence, blip, chat = (
+        Florence2ForConditionalGeneration,
+        BlipForConditionalGeneration,
+        SmolVLMForConditionalGeneration,
+    )
     # the flag transformers sets on a model whose forward compiles as one graph decides "supported"
     auto_gpu = generation_plan("auto", GPU, florence)  # type: ignore[arg-type]  # the class carries the flag
     assert (auto_gpu.static_cache, auto_gpu.compiled) == (True, True)
@@ -72,46 +108,58 @@ def test_generation_plan_per_model_family_and_device() -> None:
     assert not generation_plan("auto", CPU, florence).static_cache  # type: ignore[arg-type]
     on_cpu = generation_plan("on", CPU, florence)  # type: ignore[arg-type]
     assert (on_cpu.static_cache, on_cpu.compiled) == (True, False)  # transformers compiles on GPUs only
-    for setting in ("auto", "on"):
+    for setting in ("auto", "on"):  # BLIP's and SmolVLM's forwards do not compile whole in transformers
         assert generation_plan(setting, GPU, blip).generate_kwargs() == {}  # type: ignore[arg-type]
+        assert generation_plan(setting, GPU, chat).generate_kwargs() == {}  # type: ignore[arg-type]
     assert generation_plan("off", GPU, florence).generate_kwargs() == {}  # type: ignore[arg-type]
 
 
 def test_static_cache_generates_what_the_dynamic_cache_does(florence: Path) -> None:
     pictures = [photo_image(96, 64, seed=i) for i in range(4)]
     (dynamic,) = load_runners(caption_settings(florence, caption_compile="off"), (Task.CAPTION,))
-    (static,) = load_runners(caption_settings(florence, caption_compile="on"), (Task.CAPTION,))
+    (static,) = load_runners(caption_settings(florence, caption_compile="on"), (Task.CAPTION,))  # no compile on CPU
     assert static.plan.static_cache and not dynamic.plan.static_cache
     assert [c.text for c in static.run(pictures)] == [c.text for c in dynamic.run(pictures)]
 
 
-def test_the_prompt_enters_the_signature(florence: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("model", "prompts"), [("florence", ("<CAPTION>", "<DETAILED_CAPTION>")), ("chat", ("Describe it.", "Any text?"))]
+)
+def test_the_prompt_enters_the_signature(
+    captioners: dict[str, Path], model: str, prompts: tuple[str, str], tmp_path: Path
+) -> None:
     paths = write_photos(tmp_path, 2, 96, 64)
     refs = [ImageRef(uri=file_uri(p)) for p in paths]
     signatures = {}
-    for prompt in ("<CAPTION>", "<DETAILED_CAPTION>"):
-        settings = caption_settings(florence, caption_prompt=prompt, fetch_threads=2, decode_threads=1)
+    for prompt in prompts:
+        settings = caption_settings(captioners[model], caption_prompt=prompt, fetch_threads=2, decode_threads=1)
         with Engine(settings, (Task.CAPTION,)) as engine:
             records = list(engine.annotate(refs))
         assert [r.uri for r in records] == [r.uri for r in refs]
         assert all(r.caption is not None and r.caption.prompt == prompt for r in records)
         signatures[prompt] = records[0].signature
-    assert signatures["<CAPTION>"] != signatures["<DETAILED_CAPTION>"]
+    assert signatures[prompts[0]] != signatures[prompts[1]]
 
 
-def test_annotate_with_florence_writes_the_prompt_to_parquet(florence: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("model", "prompt"), [("florence", "<MORE_DETAILED_CAPTION>"), ("chat", "Any text here?")])
+def test_annotate_writes_the_prompt_to_parquet(
+    captioners: dict[str, Path], model: str, prompt: str, tmp_path: Path
+) -> None:
     folder = tmp_path / "photos"
     write_photos(folder, 3, 160, 120)
     out = tmp_path / "captions.parquet"
-    env = {"IMAGEMILL_CAPTION_MODEL": str(florence), "IMAGEMILL_CAPTION_PROMPT": "<MORE_DETAILED_CAPTION>"}
+    env = {"IMAGEMILL_CAPTION_MODEL": str(captioners[model]), "IMAGEMILL_CAPTION_PROMPT": prompt}
     result = run_cli("annotate", str(folder), "--tasks", "caption", "--out", str(out), "-q", env=env)
     assert result.returncode == 0, result.stderr
     records = read_records(out)
-    assert len(records) == 3 and all(r.error is None for r in records)
-    assert {r.caption.prompt for r in records if r.caption} == {"<MORE_DETAILED_CAPTION>"}
+    assert len(records) == 3 and all(r.error is None and r.caption and r.caption.prompt == prompt for r in records)
     assert pq.read_schema(out).field("caption").type.get_field_index("prompt") >= 0
 
-    bad = run_cli("annotate", str(folder), "--tasks", "caption", "--out", str(tmp_path / "x.jsonl"),
-                  env={**env, "IMAGEMILL_CAPTION_PROMPT": "<OD>"})  # fmt: skip
+
+def test_annotate_refuses_a_prompt_the_model_cannot_take_in_one_line(florence: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    write_photos(folder, 1, 160, 120)
+    env = {"IMAGEMILL_CAPTION_MODEL": str(florence), "IMAGEMILL_CAPTION_PROMPT": "<OD>"}
+    bad = run_cli("annotate", str(folder), "--tasks", "caption", "--out", str(tmp_path / "x.jsonl"), env=env)
     assert bad.returncode == 2 and "IMAGEMILL_CAPTION_PROMPT='<OD>'" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "x.jsonl").exists()

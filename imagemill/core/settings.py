@@ -80,7 +80,8 @@ class Settings(BaseSettings):
         default=None,
         min_length=1,
         description="what the caption model is asked: a Florence-2 task token (<CAPTION>, <DETAILED_CAPTION>, "
-        "<MORE_DETAILED_CAPTION>, <OCR>; default <CAPTION>); BLIP takes none",
+        "<MORE_DETAILED_CAPTION>, <OCR>; default <CAPTION>), a chat VLM's question in words (default: "
+        "Describe this image in one sentence.); BLIP takes none",
     )
     caption_compile: Literal["auto", "on", "off"] = Field(
         default="auto",

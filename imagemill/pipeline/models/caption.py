@@ -1,7 +1,8 @@
 """Captioning: an image-to-text model run with batched, bounded `generate`, the path picked from its config.
 
 BLIP (and any model that captions from pixels alone) generates unprompted; Florence-2 generates for
-a task token (IMAGEMILL_CAPTION_PROMPT) and its own processor post-processes the text.
+a task token (IMAGEMILL_CAPTION_PROMPT) and its own processor post-processes the text; a chat VLM
+(SmolVLM2, SmolVLM) answers the prompt put through its processor's chat template.
 """
 
 from typing import Any
@@ -19,6 +20,9 @@ from imagemill.pipeline.models.runner import Runner, load_pretrained
 # Florence-2's task tokens whose answer is plain text; the others (<OD>, <OCR_WITH_REGION>…) answer boxes
 FLORENCE_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OCR>")
 FLORENCE_MODEL_TYPES = {"florence2"}
+# chat VLMs whose images are a fixed number of tokens once tiling is off (SmolVLM2 is `smolvlm`, SmolVLM `idefics3`)
+CHAT_MODEL_TYPES = {"smolvlm", "idefics3"}
+CHAT_PROMPT = "Describe this image in one sentence."
 
 
 class CaptionRunner(Runner):
@@ -33,6 +37,10 @@ class CaptionRunner(Runner):
         self.family = caption_family(load_pretrained(self.task, AutoConfig, name, revision))
         self.prompt = caption_prompt(settings.caption_prompt, self.family)
         super().__init__(settings, device, dtype)
+        if self.family == "chat":
+            # one tile per image: every image is the same number of tokens, so a batch needs no padding and
+            # the prompt is tokenised once (the preprocessing reads this attribute when it runs)
+            self.image_processor.do_image_splitting = False
         self.max_new_tokens = settings.caption_max_new_tokens
         self.num_beams = settings.caption_num_beams
         self.plan = generation_plan(settings.caption_compile, device, self.model)
@@ -55,18 +63,35 @@ class CaptionRunner(Runner):
             num_beams=self.num_beams,
             **self.plan.generate_kwargs(),
         )
+        if self.family == "chat":  # a decoder-only model returns the prompt too: decode only the new tokens
+            tokens = tokens[:, self._prompt_inputs["input_ids"].shape[1] :]
+        # Florence-2's post-processing wants its special tokens (it strips them itself)
         texts = [
-            self._text(text) for text in self.processor.batch_decode(tokens, skip_special_tokens=self.prompt is None)
+            self._text(t) for t in self.processor.batch_decode(tokens, skip_special_tokens=self.family != "florence2")
         ]
         return [
             Caption(text=text, model=self.model_id.name, revision=self.model_id.revision, prompt=self.prompt)
             for text in texts
         ]
 
+    @property
+    def min_side(self) -> int:
+        if self.family == "chat":  # a chat VLM's image is one square tile of max_image_size
+            return int(dict(self.image_processor.max_image_size)["longest_edge"])
+        return super().min_side
+
     def _encode_prompt(self) -> dict[str, torch.Tensor]:
-        """The processor's own input for the prompt (task token → its question, image tokens, specials)."""
+        """The processor's own input for the prompt: task token → its question or the chat template, the
+        image's tokens, the special tokens."""
         blank = Image.new("RGB", (self.min_side, self.min_side))
-        encoded = self.processor(text=[self.prompt], images=[blank], return_tensors="pt")
+        if self.family == "chat":
+            content = [{"type": "image"}, {"type": "text", "text": self.prompt}]
+            text = self.processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True
+            )
+            encoded = self.processor(text=[text], images=[[blank]], return_tensors="pt")
+        else:
+            encoded = self.processor(text=[self.prompt], images=[blank], return_tensors="pt")
         return {key: encoded[key].to(self.device) for key in ("input_ids", "attention_mask") if key in encoded}
 
     def _text(self, decoded: str) -> str:
@@ -79,13 +104,14 @@ class CaptionRunner(Runner):
 
 
 def caption_family(config: Any) -> str:
-    """`florence2`, or `pixels` for BLIP and every model that captions from pixels alone, from the
+    """`florence2`, `chat`, or `pixels` for BLIP and every model that captions from pixels alone, from the
     config's model_type (or its architectures, for a config saved under another type)."""
+    model_type = getattr(config, "model_type", None)
     architectures = getattr(config, "architectures", None) or []
-    if getattr(config, "model_type", None) in FLORENCE_MODEL_TYPES or any(
-        a.startswith("Florence2") for a in architectures
-    ):
+    if model_type in FLORENCE_MODEL_TYPES or any(a.startswith("Florence2") for a in architectures):
         return "florence2"
+    if model_type in CHAT_MODEL_TYPES or any(a.startswith(("SmolVLM", "Idefics3")) for a in architectures):
+        return "chat"
     return "pixels"
 
 
@@ -99,9 +125,17 @@ def caption_prompt(prompt: str | None, family: str) -> str | None:
                 f"IMAGEMILL_CAPTION_PROMPT={prompt!r}: Florence-2 captions for one of {', '.join(FLORENCE_TASKS)}"
             )
         return prompt.strip()
+    if family == "chat":
+        if prompt is None:
+            return CHAT_PROMPT
+        if prompt.strip() in FLORENCE_TASKS:
+            raise SettingsError(
+                f"IMAGEMILL_CAPTION_PROMPT={prompt!r}: a Florence-2 task token; a chat model is asked in words"
+            )
+        return prompt
     if prompt is not None:
         raise SettingsError(
             f"IMAGEMILL_CAPTION_PROMPT={prompt!r}: this caption model (BLIP-like) takes no prompt; unset it "
-            "or use a Florence-2 model"
+            "or use a Florence-2 or chat model"
         )
     return None
