@@ -24,6 +24,7 @@ from imagemill.core.stores.files import ParquetWriter, decode_records, encode_re
 from imagemill.core.stores.postgres import PostgresStore, embedding_type
 from imagemill.pipeline.engine import Engine
 from imagemill.pipeline.models import load_runners
+from tests.fixtures.cli import run_cli
 from tests.fixtures.images import photo_image
 
 FLOAT16_TOLERANCE = 1e-3  # float16 keeps 11 significant bits: unit-norm components to ~5e-4
@@ -191,6 +192,20 @@ def test_the_python_api_gives_embedding_columns(tiny_models, photos: list[ImageR
     assert first.dtype == np.float32 and abs(float(np.linalg.norm(first)) - 1.0) < 1e-5
     assert broken is None
     assert "embedding" in features
+
+
+def test_annotate_writes_tags_and_embeddings_to_parquet(
+    model_env: dict[str, str], photos: list[ImageRef], tmp_path: Path
+) -> None:
+    folder = Path(photos[0].uri.removeprefix("file://")).parent
+    out = tmp_path / "annotations.parquet"
+    result = run_cli("annotate", str(folder), "--tasks", "tags,embedding", "--out", str(out), "-q", env=model_env)
+    assert result.returncode == 0, result.stderr
+    records = read_records(out)
+    assert len(records) == len(photos) and all(r.tags and r.embedding for r in records)
+    dim = records[0].embedding.dim
+    assert pq.read_schema(out).field("embedding").type.field("vector").type == pa.list_(pa.float32(), dim)
+    np.testing.assert_allclose([np.linalg.norm(r.embedding.array()) for r in records], 1.0, atol=1e-5)
 
 
 def test_an_embedding_whose_bytes_do_not_match_its_dim_is_refused() -> None:
