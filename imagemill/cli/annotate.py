@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import Progress, TaskID
 
-from imagemill.cli.display import console, progress_bar, run_reporting_errors, summary_table
+from imagemill.cli.display import console, fail, progress_bar, run_reporting_errors, summary_table
 from imagemill.core.schemas import DEFAULT_TASKS, Task, parse_tasks
-from imagemill.core.settings import Settings, get_settings
+from imagemill.core.settings import Settings, check_device, get_settings
 from imagemill.core.stores import open_file_writer
 from imagemill.pipeline.run import run
 
@@ -47,6 +47,11 @@ def annotate(
 ) -> None:
     """Annotate every image in SOURCE in this process and write one record per image."""
     chosen = tasks_option(tasks)
+    if device is not None:
+        try:
+            check_device(device)
+        except ValueError as exc:
+            fail(f"--device {device}: {exc}")
     overrides = {k: v for k, v in {"batch_size": batch_size, "device": device}.items() if v is not None}
     settings = get_settings().model_copy(update=overrides)
     run_reporting_errors(lambda: run_local(source, chosen, out, settings, quiet=quiet, force=force))

@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from imagemill.cli import flags  # noqa: F401  flags read as switches in every command's --help
 from imagemill.core.errors import UserError
 
 console = Console(stderr=True)  # progress, summaries and errors

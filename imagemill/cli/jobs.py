@@ -3,27 +3,30 @@
 `submit` enqueues a job for the workers; the others read and steer the job registry in Redis.
 """
 
+import json
 import logging
 import threading
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import TaskID
-from rich.table import Table
+from rich.table import Column, Table
 
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
 from imagemill.cli.display import console, fail, progress_bar, run_reporting_errors, stdout
-from imagemill.core.errors import UserError
+from imagemill.core.credentials import with_own_credentials
+from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.jobs import Job, JobRegistry, JobState
 from imagemill.core.redaction import redact_url
 from imagemill.core.schemas import ImageRef, Task
 from imagemill.core.settings import Settings, get_settings
 from imagemill.core.stores import SearchableStore, open_writer
 from imagemill.pipeline.sources import RefListSource, open_source
-from imagemill.producer.submit import Submission
+from imagemill.producer.submit import Submission, check_source_fits_sink
 
 POLL_S = 0.5
+SINK_HELP = "postgresql://…, s3://bucket/prefix/, file:///shared/dir/ or s3tags:// [IMAGEMILL_SINK]."
 
 
 def registry_for(settings: Settings) -> JobRegistry:
@@ -36,7 +39,7 @@ def registry_for(settings: Settings) -> JobRegistry:
 def submit(
     source: Annotated[str, typer.Argument(help="A folder, s3://bucket/prefix, or a manifest.")],
     tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderation, tags.")] = ALL_TASKS,
-    sink: Annotated[str | None, typer.Option(help="postgresql://…, s3://bucket/prefix/ [IMAGEMILL_SINK].")] = None,
+    sink: Annotated[str | None, typer.Option(help=SINK_HELP)] = None,
     chunk_size: Annotated[int | None, typer.Option(min=1, help="Images per chunk [IMAGEMILL_CHUNK_SIZE].")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
     force: Annotated[
@@ -63,9 +66,10 @@ def _submit(
         raise UserError(
             f"sink {sink}: workers need a shared sink: postgresql://…, s3://bucket/prefix/ or file:///shared/dir/"
         )
+    source = open_source(source_spec, settings)
+    check_source_fits_sink(source, sink)  # before any service is asked anything
     with open_writer(sink) as writer:
         writer.check()  # a bad or unreachable sink fails here, before anything is queued
-    source = open_source(source_spec, settings)
     with registry_for(settings) as registry:
         _produce(Submission(source, tasks, sink, settings, registry, force=force), wait)
 
@@ -113,6 +117,10 @@ def retry(
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the retry job ends.")] = False,
 ) -> None:
     """Re-enqueue only the images of a job that ended with an error, as a new job."""
+    # a misspelt kind would match nothing and look like "no failed images"
+    unknown = sorted(set(kind or ()) - set(ErrorKind))
+    if unknown:
+        fail(f"--kind {', '.join(unknown)}: expected error kinds among {', '.join(ErrorKind)}")
     run_reporting_errors(lambda: _retry(job_id, set(kind or ()), wait))
 
 
@@ -120,7 +128,7 @@ def _retry(job_id: str, kinds: set[str], wait: bool) -> None:
     settings = get_settings()
     with registry_for(settings) as registry:
         job = _get_job(job_id, registry)
-        with open_writer(job.sink) as store:
+        with open_writer(with_own_credentials(job.sink, settings.sink)) as store:
             if not isinstance(store, SearchableStore):
                 raise UserError(f"the sink {redact_url(job.sink)} cannot be searched for failed records")
             failed = [r for r in store.failed_records(job_id) if r.error and (not kinds or r.error.kind in kinds)]
@@ -146,18 +154,35 @@ def follow(registry: JobRegistry, job_id: str) -> Job:
             time.sleep(POLL_S)
 
 
-def status(job_id: Annotated[str, typer.Argument(help="The id `submit` printed.")]) -> None:
+JSON_OPTION = typer.Option("--json", help="One JSON document on stdout, for scripts.")
+
+
+def status(
+    job_id: Annotated[str, typer.Argument(help="The id `submit` printed.")],
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
     """Totals, rate, ETA and state of one job."""
     with _registry() as registry:
         job = _get_job(job_id, registry)
+    if as_json:
+        typer.echo(json.dumps(job_document(job)))
+        return
     stdout.print(job_table(job))
 
 
-def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")] = 20) -> None:
+def jobs(
+    limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")] = 20,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
     """The most recent jobs, newest first."""
     with _registry() as registry:
         recent = registry.recent(limit)
-    table = Table("job", "state", "tasks", "source", "processed", "queued", "failed", "created", "kept")
+    if as_json:
+        typer.echo(json.dumps([job_document(job) for job in recent]))
+        return
+    # the id is what `status`, `cancel` and `retry` need: never cropped, whatever the width (pipes get 80)
+    id_column = Column("job", no_wrap=True, min_width=max((len(job.id) for job in recent), default=3))
+    table = Table(id_column, "state", "tasks", "source", "processed", "queued", "failed", "created", "kept")
     for job in recent:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
         table.add_row(
@@ -172,6 +197,15 @@ def jobs(limit: Annotated[int, typer.Option(min=1, help="How many recent jobs.")
             kept(job),
         )
     stdout.print(table)
+
+
+def job_document(job: Job) -> dict[str, Any]:
+    """A job for `--json`: every registry field (the sink without its password) and the derived
+    `processed`, `rate`, `eta_s` and `expires_at`."""
+    document = job.model_dump(mode="json")
+    document["sink"] = redact_url(job.sink)
+    document |= {"processed": job.processed, "rate": job.rate, "eta_s": job.eta_s, "expires_at": job.expires_at}
+    return document
 
 
 def kept(job: Job) -> str:

@@ -18,10 +18,13 @@ from rich.table import Table
 
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
 from imagemill.cli.display import console, fail, run_reporting_errors, stdout
+from imagemill.cli.jobs import SINK_HELP
 from imagemill.core.connections import check_reachable
+from imagemill.core.credentials import without_credentials
 from imagemill.core.redaction import redact_url
-from imagemill.core.settings import get_settings
+from imagemill.core.settings import Settings, get_settings
 from imagemill.producer.beat import SCAN_TASK, make_producer_app
+from imagemill.producer.submit import check_source_fits_sink
 
 app = typer.Typer(help="Scheduled scans: incremental submits fired by `imagemill beat`.", no_args_is_help=True)
 
@@ -55,7 +58,7 @@ def add(
     source: Annotated[str, typer.Argument(help="A folder, s3://bucket/prefix, or a manifest.")],
     every: Annotated[str, typer.Option(help="How often: 30s, 15m, 1h, 1d.")] = "1h",
     tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderation, tags.")] = ALL_TASKS,
-    sink: Annotated[str | None, typer.Option(help="Where records go [IMAGEMILL_SINK].")] = None,
+    sink: Annotated[str | None, typer.Option(help=SINK_HELP)] = None,
 ) -> None:
     """Scan SOURCE every so often; each firing annotates only new or changed images."""
     chosen = tasks_option(tasks)
@@ -68,10 +71,25 @@ def add(
     target = sink or get_settings().sink
     if not target:
         fail("no sink: pass --sink postgresql://… or set IMAGEMILL_SINK")
+    settings = get_settings()
+    run_reporting_errors(lambda: _check_source(source, target, settings))
     celery = _beat_app()
-    args = [name, source, ",".join(chosen), target]
+    # stored in Redis, so without the sink's password: beat's own IMAGEMILL_SINK (or libpq) supplies it
+    args = [name, source, ",".join(chosen), without_credentials(target)]
     RedBeatSchedulerEntry(name, SCAN_TASK, schedule(interval), args=args, app=celery).save()
     console.print(f"schedule [bold]{name}[/]: {source} every {every} → {redact_url(target)}", highlight=False)
+
+
+def _check_source(source: str, sink: str, settings: Settings) -> None:
+    """A schedule that could never run is refused now (UserError), not at its first firing: a source
+    that does not exist (a folder, a manifest, an S3 bucket) or one the sink cannot write."""
+    # boto3 (S3 sources) takes half a second to import; only `schedule add` needs it
+    from imagemill.pipeline.sources import S3Source, open_source
+
+    opened = open_source(source, settings)
+    check_source_fits_sink(opened, sink)
+    if isinstance(opened, S3Source):
+        opened.check()
 
 
 @app.command("list")

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from imagemill.core.closing import Closing
 from imagemill.core.connections import check_reachable, redis_client
+from imagemill.core.credentials import without_credentials
 from imagemill.core.redaction import redact_url
 from imagemill.core.schemas import Task
 from imagemill.core.settings import get_settings
@@ -265,7 +266,8 @@ class JobRegistry(Closing):
             "id": job_id,
             "source": source,
             "tasks": ",".join(tasks),
-            "sink": sink,
+            # the password stays in the environments of those who write: anyone who reads Redis reads this
+            "sink": without_credentials(sink),
             "queue": queue,
             "state": JobState.RUNNING.value,
             "created_at": now,

@@ -17,6 +17,22 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 VECTOR_MARKERS = (b"<svg", b"<?xml")
+# ISO base media files (`....ftyp<brand>`) whose brand says HEIF: an image format, decodable with the plugin
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+HEIC_EXTRA = "pip install 'imagemill[heic]'"
+
+
+def register_heif() -> bool:
+    """Teach Pillow HEIC/HEIF when the `heic` extra (pillow-heif) is installed; whether it is."""
+    try:
+        import pillow_heif  # optional: the `heic` extra
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+HEIF_DECODABLE = register_heif()
 WHITE = (255, 255, 255)
 ORIENTATION_TAG = 0x0112
 
@@ -100,6 +116,8 @@ def _open(data: bytes) -> Image.Image:
         head = data[:512].lstrip().lower()
         if any(marker in head for marker in VECTOR_MARKERS):
             raise ImageError(ErrorKind.UNSUPPORTED, "vector images (SVG) are not supported") from None
+        if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS and not HEIF_DECODABLE:
+            raise ImageError(ErrorKind.UNSUPPORTED, f"a HEIC/HEIF image: decoding it needs {HEIC_EXTRA}") from None
         raise ImageError(
             ErrorKind.NOT_AN_IMAGE, f"not an image format Pillow knows (starts with {data[:8]!r})"
         ) from None

@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from imagemill.core.schemas import ImageRef, Record
-from imagemill.core.stores import IncrementalWriter, RecordWriter
+from imagemill.core.errors import ErrorKind
+from imagemill.core.schemas import ImageRef, Record, RecordError
+from imagemill.core.stores import IncrementalWriter, RecordWriter, SelectiveStore
 from imagemill.pipeline.incremental import skip_existing
 
 
@@ -61,6 +62,7 @@ def run(
 
     def flush() -> None:
         nonlocal pending, write_seconds
+        pending = refuse_unwritable(writer, pending)
         write_seconds += timed_write(writer, pending, chunk)
         outcomes.update(record.outcome for record in pending)
         pending = []  # a new list: the writer may hold on to the one it got
@@ -84,6 +86,20 @@ def run(
     if pending or write_every is None:
         flush()
     return RunResult(outcomes, write_seconds)
+
+
+def refuse_unwritable(writer: RecordWriter, records: list[Record]) -> list[Record]:
+    """Records a selective store cannot hold become `not_written` error records (still passed on:
+    the store ignores them), so they count as failed where the job shows its totals."""
+    if not isinstance(writer, SelectiveStore):
+        return records
+    marked = []
+    for record in records:
+        reason = writer.refusal(record)
+        if reason is not None and record.error is None:
+            record = record.model_copy(update={"error": RecordError(kind=ErrorKind.NOT_WRITTEN, message=reason)})
+        marked.append(record)
+    return marked
 
 
 def timed_write(writer: RecordWriter, records: Sequence[Record], chunk: str = "") -> float:

@@ -122,6 +122,19 @@ class S3Source:
         """`s3://bucket/prefix`: S3 lists every key starting with the prefix, "folder" or not."""
         return s3_uri(self.bucket, self.prefix)
 
+    def check(self) -> None:
+        """SourceError in one line when the bucket does not exist or cannot be read."""
+        client = self.client.get() if isinstance(self.client, LazyS3Client) else self.client
+        try:
+            client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket"):
+                raise SourceError(f"source {self}: bucket {self.bucket} does not exist") from None
+            raise SourceError(f"source {self}: cannot read bucket {self.bucket} ({code or exc})") from None
+        except BotoCoreError as exc:
+            raise SourceError(f"source {self}: cannot reach S3 ({exc})") from None
+
     def refs(self) -> Iterator[ImageRef]:
         client = self.client.get() if isinstance(self.client, LazyS3Client) else self.client
         paginator = client.get_paginator("list_objects_v2")

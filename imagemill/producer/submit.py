@@ -18,14 +18,16 @@ from celery import Celery
 from imagemill.core.broker import CHUNK_TASK, make_celery, queue_for
 from imagemill.core.closing import Closing
 from imagemill.core.connections import redis_client
+from imagemill.core.credentials import with_own_credentials, without_credentials
 from imagemill.core.errors import UserError
 from imagemill.core.jobs import Job, JobRegistry, JobState, new_job_id
 from imagemill.core.pipeline_key import pipeline_key
 from imagemill.core.schemas import ChunkMessage, ImageRef, Task
 from imagemill.core.settings import Settings
 from imagemill.core.stores import KeyedStore, MarksDeleted, PrefixListing, open_writer
+from imagemill.core.stores.s3tags import SCHEME as S3TAGS_SCHEME
 from imagemill.pipeline.incremental import mark_existing
-from imagemill.pipeline.sources import PrefixSource, Source
+from imagemill.pipeline.sources import PrefixSource, RefListSource, S3Source, Source
 from imagemill.producer.backpressure import Backpressure
 from imagemill.producer.chunking import chunks
 from imagemill.producer.resume import ResumePoint
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def job_key(source: str, sink: str, tasks: tuple[Task, ...], settings: Settings) -> str:
     """The idempotency key of a job: what is annotated, by which models, and where it goes."""
-    spec = {"source": source, "sink": sink, "pipeline": pipeline_key(tasks, settings)}
+    spec = {"source": source, "sink": without_credentials(sink), "pipeline": pipeline_key(tasks, settings)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -60,6 +62,9 @@ class Submission(Closing):
     _resume: ResumePoint = field(default_factory=ResumePoint, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_source_fits_sink(self.source, self.sink)
+        # a retry or a scheduled scan has the sink as stored, without its password: add ours
+        self.sink_url = with_own_credentials(self.sink, self.settings.sink)
         self.queue = queue_for(self.tasks, self.settings)
         self.celery: Celery = make_celery(self.settings)
         self.backpressure = Backpressure(
@@ -137,7 +142,7 @@ class Submission(Closing):
         producer's) or a sink that keeps only history. Opened into `listing`, closed with it."""
         if self.resume_after is not None or not isinstance(self.source, PrefixSource):
             return None
-        store = listing.enter_context(open_writer(self.sink))
+        store = listing.enter_context(open_writer(self.sink_url))
         if not isinstance(store, MarksDeleted):
             return None
         return listing.enter_context(store.listing(self.source.uri_prefix))
@@ -160,7 +165,7 @@ class Submission(Closing):
         if self.force:
             return refs
         signature = self.registry.signature_for(pipeline_key(self.tasks, self.settings))
-        store = listing.enter_context(open_writer(self.sink))
+        store = listing.enter_context(open_writer(self.sink_url))
         if signature is None or not isinstance(store, KeyedStore):
             reason = "no worker has run this pipeline yet" if signature is None else "the sink cannot be searched"
             log.info("job %s annotates everything: %s", self.job_id, reason)
@@ -186,6 +191,16 @@ class Submission(Closing):
         """Heartbeat, and whether the job still wants chunks."""
         self.registry.heartbeat(self.job_id)
         return self.registry.state(self.job_id) == JobState.RUNNING
+
+
+def check_source_fits_sink(source: Source, sink: str) -> None:
+    """UserError before anything is registered or enqueued when the sink could write none of the
+    source's records: s3tags:// tags S3 objects, and a folder or a manifest names files."""
+    if sink.startswith(S3TAGS_SCHEME) and not isinstance(source, S3Source | RefListSource):
+        raise UserError(
+            f"sink {S3TAGS_SCHEME} tags each image's own S3 object, so it needs an s3://bucket/prefix SOURCE,"
+            f" not {source}: use --sink postgresql://…, s3://bucket/prefix/ or file:///dir/ for it"
+        )
 
 
 def _after(list_refs: Callable[[], Iterable[ImageRef]], resume_after: str | None) -> Iterator[ImageRef]:

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from itertools import combinations
 
+from imagemill.core.credentials import with_own_credentials
 from imagemill.core.jobs import JobRegistry
 from imagemill.core.pipeline_key import pipeline_key
 from imagemill.core.schemas import Task
@@ -67,9 +68,10 @@ class Runtime:
                 self.registry.publish_signature(pipeline_key(tasks, self.settings), signature)
 
     def sink(self, url: str) -> RecordWriter:
-        """The writer for a sink URL, opened once per process and kept for the next chunks."""
+        """The writer for a job's sink URL, opened once per process and kept for the next chunks. The
+        registry holds it without a password: this worker's own IMAGEMILL_SINK gives it, or libpq finds one."""
         if url not in self.sinks:
-            self.sinks[url] = open_writer(url)
+            self.sinks[url] = open_writer(with_own_credentials(url, self.settings.sink))
         return self.sinks[url]
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from imagemill.core.stores.base import (
     PrefixListing,
     RecordWriter,
     SearchableStore,
+    SelectiveStore,
     WriterContext,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "PrefixListing",
     "RecordWriter",
     "SearchableStore",
+    "SelectiveStore",
     "WriterContext",
     "open_file_writer",
     "open_writer",

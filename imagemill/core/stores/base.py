@@ -46,6 +46,15 @@ class KeyedStore(Protocol):
 
 
 @runtime_checkable
+class SelectiveStore(Protocol):
+    """A results store that can hold only some records (object tags: only those of s3:// objects).
+    The run loop asks it before each write: a record it refuses is counted as failed, never skipped silently."""
+
+    def refusal(self, record: Record) -> str | None:
+        """Why this record cannot be written here, or None when it can."""
+
+
+@runtime_checkable
 class SearchableStore(Protocol):
     """A results store that can find a job's failed records again (for `imagemill retry`)."""
 

@@ -147,7 +147,8 @@ def check_prefix(url: str, prefix: str) -> str:
 
 
 class ObjectTagsSink(WriterContext):
-    """Tags each s3:// record's own object with its results; other records are skipped with a warning.
+    """Tags each s3:// record's own object with its results. Other records cannot be tagged: `refusal`
+    says so, and the run loop counts them as `not_written` failures (`write` still skips them).
 
     Tagging is read-modify-write per object (S3 has no conditional tagging), so two writers tagging
     the same object at once may lose one's update. Within a job they never do: each key is listed
@@ -164,6 +165,12 @@ class ObjectTagsSink(WriterContext):
     def from_url(cls, url: str, settings: Settings | None = None) -> "ObjectTagsSink":
         """`s3tags://[?prefix=imagemill-]` -> a sink tagging with that key prefix."""
         return cls(parse_prefix(url), settings)
+
+    def refusal(self, record: Record) -> str | None:
+        """Only an S3 object can carry tags (a `SelectiveStore`)."""
+        if record.uri.startswith("s3://"):
+            return None
+        return f"{SCHEME} tags S3 objects; {record.uri} is not one, so its results were not written"
 
     @property
     def client(self) -> "S3Client":

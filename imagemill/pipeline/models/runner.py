@@ -91,12 +91,20 @@ class Runner(ABC):
 def load_pretrained(task: Task, loader: Any, name: str, revision: str | None, **kwargs: Any) -> Any:
     """`loader.from_pretrained`, with any failure turned into one clear ModelLoadError."""
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    if looks_like_path(name) and not Path(name).expanduser().is_dir():
+        # else the hub client reads it as a repo id and complains about its characters
+        raise ModelLoadError(f"the {task} model {name!r} (IMAGEMILL_{task.upper()}_MODEL): no such directory")
     try:
         return loader.from_pretrained(name, revision=revision, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad models
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = "" if Path(name).is_dir() else "; run `imagemill models download` or point it at a local directory"
         raise ModelLoadError(f"cannot load the {task} model {name!r}: {reason}{hint}") from exc
+
+
+def looks_like_path(name: str) -> bool:
+    """A model named as a local directory (`/models/blip`, `./blip`, `~/m`, `a/b/c`), not a hub id (`org/name`)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def model_id(name: str, revision: str | None) -> ModelId:

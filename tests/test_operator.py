@@ -1,0 +1,271 @@
+"""What operators tripped over (issue 17), each as an operator meets it: the command, its output and
+exit status, against real parts (tiny models, Redis, PostgreSQL, the S3 server, a real worker)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from imagemill.cli import annotate as annotate_cli
+from imagemill.core.credentials import with_own_credentials, without_credentials
+from imagemill.core.errors import ErrorKind
+from imagemill.core.jobs import JobRegistry
+from imagemill.core.schemas import Task
+from imagemill.core.settings import Settings
+from imagemill.core.stores.files import JsonlWriter
+from imagemill.core.stores.s3tags import ObjectTagsSink
+from imagemill.pipeline.decode import decode
+from imagemill.pipeline.engine import Engine
+from imagemill.pipeline.run import run
+from imagemill.pipeline.sources import open_source
+from tests.fixtures.cli import REPO, run_cli
+from tests.fixtures.faults import FAULTS_DIR
+from tests.fixtures.images import write_photos
+
+UNREACHABLE_REDIS = "redis://127.0.0.1:9/0"  # nothing listens: a command that asks Redis fails differently
+
+
+def imagemill(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`imagemill ARGS` as in a pipe or a CI log: no terminal and no COLUMNS, so 80 columns."""
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([FAULTS_DIR, str(REPO)])}
+    full_env.pop("COLUMNS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "imagemill", *args], env=full_env, capture_output=True, text=True, timeout=120
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The command failed with exit 2 and said why in exactly one `error:` line, nothing else."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+# 1. s3tags:// with a folder or a manifest -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["folder", "manifest"])
+def test_s3tags_sink_with_a_folder_or_manifest_source_is_refused_before_anything_is_enqueued(
+    tmp_path: Path, kind: str
+) -> None:
+    photos = write_photos(tmp_path / "photos", 2, 32, 24)
+    source = tmp_path / "photos"
+    if kind == "manifest":
+        source = tmp_path / "list.txt"
+        source.write_text("\n".join(str(p) for p in photos) + "\n")
+    # Redis is unreachable: the refusal comes before the job registry (or the S3 check) is asked anything
+    result = imagemill("submit", str(source), "--sink", "s3tags://", env={"IMAGEMILL_BROKER_URL": UNREACHABLE_REDIS})
+    line = one_error_line(result)
+    assert "s3tags://" in line and "s3://bucket/prefix SOURCE" in line and str(source) in line
+
+
+@pytest.fixture(scope="module")
+def moderation_engine(tiny_models: dict[str, Path]) -> Iterator[Engine]:
+    settings = Settings(moderation_model=str(tiny_models["moderation"]), device="cpu", batch_size=4)
+    with Engine(settings, (Task.MODERATION,)) as engine:
+        yield engine
+
+
+def test_records_a_sink_cannot_write_are_counted_as_failed_not_written(
+    moderation_engine: Engine, tmp_path: Path
+) -> None:
+    write_photos(tmp_path / "photos", 3, 32, 24)
+    refs = list(open_source(str(tmp_path / "photos"), Settings()).refs())
+    # a chunk of local files reaching the object-tags sink (a job submitted before the refusal existed)
+    ran = run(refs, moderation_engine, ObjectTagsSink(), chunk="job/000000")
+    assert dict(ran.outcomes) == {ErrorKind.NOT_WRITTEN.value: 3}  # the job's `failed` shows them
+
+
+# 2. whole job ids in a pipe, and --json -----------------------------------------------------------------------
+
+
+def test_jobs_and_status_show_whole_ids_in_a_pipe_and_as_json(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    source = "s3://a-bucket-with-a-long-name/and/a/deep/prefix/of/photos/2026/11/"
+    ids = [f"{i:x}" * 12 for i in range(10, 13)]
+    for job_id in ids:
+        registry.create(job_id, source, (Task.MODERATION,), "postgresql://im:pw@db/annotations", "imagemill")
+    env = {"IMAGEMILL_BROKER_URL": redis_url}
+
+    listing = imagemill("jobs", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert all(job_id in listing.stdout for job_id in ids), listing.stdout
+
+    documents = json.loads(imagemill("jobs", "--json", env=env).stdout)
+    assert sorted(d["id"] for d in documents) == sorted(ids)
+    one = json.loads(imagemill("status", ids[0], "--json", env=env).stdout)
+    assert (one["id"], one["state"], one["source"], one["processed"]) == (ids[0], "running", source, 0)
+    assert one["sink"] == "postgresql://im@db/annotations"
+
+
+# 3. progress per image ------------------------------------------------------------------------------------------
+
+
+class RecordingProgress:
+    """Stands in for the Rich progress bar: remembers each advance and the records written by then."""
+
+    def __init__(self) -> None:
+        self.advances: list[float] = []
+        self.at_first_write: int | None = None
+
+    def advance(self, _task: Any, advance: float = 1) -> None:
+        self.advances.append(advance)
+
+    def update(self, _task: Any, **_: Any) -> None:
+        pass
+
+
+def test_the_local_progress_bar_advances_once_per_image_before_the_write(
+    model_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_photos(tmp_path / "photos", 52, 48, 32)
+    bar = RecordingProgress()
+
+    @contextmanager
+    def recording_bar(_description: str, *, disable: bool = False) -> Iterator[tuple[Any, int]]:
+        yield bar, 0
+
+    write = JsonlWriter.write
+
+    def noting_write(self: JsonlWriter, records: Any, chunk: str = "") -> None:
+        if bar.at_first_write is None:
+            bar.at_first_write = len(bar.advances)
+        write(self, records, chunk)
+
+    monkeypatch.setattr(annotate_cli, "progress_bar", recording_bar)
+    monkeypatch.setattr(JsonlWriter, "write", noting_write)
+    settings = Settings()
+    outcomes = annotate_cli.run_local(
+        str(tmp_path / "photos"), (Task.MODERATION,), tmp_path / "out.jsonl", settings, quiet=False
+    )
+    assert outcomes["annotated"] == 52
+    assert bar.advances == [1] * 52  # one step per image as it leaves the engine
+    # 52 records are one write batch (64): the bar had moved 52 times before anything was written
+    assert bar.at_first_write == 52
+
+
+# 4. no password in Redis ------------------------------------------------------------------------------------------
+
+
+def test_stored_sink_urls_have_no_password_and_a_worker_adds_its_own() -> None:
+    given = "postgresql://imagemill:s3cr/t@pw@db.internal:5432/annotations?table=t&password=x2&sslmode=require"
+    stored = without_credentials(given)
+    assert stored == "postgresql://imagemill@db.internal:5432/annotations?table=t&sslmode=require"
+    own = "postgres://imagemill:w0rker@DB.internal:5432/annotations"
+    assert (
+        with_own_credentials(stored, own)
+        == "postgresql://imagemill:w0rker@db.internal:5432/annotations?table=t&sslmode=require"
+    )
+    # another server, database or user: not ours to give; libpq's PGPASSWORD/PGPASSFILE/service apply
+    for other in (
+        "postgresql://imagemill:w@other/annotations",
+        "postgresql://imagemill:w@db.internal:5432/x",
+        "postgresql://admin:w@db.internal:5432/annotations",
+        None,
+    ):
+        assert with_own_credentials(stored, other) == stored
+    assert without_credentials("s3://bucket/prefix/") == "s3://bucket/prefix/"
+    assert without_credentials("s3tags://?prefix=img-") == "s3tags://?prefix=img-"
+
+
+# 8. inputs refused -------------------------------------------------------------------------------------------------
+
+
+def test_retry_with_an_unknown_error_kind_is_refused() -> None:
+    line = one_error_line(
+        imagemill("retry", "0123456789ab", "--kind", "nonsense", env={"IMAGEMILL_BROKER_URL": UNREACHABLE_REDIS})
+    )
+    assert "nonsense" in line and "worker_lost" in line
+
+
+def test_an_unknown_task_in_routes_is_refused_naming_the_variable() -> None:
+    line = one_error_line(imagemill("jobs", env={"IMAGEMILL_ROUTES": '{"captoin": "gpu-big"}'}))
+    assert line.startswith("error: IMAGEMILL_ROUTES=") and "captoin" in line and "caption" in line
+
+
+def test_schedule_add_with_a_bucket_that_does_not_exist_is_refused(s3_endpoint: str) -> None:
+    env = {"IMAGEMILL_S3_ENDPOINT_URL": s3_endpoint, "IMAGEMILL_BROKER_URL": UNREACHABLE_REDIS}
+    args = ("schedule", "add", "hourly", "s3://no-such-bucket-here/photos/", "--sink", "postgresql://im@db/a")
+    line = one_error_line(imagemill(*args, env=env))
+    assert "no-such-bucket-here does not exist" in line
+
+
+# 9. messages that point the right way ---------------------------------------------------------------------------
+
+
+def heic_bytes() -> bytes:
+    # encoded by the heic extra (pillow-heif), which the dev install has
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, format="HEIF")
+    return buffer.getvalue()
+
+
+def test_a_heic_photo_decodes_with_the_heic_extra() -> None:
+    decoded = decode(heic_bytes(), max_pixels=10**8)
+    assert (decoded.width, decoded.height, decoded.format) == (64, 48, "HEIF")
+
+
+def test_a_heic_photo_without_the_plugin_is_unsupported_naming_the_extra(tmp_path: Path) -> None:
+    (tmp_path / "a.heic").write_bytes(heic_bytes())
+    # a Python without pillow-heif: its import is blocked before imagemill loads
+    script = (
+        "import sys; sys.modules['pillow_heif'] = None\n"
+        "from imagemill.core.errors import ImageError\n"
+        "from imagemill.pipeline.decode import decode\n"
+        "try:\n    decode(open(sys.argv[1], 'rb').read(), max_pixels=10**8)\n"
+        "except ImageError as exc:\n    print(exc.kind.value, exc.message)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "a.heic")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+    ).stdout
+    assert out.startswith("unsupported ") and "imagemill[heic]" in out
+
+
+def test_a_caption_model_path_that_does_not_exist_says_no_such_directory(tmp_path: Path) -> None:
+    write_photos(tmp_path / "photos", 1, 32, 24)
+    result = run_cli(
+        "annotate",
+        str(tmp_path / "photos"),
+        "--tasks",
+        "caption",
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        env={"IMAGEMILL_CAPTION_MODEL": "/nonexistent"},
+    )
+    assert result.returncode == 3
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the caption model '/nonexistent' (IMAGEMILL_CAPTION_MODEL): no such directory"
+    )
+
+
+def test_an_unknown_device_exits_2_with_the_choices(tmp_path: Path) -> None:
+    line = one_error_line(imagemill("annotate", str(tmp_path), "--device", "tpu"))
+    assert line == "error: --device tpu: expected auto, cpu, cuda or cuda:N"
+
+
+def test_help_shows_flags_as_switches_and_every_sink_scheme() -> None:
+    help_text = imagemill("submit", "--help").stdout
+    rows = [row.strip("│ ") for row in help_text.splitlines()]
+    flag_rows = [row for row in rows if row.startswith(("--wait ", "--force ", "--help "))]
+    assert len(flag_rows) == 3 and not any("<bool>" in row for row in flag_rows), help_text
+    assert "<str>" in help_text  # options that take a value still show its type
+    flat = " ".join(help_text.replace("│", " ").split())
+    for scheme in ("postgresql://", "s3://", "file://", "s3tags://"):
+        assert scheme in flat, help_text
