@@ -89,11 +89,16 @@ def test_manifests_mix_local_paths_and_s3_uris(tmp_path: Path) -> None:
         assert [r.uri for r in ManifestSource(tmp_path / name).refs()] == expected, name
 
 
-def test_manifest_errors_name_the_line(tmp_path: Path) -> None:
-    (tmp_path / "bad.jsonl").write_text('{"uri": "a.jpg"}\n{not json}\n')
-    with pytest.raises(SourceError, match=r"bad.jsonl:2"):
-        list(ManifestSource(tmp_path / "bad.jsonl").refs())
-    (tmp_path / "bad.csv").write_text("path\na.jpg\n")
+def test_a_bad_manifest_line_is_listed_as_itself_and_the_listing_goes_on(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"uri": "a.jpg"}\n{not json}\n{"uri": "b.jpg"}\n')
+    refs = list(ManifestSource(tmp_path / "bad.jsonl").refs())
+    assert [r.uri for r in refs] == [
+        file_uri(tmp_path / "a.jpg"),
+        "manifest:bad.jsonl#L2",
+        file_uri(tmp_path / "b.jpg"),
+    ]
+    assert refs[1].problem and refs[1].problem.startswith("not JSON")
+    (tmp_path / "bad.csv").write_text("name,size\na,1\n")  # neither a uri column nor only one column
     with pytest.raises(SourceError, match="no 'uri' column"):
         list(ManifestSource(tmp_path / "bad.csv").refs())
 

@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # the module imports boto3; run_local imports it when it runs
 
 ALL_TASKS = ",".join(t.value for t in DEFAULT_TASKS)
 WRITE_EVERY = 64  # records per write: small enough to lose little on a crash
+SOURCE_HELP = "A folder, s3://bucket/prefix, or a manifest (.jsonl, .csv, .txt, also .gz or .zst; .parquet)."
+STRICT_HELP = "Read a manifest through first and stop (exit 2) at its first bad line, before annotating."
 
 
 def tasks_option(value: str) -> tuple[Task, ...]:
@@ -33,7 +35,7 @@ def tasks_option(value: str) -> tuple[Task, ...]:
 
 
 def annotate(
-    source: Annotated[str, typer.Argument(help="A folder, s3://bucket/prefix, or a manifest (.jsonl, .csv, .txt).")],
+    source: Annotated[str, typer.Argument(help=SOURCE_HELP)],
     tasks: Annotated[
         str, typer.Option(help="Comma-separated: caption, moderation, tags, embedding (asked by name).")
     ] = ALL_TASKS,
@@ -44,6 +46,7 @@ def annotate(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [IMAGEMILL_DEVICE].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-annotate images OUT already has records for.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help=STRICT_HELP)] = False,
 ) -> None:
     """Annotate every image in SOURCE in this process and write one record per image."""
     chosen = tasks_option(tasks)
@@ -54,23 +57,36 @@ def annotate(
             fail(f"--device {device}: {exc}")
     overrides = {k: v for k, v in {"batch_size": batch_size, "device": device}.items() if v is not None}
     settings = get_settings().model_copy(update=overrides)
-    run_reporting_errors(lambda: run_local(source, chosen, out, settings, quiet=quiet, force=force))
+    run_reporting_errors(lambda: run_local(source, chosen, out, settings, quiet=quiet, force=force, strict=strict))
 
 
 def run_local(
-    source_spec: str, tasks: tuple[Task, ...], out: Path, settings: Settings, *, quiet: bool, force: bool = False
+    source_spec: str,
+    tasks: tuple[Task, ...],
+    out: Path,
+    settings: Settings,
+    *,
+    quiet: bool,
+    force: bool = False,
+    strict: bool = False,
 ) -> Counter[str]:
     """List, annotate and write; returns outcome counts ('annotated', 'skipped' or the error kind).
 
     Unless `force`, images OUT already holds an error-free record for (same etag and signature)
-    are skipped and their records kept."""
-    # torch and transformers (the engine's model runners) take seconds to import: `--help` must not wait
-    from imagemill.pipeline.engine import Engine
-
+    are skipped and their records kept. With `strict`, a manifest's first bad line is a SourceError
+    before any model loads; without, each bad line is one `bad_reference` record."""
     # boto3 (S3 sources) takes half a second to import
+    from imagemill.pipeline.manifests import check as check_manifest
     from imagemill.pipeline.sources import open_source
 
     source = open_source(source_spec, settings)
+    if strict:
+        check_manifest(source)
+
+    # torch and transformers (the engine's model runners) take seconds to import: `--help` must not
+    # wait, nor a source that fails first
+    from imagemill.pipeline.engine import Engine
+
     with console.status(f"loading models for {', '.join(tasks)}…", spinner="dots"):
         engine = Engine(settings, tasks)
     writer = open_file_writer(str(out), keep_existing=not force, embedding_dtype=settings.embedding_dtype)

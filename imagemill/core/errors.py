@@ -18,6 +18,7 @@ class ErrorKind(StrEnum):
     FETCH_FAILED = "fetch_failed"
     MODEL_FAILED = "model_failed"
     WORKER_LOST = "worker_lost"  # its chunk killed its worker every time it was delivered
+    BAD_REFERENCE = "bad_reference"  # a manifest line that names no readable image (its record's uri names the line)
     NOT_WRITTEN = "not_written"  # the sink cannot hold this record (s3tags:// and an image not on S3)
 
 

@@ -58,6 +58,9 @@ class ImageRef(BaseModel):
     uri: str = Field(min_length=1, max_length=4096)
     etag: str | None = Field(default=None, max_length=256)
     size: int | None = Field(default=None, ge=0)
+    # set for a bad manifest line (`uri` is then `manifest:<name>#L<n>`): why it names no image; it
+    # travels like any ref, so its bad_reference record is made and counted where every record is
+    problem: str | None = Field(default=None, max_length=1000)
 
 
 class ImageInfo(BaseModel):

@@ -73,6 +73,15 @@ def file_etag(stat: os.stat_result) -> str:
     return f"{stat.st_mtime_ns:x}-{stat.st_size:x}"
 
 
+def local_ref(path: Path) -> ImageRef:
+    """A reference to a local file; a dangling one still gets a ref (and later a not_found record)."""
+    try:
+        stat = path.stat()
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return ImageRef(uri=file_uri(path))
+    return ImageRef(uri=file_uri(path), etag=file_etag(stat), size=stat.st_size)
+
+
 def make_s3_client(settings: Settings) -> "S3Client":
     """One client per process: thread-safe to use, retries throttling and 5xx with backoff."""
     config = Config(
@@ -141,6 +150,8 @@ class ObjectReader:
         return self._s3.get()
 
     def read(self, ref: ImageRef) -> Blob:
+        if ref.problem is not None:  # a bad manifest line: nothing to fetch, its reason is the record's
+            raise ImageError(ErrorKind.BAD_REFERENCE, ref.problem)
         if ref.size is not None and ref.size > self._max_bytes:
             raise self._too_large(ref.size)
         if is_s3(ref.uri):

@@ -1,23 +1,22 @@
-"""Where images come from: a local directory, an S3 prefix, or a manifest file.
+"""Where images come from: a local directory, an S3 prefix, or a manifest file (`pipeline.manifests`).
 
 Each source yields `ImageRef`s lazily, so a prefix of ten million objects is never held in memory.
 """
 
-import csv
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import ValidationError
 
 from imagemill.core.errors import SourceError
 from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings
-from imagemill.core.storage import LazyS3Client, file_etag, file_uri, is_s3, parse_s3, s3_uri
+from imagemill.core.storage import LazyS3Client, file_uri, is_s3, parse_s3, s3_uri
+from imagemill.core.storage import local_ref as local_ref  # where the Python API has always imported it from
+from imagemill.pipeline.manifests import ManifestSource, describe_formats, manifest_kind
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -40,7 +39,6 @@ IMAGE_EXTENSIONS = frozenset(
         ".svg",
     ]
 )
-MANIFEST_SUFFIXES = frozenset({".jsonl", ".csv", ".txt"})
 
 
 def is_image_name(name: str) -> bool:
@@ -92,15 +90,6 @@ class DirectorySource:
             for name in sorted(files):
                 if is_image_name(name):
                     yield local_ref(Path(folder) / name)
-
-
-def local_ref(path: Path) -> ImageRef:
-    """A reference to a local file; a dangling one still gets a ref (and later a not_found record)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return ImageRef(uri=file_uri(path))
-    return ImageRef(uri=file_uri(path), etag=file_etag(stat), size=stat.st_size)
 
 
 @dataclass
@@ -157,61 +146,6 @@ class S3Source:
             raise SourceError(f"cannot list {self}: {exc}") from None
 
 
-@dataclass(frozen=True)
-class ManifestSource:
-    """A file naming images: `.jsonl` (a `uri` field), `.csv` (a `uri` column) or `.txt` (a line each).
-
-    Entries may be s3:// URIs, file:// URIs or paths; relative paths are relative to the manifest.
-    """
-
-    path: Path
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    def refs(self) -> Iterator[ImageRef]:
-        readers = {".jsonl": self._jsonl, ".csv": self._csv, ".txt": self._txt}
-        with self.path.open(encoding="utf-8", newline="") as handle:
-            for line_no, entry in readers[self.path.suffix.lower()](handle):
-                yield self._ref(line_no, entry)
-
-    def _jsonl(self, handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-        for line_no, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SourceError(f"{self.path}:{line_no}: not JSON ({exc.msg})") from None
-                if not isinstance(entry, dict):
-                    raise SourceError(f"{self.path}:{line_no}: expected an object with a uri")
-                yield line_no, entry
-
-    def _csv(self, handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-        reader = csv.DictReader(handle)
-        if "uri" not in (reader.fieldnames or []):
-            raise SourceError(f"{self.path}: no 'uri' column (columns: {reader.fieldnames})")
-        for row in reader:
-            if row.get("uri"):
-                yield reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}
-
-    def _txt(self, handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-        for line_no, line in enumerate(handle, 1):
-            text = line.strip()
-            if text and not text.startswith("#"):
-                yield line_no, {"uri": text}
-
-    def _ref(self, line_no: int, entry: dict[str, Any]) -> ImageRef:
-        uri = entry.get("uri")
-        if not isinstance(uri, str) or not uri:
-            raise SourceError(f"{self.path}:{line_no}: entry has no uri")
-        if not is_s3(uri) and not uri.startswith("file://"):
-            return local_ref(self.path.parent / uri)
-        try:
-            return ImageRef(uri=uri, etag=entry.get("etag"), size=entry.get("size"))
-        except ValidationError as exc:
-            raise SourceError(f"{self.path}:{line_no}: bad entry: {exc.errors()[0]['msg']}") from None
-
-
 def open_source(spec: str, settings: Settings) -> Source:
     """Turn the SOURCE argument into a source, or raise SourceError saying what is wrong."""
     if is_s3(spec):
@@ -219,14 +153,16 @@ def open_source(spec: str, settings: Settings) -> Source:
             loc = parse_s3(spec)
         except ValueError as exc:
             raise SourceError(str(exc)) from None
+        if manifest_kind(loc.key) is not None:  # a key named like a manifest is one; anything else a prefix
+            return ManifestSource(spec, LazyS3Client(settings))
         return S3Source(loc.bucket, loc.key, LazyS3Client(settings))
     path = Path(spec).expanduser()
     if path.is_dir():
         return DirectorySource(path.absolute())
-    if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+    if path.is_file() and manifest_kind(path.name) is not None:
         return ManifestSource(path.absolute())
     if path.is_file():
-        raise SourceError(f"{spec} is a file but not a manifest (expected .jsonl, .csv or .txt)")
+        raise SourceError(f"{spec} is a file but not a manifest (expected {describe_formats()})")
     raise SourceError(f"source {spec} does not exist (expected a folder, s3://bucket/prefix or a manifest)")
 
 

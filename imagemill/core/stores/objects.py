@@ -166,7 +166,10 @@ class DirectorySink(WriterContext):
     def from_url(cls, url: str) -> "DirectorySink":
         """`file:///abs/dir/[?format=jsonl|parquet]` -> a sink writing files under that directory."""
         base, fmt = split_format(url)
-        parts = urlsplit(base)
+        try:
+            parts = urlsplit(base)
+        except ValueError:  # `file://[`: a bracket opens an IPv6 host that never closes
+            raise UserError(f"sink {url}: expected file:///absolute/directory/") from None
         if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
             raise UserError(f"sink {url}: expected file:///absolute/directory/")
         return cls(Path(unquote(parts.path)), fmt)

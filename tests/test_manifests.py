@@ -1,0 +1,459 @@
+"""Manifests as people write them: every line becomes one reference, a bad line one `bad_reference`.
+
+Encodings (UTF-8 with or without a BOM, UTF-16 with one), spreadsheet CSV, compression (gzip,
+zstd), Parquet, manifests on S3, `--strict`; property-based tests (hypothesis) for the parsers and
+for sink URL options. In-process where possible; one CLI run each for the summary and `--strict`.
+"""
+
+import codecs
+import gzip
+import io
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imagemill.core.errors import ErrorKind, ImageError, SourceError, UserError
+from imagemill.core.schemas import ImageRef
+from imagemill.core.settings import Settings
+from imagemill.core.storage import ObjectReader, file_uri
+from imagemill.core.stores import RecordWriter, open_writer
+from imagemill.core.stores.files import read_records
+from imagemill.core.stores.options import split_options
+from imagemill.pipeline.manifest_text import MAX_LINE_BYTES
+from imagemill.pipeline.manifests import ManifestSource, manifest_kind
+from imagemill.pipeline.sources import S3Source, open_source
+from tests.fixtures.cli import run_cli
+from tests.fixtures.images import photo_jpeg
+from tests.fixtures.s3 import s3_client
+
+BAD = re.compile(r"^manifest:(?P<name>[^#]+)#L(?P<line>\d+)$")
+# as many examples as keep this module fast on a 2-core machine; the counts are in the README
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def listed(path: Path | str) -> list[tuple[int, ImageRef]]:
+    return list(ManifestSource(path).numbered())
+
+
+def outcome(ref: ImageRef) -> str:
+    """`ok`, or the reason of a bad line."""
+    return "ok" if ref.problem is None else ref.problem
+
+
+def compress(data: bytes, compression: str) -> bytes:
+    if compression == ".gz":
+        return gzip.compress(data)
+    if compression == ".zst":
+        return zstandard.ZstdCompressor().compress(data)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# each format: good and bad lines mixed, every line one reference
+
+
+MIXED_LINES = [  # (line, reason of a bad line, or None)
+    ("s3://photos/a.jpg", None),
+    ("http://example.com/b.jpg", "http: scheme is not one imagemill reads"),
+    ("", None),  # blank: no entry
+    ("s3://", "no bucket"),
+    ("local/c.jpg", None),
+    ("gs://bucket/d.jpg", "gs: scheme"),
+    ("s3://photos/e f.jpg", None),
+]
+
+
+def write_mixed(path: Path, fmt: str, compression: str) -> list[tuple[int, str]]:
+    """MIXED_LINES plus one undecodable line, as `fmt`; the expected (line, outcome) of each entry."""
+    lines: list[bytes] = []
+    expected: list[tuple[int, str]] = []
+    if fmt == ".csv":
+        lines.append(b"id;URI;note")
+    for i, (uri, reason) in enumerate(MIXED_LINES):
+        if fmt == ".jsonl":
+            text = json.dumps({"uri": uri, "id": i}) if uri else ""
+        elif fmt == ".csv":
+            text = f'{i};"{uri}";"a; b"' if uri else ""
+        else:
+            text = uri
+        lines.append(text.encode())
+        if text:
+            expected.append((len(lines), reason or "ok"))
+    lines.append(b"\xff\xfe broken")  # not UTF-8, whatever the format
+    expected.append((len(lines), "not UTF-8 text"))
+    lines.append(b'{"no": "uri"}' if fmt == ".jsonl" else b"7;;" if fmt == ".csv" else b"# a comment")
+    if fmt != ".txt":
+        expected.append((len(lines), "no uri"))
+    path.write_bytes(compress(b"\r\n".join(lines) + b"\r\n", compression))
+    return expected
+
+
+@pytest.mark.parametrize("compression", ["", ".gz", ".zst"])
+@pytest.mark.parametrize("fmt", [".txt", ".jsonl", ".csv"])
+def test_every_line_is_one_reference_and_a_bad_line_says_why(tmp_path: Path, fmt: str, compression: str) -> None:
+    path = tmp_path / f"list{fmt}{compression}"
+    expected = write_mixed(path, fmt, compression)
+    got = listed(path)
+    assert [line for line, _ in got] == [line for line, _ in expected]
+    for (line, ref), (_, want) in zip(got, expected, strict=True):
+        if want == "ok":
+            assert ref.problem is None and ref.uri.startswith(("s3://", "file://")), (line, ref)
+        else:
+            assert ref.uri == f"manifest:{path.name}#L{line}" and want in outcome(ref), (line, ref)
+    good = [ref.uri for _, ref in got if ref.problem is None]
+    assert good == ["s3://photos/a.jpg", file_uri(tmp_path / "local/c.jpg"), "s3://photos/e f.jpg"]
+
+
+def test_a_spreadsheet_csv_with_bom_semicolons_quotes_and_crlf(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    rows = ['Name;"Uri";Size', '"holiday; beach";"s3://b/x;y.jpg";12', '"multi\r\nline";s3://b/z.jpg;', "a;;3"]
+    path.write_bytes(codecs.BOM_UTF8 + "\r\n".join(rows).encode() + b"\r\n")
+    got = listed(path)
+    assert [(line, ref.uri, ref.size, ref.problem) for line, ref in got] == [
+        (2, "s3://b/x;y.jpg", 12, None),
+        (3, "s3://b/z.jpg", None, None),  # a quoted field spans lines 3 and 4: one entry, line 3
+        (5, "manifest:export.csv#L5", None, "no uri on this line"),
+    ]
+
+
+def test_a_csv_without_header_or_with_one_column_of_any_name(tmp_path: Path) -> None:
+    (tmp_path / "plain.csv").write_text("s3://b/1.jpg\ns3://b/2.jpg\n")
+    (tmp_path / "paths.csv").write_text("photo.jpg,x\nother.png,y\n")
+    (tmp_path / "named.csv").write_text("Image Path\ns3://b/3.jpg\n")
+    (tmp_path / "wide.csv").write_text("name,size\na,1\n")
+    assert [r.uri for _, r in listed(tmp_path / "plain.csv")] == ["s3://b/1.jpg", "s3://b/2.jpg"]
+    assert [r.uri for _, r in listed(tmp_path / "paths.csv")] == [
+        file_uri(tmp_path / "photo.jpg"),
+        file_uri(tmp_path / "other.png"),
+    ]
+    assert [(line, r.uri) for line, r in listed(tmp_path / "named.csv")] == [(2, "s3://b/3.jpg")]
+    with pytest.raises(SourceError, match=r"no 'uri' column \(columns: \['name', 'size'\]\)"):
+        listed(tmp_path / "wide.csv")
+
+
+def test_utf16_with_its_bom_and_an_undecodable_line(tmp_path: Path) -> None:
+    path = tmp_path / "list.txt"
+    body = "s3://b/é.jpg\r\n".encode("utf-16-le") + b"\x00\xd8\n\x00" + "s3://b/ü.jpg\n".encode("utf-16-le")
+    path.write_bytes(codecs.BOM_UTF16_LE + body)
+    got = [(line, ref.uri, outcome(ref)) for line, ref in listed(path)]
+    assert got[0] == (1, "s3://b/é.jpg", "ok") and got[2] == (3, "s3://b/ü.jpg", "ok")
+    assert got[1][:2] == (2, "manifest:list.txt#L2") and "not UTF-16 text" in got[1][2]
+    path.write_bytes(codecs.BOM_UTF16_BE + "s3://b/big.jpg\n".encode("utf-16-be"))
+    assert [r.uri for _, r in listed(path)] == ["s3://b/big.jpg"]
+
+
+@pytest.mark.parametrize("compression", [".gz", ".zst"])
+def test_a_cut_short_compressed_manifest_keeps_its_lines_and_ends_in_one_bad_line(
+    tmp_path: Path, compression: str
+) -> None:
+    path = tmp_path / f"list.txt{compression}"
+    whole = compress("".join(f"s3://b/{i:05}.jpg\n" for i in range(20000)).encode(), compression)
+    path.write_bytes(whole[: len(whole) * 3 // 4])
+    got = listed(path)
+    *good, (last_line, last) = got
+    assert good and all(ref.problem is None for _, ref in good) and len(good) < 20000
+    assert last_line == len(good) + 1 and last.problem and "cannot be read past line" in last.problem
+
+
+def test_an_unreadable_manifest_is_a_source_error_not_a_bad_line(tmp_path: Path) -> None:
+    (tmp_path / "list.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(SourceError, match="cannot read the manifest"):
+        listed(tmp_path / "list.jsonl.gz")
+    (tmp_path / "list.parquet").write_bytes(b"PAR1 nonsense")
+    with pytest.raises(SourceError, match="not a readable Parquet file"):
+        listed(tmp_path / "list.parquet")
+
+
+def test_a_line_too_long_to_be_a_uri_is_one_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "list.txt"
+    path.write_bytes(b"s3://b/1.jpg\n" + b"x" * (MAX_LINE_BYTES + 300_000) + b"\ns3://b/2.jpg")
+    got = [(line, outcome(ref)) for line, ref in listed(path)]
+    assert got == [(1, "ok"), (2, f"the line is longer than {MAX_LINE_BYTES:,} bytes"), (3, "ok")]
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("   ", "empty uri"),
+        ("https://example.com/a.jpg", "https: scheme is not one imagemill reads"),
+        ("s3:bucket/a.jpg", "not an s3:// URI"),
+        ("s3:///a.jpg", "no bucket"),
+        ("s3://bucket", "names a bucket or folder"),
+        ("s3://bucket/folder/", "names a bucket or folder"),
+        ("file://otherhost/a.jpg", "not host 'otherhost'"),
+        ("file://", "no path"),
+        ("a\x00b.jpg", "control character"),
+        ("\ud800.jpg", "not valid Unicode"),
+        ("s3://b/" + "k" * 5000, "characters long"),
+    ],
+)
+def test_uris_imagemill_cannot_read_are_bad_lines(tmp_path: Path, uri: str, reason: str) -> None:
+    path = tmp_path / "list.jsonl"
+    path.write_text(json.dumps({"uri": uri}) + "\n")  # JSON escapes carry NULs and lone surrogates
+    [(line, ref)] = listed(path)
+    assert line == 1 and ref.uri == "manifest:list.jsonl#L1" and reason in outcome(ref)
+    # the reason quotes the value escaped: a record can always be written
+    assert ref.problem is not None and not re.search(r"[\x00-\x1f\ud800-\udfff]", ref.problem)
+
+
+def test_entries_keep_their_etag_and_size_and_bad_ones_say_which_field(tmp_path: Path) -> None:
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"uri": "s3://b/a.jpg", "etag": "e1", "size": 10}\n{"uri": "s3://b/b.jpg", "size": -1}\n')
+    [(_, good), (_, bad)] = listed(path)
+    assert (good.etag, good.size) == ("e1", 10)
+    assert bad.problem and bad.problem.startswith("bad size")
+
+
+def test_parquet_manifest_is_read_by_row_groups(tmp_path: Path) -> None:
+    path = tmp_path / "list.parquet"
+    uris = [f"s3://b/{i}.jpg" for i in range(25)]
+    uris[3], uris[17] = None, "ftp://x/y.jpg"  # type: ignore[call-overload]
+    table = pa.table({"URI": uris, "size": list(range(25)), "other": ["x"] * 25})
+    pq.write_table(table, path, row_group_size=10)
+    got = listed(path)
+    assert len(got) == 25 and [line for line, _ in got] == list(range(1, 26))
+    assert [line for line, ref in got if ref.problem] == [4, 18]
+    assert got[4][1].uri == "s3://b/4.jpg" and got[4][1].size == 4
+
+
+def test_strict_check_names_the_first_bad_line_or_counts_the_entries(tmp_path: Path) -> None:
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"uri": "s3://b/a.jpg"}\n\n{"uri": "s3://b/b.jpg"}\n')
+    assert ManifestSource(path).check() == 2
+    path.write_text('{"uri": "s3://b/a.jpg"}\n{"id": 2}\nnot json\n')
+    with pytest.raises(SourceError, match=r"^\S+list.jsonl line 2: no uri on this line") as raised:
+        ManifestSource(path).check()
+    assert "\n" not in str(raised.value)
+
+
+def test_a_bad_reference_is_never_fetched(tmp_path: Path) -> None:
+    ref = ImageRef(uri="manifest:list.txt#L3", problem="the gs: scheme is not one imagemill reads")
+    with pytest.raises(ImageError) as raised:
+        ObjectReader(Settings()).read(ref)
+    assert raised.value.kind == ErrorKind.BAD_REFERENCE and raised.value.message == ref.problem
+
+
+def test_manifest_names_are_recognised_by_suffix() -> None:
+    assert manifest_kind("a/b/today.JSONL.GZ") == (".jsonl", ".gz")
+    assert manifest_kind("x.csv.zst") == (".csv", ".zst")
+    assert manifest_kind("x.parquet") == (".parquet", None)
+    assert manifest_kind("x.parquet.gz") is None and manifest_kind("x.jpg") is None
+    assert manifest_kind("photos/2026/") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# manifests on S3
+
+
+def test_a_key_named_like_a_manifest_is_one_and_a_prefix_is_a_listing(s3_env: str, bucket: str, tmp_path: Path) -> None:
+    client = s3_client(s3_env)
+    client.put_object(Bucket=bucket, Key="lists/today.jsonl.gz", Body=gzip.compress(b'{"uri": "a.jpg"}\n{"x": 1}\n'))
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"uri": [f"s3://{bucket}/p/{i}.jpg" for i in range(3)]}), buffer)
+    client.put_object(Bucket=bucket, Key="lists/rows.parquet", Body=buffer.getvalue())
+    settings_ = Settings()
+    source = open_source(f"s3://{bucket}/lists/today.jsonl.gz", settings_)
+    assert isinstance(source, ManifestSource)
+    assert [(r.uri, r.problem) for r in source.refs()] == [
+        (f"s3://{bucket}/lists/a.jpg", None),  # relative to the manifest's own prefix
+        ("manifest:today.jsonl.gz#L2", "no uri on this line"),
+    ]
+    rows = open_source(f"s3://{bucket}/lists/rows.parquet", settings_)
+    assert [r.uri for r in rows.refs()] == [f"s3://{bucket}/p/{i}.jpg" for i in range(3)]
+    assert isinstance(open_source(f"s3://{bucket}/lists/", settings_), S3Source)
+    with pytest.raises(SourceError, match="NoSuchKey"):
+        list(open_source(f"s3://{bucket}/lists/gone.csv", settings_).refs())
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: bad lines in the summary and the output; --strict stops before annotating
+
+
+def test_annotate_writes_one_record_per_line_and_strict_stops_at_the_first_bad_one(
+    model_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "a.jpg").write_bytes(photo_jpeg(64, 48))
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_bytes(b'{"uri": "a.jpg"}\n{"url": "b.jpg"}\n\xff\n{"uri": "missing.jpg"}\n')
+    out = tmp_path / "out.jsonl"
+
+    strict = run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), "--strict", env=model_env)
+    assert strict.returncode == 2 and not out.exists()
+    first_bad = f"error: {manifest} line 2: no uri on this line (--strict stops at the first bad line)"
+    assert strict.stderr.strip().splitlines() == [first_bad]
+
+    result = run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), "-q", env=model_env)
+    assert result.returncode == 0, result.stderr
+    records = read_records(out)
+    assert [(r.uri, r.error.kind if r.error else None) for r in records] == [
+        (file_uri(tmp_path / "a.jpg"), None),
+        ("manifest:list.jsonl#L2", "bad_reference"),
+        ("manifest:list.jsonl#L3", "bad_reference"),
+        (file_uri(tmp_path / "missing.jpg"), "not_found"),
+    ]
+    assert re.search(r"bad_reference\s+│?\s*2", result.stderr), result.stderr  # the summary counts them
+
+
+# ---------------------------------------------------------------------------------------------
+# properties (hypothesis): any input is references and bad lines, never a surprise
+
+
+def check_listing(path: Path, got: list[tuple[int, ImageRef]]) -> None:
+    """Line numbers rise; each reference is a readable uri or a bad line naming itself."""
+    numbers = [line for line, _ in got]
+    assert numbers == sorted(set(numbers))
+    for line, ref in got:
+        if ref.problem is None:
+            assert ref.uri.startswith(("s3://", "file://")), ref
+        else:
+            assert ref.uri == f"manifest:{path.name}#L{line}"
+            assert not re.search(r"[\x00\ud800-\udfff]", ref.problem)
+            ref.model_dump_json()  # a record of it can be written
+
+
+@PROPERTY
+@given(data=st.binary(max_size=400), fmt=st.sampled_from([".txt", ".jsonl", ".csv"]))
+def test_property_any_bytes_list_without_surprises(tmp_path: Path, data: bytes, fmt: str) -> None:
+    path = tmp_path / f"any{fmt}"
+    path.write_bytes(data)
+    try:
+        got = listed(path)
+    except SourceError:  # a CSV whose first row names several columns but no uri: the whole file is unusable
+        assert fmt == ".csv"
+        return
+    check_listing(path, got)
+    assert len(got) <= data.count(b"\n") + 1
+
+
+LINE_TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\n\r"), max_size=40)
+
+
+@PROPERTY
+@given(texts=st.lists(LINE_TEXT, max_size=20), ending=st.sampled_from(["\n", "\r\n"]))
+def test_property_every_text_line_is_accounted_for(tmp_path: Path, texts: list[str], ending: str) -> None:
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(t + ending for t in texts), encoding="utf-8", newline="")
+    got = listed(path)
+    check_listing(path, got)
+    # str.strip, like the reader: Unicode whitespace such as U+0085 and U+2028 is blank too
+    entries = [i + 1 for i, t in enumerate(texts) if t.strip() and not t.strip().startswith("#")]
+    assert [line for line, _ in got] == entries
+
+
+GOOD = st.builds(lambda key: f"s3://bucket/{key}.jpg", st.text("abc xyz;,\"'é日", min_size=1, max_size=8))
+BAD_URIS = st.sampled_from(["http://x/y.jpg", "s3://", "gs://b/k.jpg", "file://host/x.jpg", "s3://bucket/"])
+SPEC = st.one_of(
+    GOOD.map(lambda uri: ("good", uri)),
+    BAD_URIS.map(lambda uri: ("bad_uri", uri)),
+    st.just(("undecodable", "")),
+    st.just(("no_uri", "")),
+)
+
+
+def encode_manifest(specs: list[tuple[str, str]], fmt: str, delimiter: str, encoding: str, ending: str) -> bytes:
+    """A manifest of one line per spec (after a header, for CSV)."""
+    mark = {"utf-8-sig": codecs.BOM_UTF8, "utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE}
+    codec = "utf-8" if encoding == "utf-8-sig" else encoding
+    out = mark.get(encoding, b"")
+    if fmt == ".csv":
+        out += f"id{delimiter}uri{ending}".encode(codec)
+    for i, (kind, uri) in enumerate(specs):
+        if kind == "undecodable":  # a lone surrogate's code unit, or a byte UTF-8 never uses
+            out += ("\ud800".encode(codec, "surrogatepass") if codec != "utf-8" else b"\xff") + ending.encode(codec)
+            continue
+        if fmt == ".jsonl":
+            text = json.dumps({"uri": uri} if kind != "no_uri" else {"id": i}, ensure_ascii=False)
+        elif fmt == ".csv":
+            text = f'{i}{delimiter}"{uri.replace(chr(34), chr(34) * 2)}"' if kind != "no_uri" else f"{i}{delimiter}"
+        else:
+            text = uri if kind != "no_uri" else "ftp://no/uri.jpg"  # text lines always hold a uri
+        out += (text + ending).encode(codec)
+    return out
+
+
+@PROPERTY
+@given(
+    specs=st.lists(SPEC, max_size=12),
+    fmt=st.sampled_from([".txt", ".jsonl", ".csv"]),
+    delimiter=st.sampled_from([",", ";"]),
+    encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16-le", "utf-16-be"]),
+    ending=st.sampled_from(["\n", "\r\n"]),
+    compression=st.sampled_from(["", ".gz", ".zst"]),
+)
+def test_property_mixed_manifests_give_one_reference_per_line_in_order(
+    tmp_path: Path,
+    specs: list[tuple[str, str]],
+    fmt: str,
+    delimiter: str,
+    encoding: str,
+    ending: str,
+    compression: str,
+) -> None:
+    path = tmp_path / f"mixed{fmt}{compression}"
+    path.write_bytes(compress(encode_manifest(specs, fmt, delimiter, encoding, ending), compression))
+    got = listed(path)
+    check_listing(path, got)
+    first = 2 if fmt == ".csv" else 1
+    assert [line for line, _ in got] == list(range(first, first + len(specs)))
+    for (kind, uri), (_, ref) in zip(specs, got, strict=True):
+        assert (ref.uri == uri) if kind == "good" else (ref.problem is not None), (kind, uri, ref)
+
+
+T = TypeVar("T")
+
+
+def attempt(action: Callable[[], T]) -> tuple[T | None, UserError | None]:
+    """What `action` returns, or the UserError it raises (anything else fails the test)."""
+    try:
+        return action(), None
+    except UserError as exc:
+        return None, exc
+
+
+SINK_SCHEMES = ["postgresql://", "postgres://", "s3://", "s3tags://", "file://", "gs://", "redis://"]
+
+
+@PROPERTY
+@given(scheme=st.sampled_from(SINK_SCHEMES), rest=st.text(max_size=60))
+def test_property_any_sink_url_is_a_sink_or_one_user_error(scheme: str, rest: str) -> None:
+    writer, error = attempt(lambda: open_writer(scheme + rest))
+    if error is not None:
+        assert str(error)
+        return
+    assert isinstance(writer, RecordWriter)
+    writer.close()  # nothing was opened: made lazily, closed without a word
+
+
+QUERY_TEXT = st.text(max_size=30)
+
+
+@PROPERTY
+@given(base=st.text(max_size=30).map(lambda s: s.replace("?", "")), query=QUERY_TEXT, pass_unknown=st.booleans())
+def test_property_split_options_splits_or_says_what_is_wrong(base: str, query: str, pass_unknown: bool) -> None:
+    url = f"{base}?{query}"
+    split, error = attempt(lambda: split_options(url, {"format", "table"}, pass_unknown=pass_unknown))
+    if error is not None:
+        assert "unknown option" in str(error) or "once" in str(error)
+        return
+    assert split is not None
+    rest, options = split
+    assert rest.startswith(base) and set(options) <= {"format", "table"}
+
+
+@PROPERTY
+@given(values=st.dictionaries(st.sampled_from(["format", "table", "prefix"]), st.text(max_size=20)))
+def test_property_options_round_trip_percent_encoded(values: dict[str, str]) -> None:
+    from urllib.parse import quote
+
+    query = "&".join(f"{name}={quote(value, safe='')}" for name, value in values.items())
+    base, options = split_options(f"s3://b/out/?{query}", values.keys() | {"format"})
+    assert base == "s3://b/out/" and options == values
