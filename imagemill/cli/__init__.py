@@ -11,7 +11,7 @@ import redis
 import typer
 
 import imagemill
-from imagemill.cli import annotate, dedup, export, jobs, models, review, schedules, worker
+from imagemill.cli import annotate, dedup, export, jobs, models, retag, review, schedules, worker
 from imagemill.cli.display import missing_extra, report
 from imagemill.core.errors import UserError
 
@@ -51,6 +51,7 @@ app.command("worker")(worker.worker)
 app.add_typer(schedules.app, name="schedule")
 app.command("beat")(schedules.beat)
 app.command("review")(review.review)
+app.command("retag")(retag.retag)
 app.command("export")(export.export_command)
 app.command("dedup")(dedup.dedup)
 

@@ -157,6 +157,14 @@ class ParquetWriter(RecordFile):
         if self._writer is not None:
             self._writer.close()
 
+    def write_table(self, table: pa.Table) -> None:
+        """Rows already in this format's columns (a columnar pass, such as retag's over a records
+        Parquet file), written as they are; the first table's schema becomes the file's. Not to be
+        mixed with `write` in one file."""
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.partial, table.schema, compression="zstd")
+        self._writer.write_table(table)
+
 
 def parquet_row(record: Record, embedding_dtype: str = "float32") -> dict[str, Any]:
     row = record.model_dump(mode="python")

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,7 @@ from imagemill.core.errors import UserError
 from imagemill.core.redaction import redact_url, scrub_secret
 from imagemill.core.schemas import Record
 
+T = TypeVar("T")
 RECORD_SOURCES = "a .jsonl/.jsonl.gz/.parquet file, postgresql://…, s3://bucket/prefix/ or file:///dir/"
 DEFAULT_BATCH = 4096
 # one snapshot cursor per read; the name only has to be unique on its connection
@@ -61,6 +62,25 @@ def read_records(source: str, *, history: bool = False, batch_size: int = DEFAUL
     if "://" in source:
         raise UserError(f"RECORDS {redact_url(source)}: expected {RECORD_SOURCES}")
     return _file_records(Path(source), batch_size)
+
+
+def parquet_batches(source: str, batch_size: int = DEFAULT_BATCH) -> Iterator[pa.RecordBatch]:
+    """A records Parquet file as Arrow batches, for a columnar pass that builds no record objects;
+    UserError (one line) for a file that cannot be read."""
+    path = Path(source)
+    if record_file_kind(path) != "parquet" or not path.is_file():
+        raise UserError(f"RECORDS {path}: no such Parquet file")
+    parquet = _open_parquet(path)
+    return _guarded(path, parquet.iter_batches(batch_size=batch_size))
+
+
+def count_records(source: str) -> int | None:
+    """How many records `read_records` will give, when that is known without reading them all
+    (a Parquet file's metadata); None otherwise."""
+    path = Path(source)
+    if "://" in source or record_file_kind(path) != "parquet" or not path.is_file():
+        return None
+    return int(_open_parquet(path).metadata.num_rows)
 
 
 def batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -123,7 +143,7 @@ def _jsonl_records(path: Path, gzipped: bool) -> Iterator[Record]:
                 raise UserError(f"RECORDS {path}: line {number} is not a record ({_first_error(exc)})") from None
 
 
-def _guarded(path: Path, records: Iterator[list[Record]]) -> Iterator[list[Record]]:
+def _guarded(path: Path, records: Iterator[T]) -> Iterator[T]:
     # a file that breaks half-way (truncated, corrupt) is the user's to fix: one line, not a traceback
     try:
         yield from records

@@ -1,0 +1,230 @@
+"""`imagemill retag`: new tags from stored embeddings, with the images gone and no vision tower.
+
+A folder is annotated with tags and embeddings (and, for comparison, with tags alone under the new
+vocabulary), then deleted; retag must give every record tags from the new words only, the same
+labels the tags task gives, and report records it cannot tag."""
+
+import json
+import secrets
+import shutil
+from pathlib import Path
+
+import psycopg
+import pyarrow.parquet as pq
+import pytest
+import torch
+import transformers
+from psycopg import sql
+
+from imagemill.cli.annotate import run_local
+from imagemill.cli.retag import run_retag
+from imagemill.core.errors import UserError
+from imagemill.core.schemas import Embedding, Record, Task
+from imagemill.core.settings import Settings
+from imagemill.core.stores.files import read_records as read_file
+from imagemill.core.stores.postgres import PostgresStore
+from imagemill.pipeline.models import load_runners
+from imagemill.pipeline.models import text_tower as text_tower_module
+from imagemill.pipeline.models.zero_shot import TagOptions
+from imagemill.pipeline.retag import Retagger
+from tests.fixtures.cli import run_cli
+from tests.fixtures.images import photo_image, write_photos
+
+NEW_WORDS = ["dog", "cat", "beach", "snow", "pizza", "car", "tree"]
+TOP_K = 3
+
+
+def settings_for(models: dict[str, Path], model: str = "tags", **overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "tags_model": str(models[model]),
+        "device": "cpu",
+        "tags_threshold": 0.0,
+        "batch_size": 4,
+    }
+    return Settings(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def annotated(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A folder of 5 photos and one text file annotated with tags and embeddings to Parquet and
+    JSONL, and with tags alone under the new vocabulary; the folder then deleted."""
+    root = tmp_path_factory.mktemp("retag")
+    folder = root / "photos"
+    folder.mkdir()
+    write_photos(folder, 5, width=160, height=120)
+    (folder / "notes.jpg").write_text("not an image")  # its record has an error and no embedding
+    vocabulary = root / "new.txt"
+    vocabulary.write_text("\n".join(NEW_WORDS) + "\n")
+    settings = settings_for(tiny_models)
+    paths = {"vocabulary": vocabulary}
+    for suffix in ("parquet", "jsonl"):
+        paths[suffix] = root / f"annotated.{suffix}"
+        run_local(str(folder), (Task.TAGS, Task.EMBEDDING), paths[suffix], settings, quiet=True)
+    paths["tags_only"] = root / "new-tags.jsonl"
+    # fresh settings: a copy would carry the vocabulary the first ones already read
+    new_tags = settings_for(tiny_models, tags_vocabulary=vocabulary, tags_top_k=TOP_K)
+    run_local(str(folder), (Task.TAGS,), paths["tags_only"], new_tags, quiet=True)
+    shutil.rmtree(folder)
+    return paths
+
+
+def retag_settings(tiny_models: dict[str, Path], annotated: dict[str, Path], **overrides: object) -> Settings:
+    return settings_for(tiny_models, tags_vocabulary=annotated["vocabulary"], tags_top_k=TOP_K, **overrides)
+
+
+def by_uri(path: Path) -> dict[str, Record]:
+    return {record.uri: record for record in read_file(path)}
+
+
+def test_retag_from_parquet_without_the_images_gives_the_tags_task_s_labels(
+    annotated: dict[str, Path], model_env: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "retagged.parquet"
+    result = run_cli(
+        "retag", str(annotated["parquet"]), "--vocabulary", str(annotated["vocabulary"]),
+        "--top-k", str(TOP_K), "--threshold", "0", "--out", str(out), env=model_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    before, after, expected = by_uri(annotated["parquet"]), by_uri(out), by_uri(annotated["tags_only"])
+    photos = {uri for uri, record in before.items() if record.embedding is not None}
+    assert len(photos) == 5 and set(after) == photos
+    for uri, record in after.items():
+        assert record.tags is not None
+        assert [label.tag for label in record.tags.labels] == [label.tag for label in expected[uri].tags.labels]
+        assert record.tags.labels == expected[uri].tags.labels  # the same scoring: the same scores too
+        assert {label.tag for label in record.tags.labels} <= set(NEW_WORDS) and len(record.tags.labels) == TOP_K
+        assert record.signature != before[uri].signature
+        assert record.embedding == before[uri].embedding and record.image == before[uri].image
+    # the record it could not tag is named, not guessed
+    assert "without an embedding" in result.stderr and "notes.jpg" in result.stderr
+    assert "columnar" in result.stderr
+
+
+def test_retag_from_jsonl_builds_records_and_agrees_with_the_columnar_path(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = retag_settings(tiny_models, annotated)
+    counts = run_retag(str(annotated["jsonl"]), settings, tmp_path / "r.jsonl", history=False, quiet=True)
+    run_retag(str(annotated["parquet"]), settings, tmp_path / "r.parquet", history=False, quiet=True)
+    assert counts.retagged == 5 and counts.without_embedding == 1 and counts.examples[0].endswith("notes.jpg")
+    from_jsonl, from_parquet = by_uri(tmp_path / "r.jsonl"), by_uri(tmp_path / "r.parquet")
+    assert {uri: r.tags for uri, r in from_jsonl.items()} == {uri: r.tags for uri, r in from_parquet.items()}
+    assert {r.signature for r in from_jsonl.values()} == {r.signature for r in from_parquet.values()}
+    # the Parquet output keeps the input's columns, the embedding's fixed-size list included
+    assert pq.read_schema(tmp_path / "r.parquet") == pq.read_schema(annotated["parquet"])
+
+
+def test_only_the_text_tower_is_loaded(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded: list[str] = []
+    real = text_tower_module.load_pretrained
+
+    def spy(task: Task, loader: object, *args: object, **kwargs: object) -> object:
+        loaded.append(getattr(loader, "__name__", str(loader)))
+        return real(task, loader, *args, **kwargs)
+
+    monkeypatch.setattr(text_tower_module, "load_pretrained", spy)
+    # the full model, its vision tower or its image processor would have to come through one of these
+    for name in ("CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection", "AutoModel", "AutoProcessor"):
+        monkeypatch.setattr(transformers, name, None)
+    settings = retag_settings(tiny_models, annotated)
+    retagger = Retagger(settings, TagOptions(tuple(NEW_WORDS), "a photo of {}.", TOP_K, 0.0), torch.device("cpu"))
+    records = read_file(annotated["jsonl"])
+    assert len(retagger.records(records)) == 5
+    assert loaded == ["AutoConfig", "CLIPTextModelWithProjection", "AutoTokenizer"]
+    assert retagger.tower is not None
+    names = [name for name, _ in retagger.tower.model.named_parameters()]
+    assert names and not [name for name in names if "vision" in name or "visual" in name]
+
+
+@pytest.mark.parametrize("model", ["tags", "tags_siglip"])
+def test_the_same_embedding_gets_the_same_labels_from_tags_and_retag(tiny_models: dict[str, Path], model: str) -> None:
+    settings = settings_for(tiny_models, model, tags_top_k=4, tags_threshold=0.0)
+    tags_runner, embedding_runner = load_runners(settings, (Task.TAGS, Task.EMBEDDING))
+    pictures = [photo_image(96, 64, seed=i) for i in range(4)]
+    pixels = tags_runner.batch([tags_runner.preprocess(p) for p in pictures])
+    tags, embeddings = tags_runner.infer(pixels), embedding_runner.infer(pixels)
+    records = [
+        Record(uri=f"s3://b/{i}.jpg", embedding=embedding, signature="sig") for i, embedding in enumerate(embeddings)
+    ]
+    options = TagOptions(tuple(settings.vocabulary), settings.tags_prompt, 4, 0.0)
+    retagged = Retagger(settings, options, torch.device("cpu")).records(records)
+    assert [r.tags for r in retagged] == tags
+
+
+def test_records_of_another_model_than_the_configured_one_are_refused(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = retag_settings(tiny_models, annotated, tags_model=str(tiny_models["tags_siglip"]))
+    with pytest.raises(UserError, match=r"IMAGEMILL_TAGS_MODEL=.*holds other weights") as caught:
+        run_retag(str(annotated["jsonl"]), settings, tmp_path / "r.jsonl", history=False, quiet=True)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "r.jsonl").exists() and not list(tmp_path.iterdir())  # nothing left behind
+
+
+def test_records_of_two_models_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    vector = torch.nn.functional.normalize(torch.ones(32), dim=0).numpy()
+    records = [
+        Record(uri="s3://b/a.jpg", embedding=Embedding.of(vector, model=str(tiny_models["tags"])), signature="s"),
+        Record(uri="s3://b/b.jpg", embedding=Embedding.of(vector, model="other/model"), signature="s"),
+    ]
+    options = TagOptions(tuple(NEW_WORDS), "a photo of {}.", TOP_K, 0.0)
+    with pytest.raises(UserError, match=r"s3://b/b\.jpg: its embedding is from other/model, earlier ones from"):
+        Retagger(settings_for(tiny_models), options, torch.device("cpu")).records(records)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--vocabulary", "/nonexistent/tags.txt", "--out", "o.jsonl"],
+            "--vocabulary /nonexistent/tags.txt: cannot read",
+        ),
+        (["--vocabulary", "VOCAB", "--prompt", "a photo", "--out", "o.jsonl"], "must hold {} where the tag goes"),
+        (["--vocabulary", "VOCAB"], "--out is needed"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(
+    annotated: dict[str, Path], model_env: dict[str, str], tmp_path: Path, args: list[str], message: str
+) -> None:
+    args = [str(annotated["vocabulary"]) if a == "VOCAB" else a for a in args]
+    result = run_cli("retag", str(annotated["jsonl"]), *args, env=model_env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip().removeprefix('error: ')}"]
+    assert message in result.stderr
+
+
+def test_records_without_any_embedding_are_one_line(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(by_uri(annotated["tags_only"]).popitem()[1].model_dump_json() + "\n")
+    with pytest.raises(UserError, match=r"no record of .* has an embedding \(1 read\)"):
+        run_retag(str(plain), retag_settings(tiny_models, annotated), tmp_path / "o.jsonl", history=False, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.jsonl"]
+
+
+def test_a_postgresql_store_gets_new_rows_beside_the_old_ones(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], pg_url: str
+) -> None:
+    url = f"{pg_url}?table=retag_{secrets.token_hex(4)}"
+    old = read_file(annotated["parquet"])
+    with PostgresStore(url) as store:
+        store.write(old)
+    counts = run_retag(url, retag_settings(tiny_models, annotated), None, history=False, quiet=True)
+    assert counts.retagged == 5
+    with psycopg.connect(pg_url) as conn:
+        table = url.rpartition("table=")[2]
+        rows = conn.execute(sql.SQL("SELECT uri, signature FROM {}").format(sql.Identifier(table))).fetchall()
+        current = conn.execute(
+            sql.SQL("SELECT uri, signature, record FROM {}").format(sql.Identifier(f"{table}_current"))
+        ).fetchall()
+    old_keys = {(r.uri, r.signature) for r in old}
+    assert old_keys <= set(rows) and len(rows) == len(old) + 5  # the old rows are kept
+    new_signatures = set(counts.signatures.values())
+    tagged = {uri: record for uri, signature, record in current if signature in new_signatures}
+    assert len(tagged) == 5 and len(current) == 6  # the text file's error row stays current as it was
+    for record in tagged.values():
+        assert {label["tag"] for label in record["tags"]["labels"]} <= set(NEW_WORDS)
+    assert json.dumps(sorted(counts.signatures)) == json.dumps(sorted({r.signature for r in old if r.embedding}))
