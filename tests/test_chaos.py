@@ -139,16 +139,21 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(
         server.stop()
 
 
-@pytest.mark.parametrize(("soft_timeout", "outcome"), [("60", "finishes"), ("0.5", "handed back")])
+# Celery sleeps the whole soft-shutdown timeout once a chunk is running at SIGTERM, so "finishes" uses
+# a timeout several times its chunk's 1.2 s (not production's 60 s); "handed back" gives its chunk 12 s
+# of work against a 0.5 s timeout, so no delay in seeing the chunk start can let it finish in time.
+@pytest.mark.parametrize(
+    ("soft_timeout", "sleep_per_image", "outcome"), [("8", 0.3, "finishes"), ("0.5", 3.0, "handed back")]
+)
 def test_sigterm_lets_the_chunk_finish_or_hands_it_back_never_half_written(
-    dist_env, bucket, pg_url, workers, tmp_path: Path, soft_timeout: str, outcome: str
+    dist_env, bucket, pg_url, workers, tmp_path: Path, soft_timeout: str, sleep_per_image: float, outcome: str
 ) -> None:
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, f"term{soft_timeout}/", 8)
     env = {
         **dist_env,
         "IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT": soft_timeout,
         "IMAGEMILL_VISIBILITY_TIMEOUT": "4",
-        "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.4}),
+        "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": sleep_per_image}),
     }
     job_id = submitted(
         run_cli("submit", f"s3://{bucket}/term{soft_timeout}/", "--tasks", "moderation", "--chunk-size", "4", env=env)
