@@ -19,7 +19,7 @@ from imagemill.core.errors import ErrorKind, ModelLoadError
 from imagemill.core.schemas import Embedding, ImageRef, Record, RecordError, Task
 from imagemill.core.settings import Settings
 from imagemill.core.storage import file_uri
-from imagemill.core.stores import files
+from imagemill.core.stores import files, open_writer
 from imagemill.core.stores.files import ParquetWriter, decode_records, encode_records, open_file_writer, read_records
 from imagemill.core.stores.postgres import PostgresStore, embedding_type
 from imagemill.pipeline.engine import Engine
@@ -182,6 +182,19 @@ def test_a_parquet_file_whose_first_rows_have_no_embedding_still_holds_the_later
 def test_object_sink_chunks_carry_the_embedding(embedded: list[Record], fmt: str) -> None:
     back = decode_records(encode_records(embedded, fmt, "float32"), fmt)
     assert [r.embedding for r in back] == [r.embedding for r in embedded]
+
+
+def test_a_file_sink_takes_its_parquet_precision_from_the_environment(
+    embedded: list[Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGEMILL_EMBEDDING_DTYPE", "float16")
+    with open_writer(f"file://{tmp_path}/?format=parquet") as sink:
+        sink.write(embedded, "job-e/000000")
+    (chunk,) = tmp_path.rglob("*.parquet")
+    assert pq.read_schema(chunk).field("embedding").type.field("vector").type.value_type == pa.float16()
+    back = decode_records(chunk.read_bytes(), "parquet")
+    for before, after in zip(embedded, back, strict=True):
+        np.testing.assert_allclose(after.embedding.array(), before.embedding.array(), atol=FLOAT16_TOLERANCE)
 
 
 def test_the_python_api_gives_embedding_columns(tiny_models, photos: list[ImageRef]) -> None:

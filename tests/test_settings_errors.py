@@ -53,7 +53,7 @@ def test_each_bad_variable_gets_one_line_naming_it_its_value_and_what_it_expects
         "nsfw: expected a number; gore: expected a number",
         "IMAGEMILL_TAGS_THRESHOLD='high': expected a number",
         "IMAGEMILL_FETCH_THREADS='0': expected a number of at least 1",
-        "IMAGEMILL_WORKER_TASKS='caption,ocr': 'ocr': expected one of 'caption', 'moderation' or 'tags'",
+        "IMAGEMILL_WORKER_TASKS='caption,ocr': 'ocr': expected one of 'caption', 'moderation', 'tags' or 'embedding'",
         "IMAGEMILL_LOG_FORMAT='xml': expected one of 'text' or 'json'",
     ]
 
