@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imagemill.core.errors import ErrorKind, ImageError, SourceError, UserError
+from imagemill.core.jobs import JobRegistry, JobState
 from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings
 from imagemill.core.storage import ObjectReader, file_uri
@@ -32,8 +33,10 @@ from imagemill.pipeline.manifest_text import MAX_LINE_BYTES
 from imagemill.pipeline.manifests import ManifestSource, manifest_kind
 from imagemill.pipeline.sources import S3Source, open_source
 from tests.fixtures.cli import run_cli
+from tests.fixtures.distributed import job_id_of, rows, upload_photos
 from tests.fixtures.images import photo_jpeg
 from tests.fixtures.s3 import s3_client
+from tests.fixtures.workers import start_worker
 
 BAD = re.compile(r"^manifest:(?P<name>[^#]+)#L(?P<line>\d+)$")
 # as many examples as keep this module fast on a 2-core machine; the counts are in the README
@@ -457,3 +460,58 @@ def test_property_options_round_trip_percent_encoded(values: dict[str, str]) -> 
     query = "&".join(f"{name}={quote(value, safe='')}" for name, value in values.items())
     base, options = split_options(f"s3://b/out/?{query}", values.keys() | {"format"})
     assert base == "s3://b/out/" and options == values
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed: the producer lists bad lines into chunks; a real worker records and counts them
+
+
+def test_a_distributed_job_counts_every_manifest_line_bad_ones_as_bad_reference(
+    dist_env: dict[str, str], bucket: str, pg_url: str, workers: list, tmp_path: Path
+) -> None:
+    endpoint = dist_env["IMAGEMILL_S3_ENDPOINT_URL"]
+    upload_photos(endpoint, bucket, "lists/p/", 3)
+    lines = [
+        b'{"uri": "p/p0000.jpg"}',  # relative: under the manifest's own prefix
+        b'{"url": "p/p0001.jpg"}',  # no uri
+        f'{{"uri": "s3://{bucket}/lists/p/p0001.jpg"}}'.encode(),
+        b'{"uri": "https://example.com/x.jpg"}',  # a scheme not read
+        b"\xff\xfe",  # not UTF-8
+        b'{"uri": "p/p0002.jpg"}',
+        b'{"uri": "p/gone.jpg"}',  # not found, as any missing object
+    ]
+    manifest = f"s3://{bucket}/lists/today.jsonl.zst"
+    body = zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n")
+    s3_client(endpoint).put_object(Bucket=bucket, Key="lists/today.jsonl.zst", Body=body)
+
+    strict = run_cli("submit", manifest, "--tasks", "moderation", "--strict", env=dist_env)
+    assert strict.returncode == 2
+    assert strict.stderr.strip().splitlines() == [
+        f"error: {manifest} line 2: no uri on this line (--strict stops at the first bad line)"
+    ]
+    registry = JobRegistry(dist_env["IMAGEMILL_BROKER_URL"])
+    assert registry.recent() == []  # stopped before a job existed
+
+    workers.append(start_worker(dist_env, tmp_path / "worker.log").wait_ready())
+    result = run_cli("submit", manifest, "--tasks", "moderation", "--chunk-size", "3", "--wait", env=dist_env)
+    assert result.returncode == 0, result.stderr + workers[0].log[-3000:]
+    job_id = job_id_of(result.stdout)
+    found = {uri: kind for uri, kind, _, _ in rows(pg_url, job_id)}
+    assert found == {
+        f"s3://{bucket}/lists/p/p0000.jpg": None,
+        "manifest:today.jsonl.zst#L2": "bad_reference",
+        f"s3://{bucket}/lists/p/p0001.jpg": None,
+        "manifest:today.jsonl.zst#L4": "bad_reference",
+        "manifest:today.jsonl.zst#L5": "bad_reference",
+        f"s3://{bucket}/lists/p/p0002.jpg": None,
+        f"s3://{bucket}/lists/p/gone.jpg": "not_found",
+    }
+    job = registry.get(job_id)
+    assert job is not None and job.state == JobState.DONE
+    assert (job.listed, job.queued, job.annotated, job.failed) == (len(lines), len(lines), 3, 4)
+    assert job.failed_by_kind == {"bad_reference": 3, "not_found": 1}
+    status = run_cli("status", job_id, env=dist_env)
+    assert re.search(r"bad_reference\s+│?\s*3", status.stdout), status.stdout
+    # a retry fetches the missing image again, not the manifest's bad lines: those need the manifest fixed
+    retry = run_cli("retry", job_id, env=dist_env)
+    assert retry.returncode == 0 and "retrying 1 failed images" in retry.stderr, retry.stderr

@@ -13,7 +13,7 @@ import typer
 from rich.progress import TaskID
 from rich.table import Column, Table
 
-from imagemill.cli.annotate import ALL_TASKS, tasks_option
+from imagemill.cli.annotate import ALL_TASKS, STRICT_HELP, tasks_option
 from imagemill.cli.display import console, fail, progress_bar, run_reporting_errors, stdout
 from imagemill.core.credentials import with_own_credentials
 from imagemill.core.errors import ErrorKind, UserError
@@ -22,6 +22,7 @@ from imagemill.core.redaction import redact_url
 from imagemill.core.schemas import ImageRef, Task
 from imagemill.core.settings import Settings, get_settings
 from imagemill.core.stores import SearchableStore, open_writer
+from imagemill.pipeline.manifests import check as check_manifest
 from imagemill.pipeline.sources import RefListSource, open_source
 from imagemill.producer.submit import Submission, check_source_fits_sink
 
@@ -45,6 +46,7 @@ def submit(
     force: Annotated[
         bool, typer.Option("--force", help="Re-annotate images the sink already has records for.")
     ] = False,
+    strict: Annotated[bool, typer.Option("--strict", help=STRICT_HELP)] = False,
 ) -> None:
     """Enqueue a job for the workers; prints its id at once. Images the sink already holds
     (same etag and pipeline signature) are skipped unless --force."""
@@ -56,11 +58,17 @@ def submit(
     target = sink or settings.sink
     if not target:
         fail("no sink: pass --sink postgresql://… or s3://bucket/prefix/, or set IMAGEMILL_SINK")
-    run_reporting_errors(lambda: _submit(source, chosen, target, settings, wait, force))
+    run_reporting_errors(lambda: _submit(source, chosen, target, settings, wait, force, strict))
 
 
 def _submit(
-    source_spec: str, tasks: tuple[Task, ...], sink: str, settings: Settings, wait: bool, force: bool = False
+    source_spec: str,
+    tasks: tuple[Task, ...],
+    sink: str,
+    settings: Settings,
+    wait: bool,
+    force: bool = False,
+    strict: bool = False,
 ) -> None:
     if "://" not in sink:
         raise UserError(
@@ -68,6 +76,8 @@ def _submit(
         )
     source = open_source(source_spec, settings)
     check_source_fits_sink(source, sink)  # before any service is asked anything
+    if strict:
+        check_manifest(source)  # the whole manifest read before the job exists
     with open_writer(sink) as writer:
         writer.check()  # a bad or unreachable sink fails here, before anything is queued
     with registry_for(settings) as registry:
@@ -132,6 +142,8 @@ def _retry(job_id: str, kinds: set[str], wait: bool) -> None:
             if not isinstance(store, SearchableStore):
                 raise UserError(f"the sink {redact_url(job.sink)} cannot be searched for failed records")
             failed = [r for r in store.failed_records(job_id) if r.error and (not kinds or r.error.kind in kinds)]
+        # a bad manifest line names no image to fetch again: the manifest is what needs fixing
+        failed = [r for r in failed if r.error and r.error.kind != ErrorKind.BAD_REFERENCE]
         if not failed:
             console.print(f"job {job_id} has no failed images to retry")
             return
