@@ -5,6 +5,7 @@ skipped; shards cut by --shard-size; --where and --only-ok filters; the same fro
 import json
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
@@ -212,3 +213,26 @@ def test_export_from_postgresql_reads_the_current_records(annotated: Annotated, 
     assert wds.returncode == 0, wds.stderr
     samples = list(webdataset.WebDataset(str(tmp_path / "wds" / "shard-000000.tar"), shardshuffle=False))
     assert sorted(json.loads(s["json"])["uri"] for s in samples) == sorted(r.uri for r in expected)
+
+
+def test_export_from_an_object_sink_holds_the_current_record_per_image_unless_history(
+    annotated: Annotated, tmp_path: Path
+) -> None:
+    # two jobs wrote to a file:// sink; the second annotated one image again, later: its newer record is current
+    sink = tmp_path / "sink"
+    sink.mkdir()
+    first = annotated.exportable()
+    again = first[0].model_copy(update={"processed_at": first[0].processed_at + timedelta(hours=1), "job_id": "job-2"})
+    with open_writer(f"file://{sink}/") as writer:
+        writer.write(first, "job-1/000000")
+        writer.write([again], "job-2/000000")
+    runner = CliRunner()
+    for flag, out in (([], tmp_path / "current"), (["--history"], tmp_path / "history")):
+        result = runner.invoke(app, ["export", f"file://{sink}/", "--format", "webdataset", "--out", str(out), *flag])
+        assert result.exit_code == 0, result.output
+    shard = str(tmp_path / "current" / "shard-000000.tar")
+    current = [Record.model_validate_json(s["json"]) for s in webdataset.WebDataset(shard, shardshuffle=False)]
+    assert sorted(r.uri for r in current) == sorted(r.uri for r in first)
+    assert next(r for r in current if r.uri == again.uri).job_id == "job-2"
+    history = list(webdataset.WebDataset(str(tmp_path / "history" / "shard-000000.tar"), shardshuffle=False))
+    assert len(history) == len(first) + 1
