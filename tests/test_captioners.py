@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -71,8 +72,13 @@ def test_chat_captions_answer_the_prompt_with_only_the_new_tokens(chat: Path) ->
         assert all(0 < len(c.text) <= 4 for c in captions)
     # one tile per image (tiling off): the same tokens for every image, a batch of equal lengths
     assert not default.image_processor.do_image_splitting
-    assert default.preprocess(photo_image(300, 100)).shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert default.min_side == IMAGE_SIZE
+    # made straight from the picture, it is what the processor makes by way of its longest edge
+    picture = photo_image(160, 120)
+    ours = default.preprocess(picture)
+    theirs = default.image_processor(images=[picture], return_tensors="np")["pixel_values"][0][0]
+    assert ours.shape == theirs.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert np.abs(ours - theirs).max() < 0.05 and np.abs(ours - theirs).mean() < 0.01  # in [-1, 1] units
 
 
 def test_blip_takes_no_prompt_and_its_signature_options_are_unchanged(tiny_models: dict[str, Path]) -> None:
