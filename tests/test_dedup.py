@@ -186,3 +186,12 @@ def test_embeddings_of_two_models_are_refused_in_one_line() -> None:
 def test_a_threshold_outside_0_to_1_is_refused(threshold: float) -> None:
     with pytest.raises(UserError, match="--threshold must be above 0 and at most 1"):
         group(collect([[record("file:///a.jpg", [1, 0])]]), threshold)
+
+
+def test_a_history_counts_each_image_version_once() -> None:
+    # one image annotated under two signatures, and its replacement (another etag) under one
+    a = record("file:///a.jpg", [1, 0])
+    records = [a, a.model_copy(update={"signature": "s2"}), a.model_copy(update={"etag": "e2"})]
+    assert len(collect([records]).images) == 3
+    kept = collect([records], one_per_image=True)
+    assert [(i.uri, i.etag) for i in kept.images] == [("file:///a.jpg", "e"), ("file:///a.jpg", "e2")]

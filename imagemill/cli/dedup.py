@@ -63,7 +63,7 @@ def _group(
                 progress.advance(task, len(batch))
                 yield batch
 
-        embeddings = collect(counted())
+        embeddings = collect(counted(), one_per_image=history)
         n = len(embeddings.images)
         progress.update(task, description="comparing pairs", completed=0, total=n * (n + 1) // 2)
         groups = group(embeddings, threshold, block, lambda pairs: progress.advance(task, pairs))

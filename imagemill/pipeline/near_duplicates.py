@@ -44,7 +44,7 @@ class DuplicateGroup(BaseModel):
 
 
 @dataclass(frozen=True)
-class Image:
+class ImageFacts:
     """What grouping keeps of a record besides its vector."""
 
     uri: str
@@ -64,18 +64,22 @@ class Embeddings:
     """The records' embeddings, L2-normalised, one row per image, and what was passed over."""
 
     vectors: Vectors
-    images: list[Image]
+    images: list[ImageFacts]
     model: str | None
     without_embedding: int = 0
     without_embedding_shown: list[str] = field(default_factory=list)
     failed: int = 0
 
 
-def collect(batches: Iterable[list[Record]]) -> Embeddings:
+def collect(batches: Iterable[list[Record]], one_per_image: bool = False) -> Embeddings:
     """Every record's embedding in one matrix. Error records and records without an embedding are
-    counted, not guessed; embeddings of two models (or sizes) cannot be compared: a UserError."""
+    counted, not guessed; embeddings of two models (or sizes) cannot be compared: a UserError.
+
+    With `one_per_image` (for a history, where one image version has a record per signature), only
+    the first record of each (uri, etag) is kept: the others would be its own duplicates."""
+    seen: set[tuple[str, str | None]] | None = set() if one_per_image else None
     rows: list[Vectors] = []
-    images: list[Image] = []
+    images: list[ImageFacts] = []
     model: tuple[str, int] | None = None
     missing, failed = 0, 0
     shown: list[str] = []
@@ -90,6 +94,10 @@ def collect(batches: Iterable[list[Record]]) -> Embeddings:
                 if len(shown) < SHOWN:
                     shown.append(record.uri)
                 continue
+            if seen is not None:
+                if (record.uri, record.etag) in seen:
+                    continue
+                seen.add((record.uri, record.etag))
             this = (record.embedding.model, record.embedding.dim)
             if model is None:
                 model = this
@@ -101,7 +109,7 @@ def collect(batches: Iterable[list[Record]]) -> Embeddings:
             chunk.append(record.embedding.array())
             info = record.image
             images.append(
-                Image(
+                ImageFacts(
                     record.uri, record.etag, info.width if info else None, info.height if info else None, record.bytes
                 )
             )
@@ -211,7 +219,7 @@ def group(
     return groups
 
 
-def _member(image: Image, similarity: float) -> DuplicateMember:
+def _member(image: ImageFacts, similarity: float) -> DuplicateMember:
     return DuplicateMember(
         uri=image.uri,
         etag=image.etag,
