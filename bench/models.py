@@ -134,6 +134,53 @@ def build_blip_base(out: Path, tiny_caption: Path) -> Path:
     return out
 
 
+def build_blip_large(out: Path, tiny_caption: Path, device: str = "cpu") -> Path:
+    """BLIP-large captioning (Salesforce/blip-image-captioning-large's shape: ViT-L/16 at 384 px, BERT-base
+    decoder), random weights initialised on `device` (fast on a GPU) and saved in float16."""
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizer.from_pretrained(tiny_caption)
+    bos = tokenizer.convert_tokens_to_ids("[DEC]")
+    config = BlipConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "num_attention_heads": 12,
+            "encoder_hidden_size": 1024,  # cross-attention reads the ViT-L image embeddings
+            "bos_token_id": bos,
+            "pad_token_id": tokenizer.pad_token_id,
+            "sep_token_id": tokenizer.sep_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+        },
+        vision_config={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 384,
+            "patch_size": 16,
+            "initializer_range": 0.02,
+        },
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = BlipForConditionalGeneration(config).eval()
+    model.generation_config.bos_token_id = bos
+    model.generation_config.eos_token_id = tokenizer.sep_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.half().save_pretrained(out)
+    image_processor = BlipImageProcessorPil(size={"height": 384, "width": 384})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
 def build_vit_base_moderation(out: Path) -> Path:
     """ViT-B/16 224 px classifier with the labels of Falconsai/nsfw_image_detection (ViTConfig defaults)."""
     import torch

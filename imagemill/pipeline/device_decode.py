@@ -177,28 +177,36 @@ def shrink(batch: torch.Tensor, factors: tuple[int, int]) -> torch.Tensor:
     return batch
 
 
-def apply_recipe(
-    recipe: Preprocessor, pictures: Sequence[torch.Tensor], factors: Sequence[tuple[int, int]] | None = None
-) -> torch.Tensor:
-    """Oriented uint8 pictures (3×H×W, any sizes) -> the recipe's float32 batch (N×3×h×w), on their device.
+def apply_recipes(
+    recipes: Sequence[Preprocessor],
+    pictures: Sequence[torch.Tensor],
+    factors: Sequence[tuple[int, int]] | None = None,
+) -> list[torch.Tensor]:
+    """Oriented uint8 pictures (3×H×W, any sizes) -> each recipe's float32 batch (N×3×h×w), on their device.
 
-    `factors`: each picture's `reductions`. Pictures of one size are resized together (a photo set
-    is mostly one size)."""
+    `factors`: each picture's `reductions`. Pictures of one size are converted and shrunk once, together,
+    and resized together for every recipe (a photo set is mostly one size)."""
     groups: dict[tuple[int, int, tuple[int, int]], list[int]] = {}
     for index, picture in enumerate(pictures):
         key = (int(picture.shape[-2]), int(picture.shape[-1]), factors[index] if factors else (1, 1))
         groups.setdefault(key, []).append(index)
-    parts: list[torch.Tensor] = []
+    parts: list[list[torch.Tensor]] = [[] for _ in recipes]
     order: list[int] = []
     for (_, _, reduction), indices in groups.items():
         batch = shrink(torch.stack([pictures[i] for i in indices]).float(), reduction)
         if reduction != (1, 1):
             batch = batch.round_()  # Pillow's shrunk picture is 8-bit again
-        parts.append(_resize_crop(recipe, batch, int(batch.shape[-2]), int(batch.shape[-1])))
+        for recipe, made in zip(recipes, parts, strict=True):
+            made.append(_resize_crop(recipe, batch, int(batch.shape[-2]), int(batch.shape[-1])))
         order.extend(indices)
+    back = torch.as_tensor(np.argsort(order)) if order != sorted(order) else None
+    return [_normalise(recipe, made, back) for recipe, made in zip(recipes, parts, strict=True)]
+
+
+def _normalise(recipe: Preprocessor, parts: list[torch.Tensor], back: torch.Tensor | None) -> torch.Tensor:
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    if order != sorted(order):
-        out = out[torch.as_tensor(np.argsort(order), device=out.device)]
+    if back is not None:  # groups were made by size: rows back in the pictures' order
+        out = out[back.to(out.device)]
     if recipe.scale is not None:
         out = out * recipe.scale
     if recipe.mean is not None and recipe.std is not None:
@@ -266,7 +274,7 @@ class DeviceDecoder:
             decoded.append(index)
             oriented.append(orient(picture, header.orientation))
             factors.append(reductions(header.width, header.height, self.min_side))
-        inputs = [apply_recipe(recipe, oriented, factors) for recipe in self.recipes] if oriented else []
+        inputs = apply_recipes(self.recipes, oriented, factors) if oriented else []
         return DeviceBatch(decoded=decoded, inputs=inputs, rejected=rejected)
 
     def _decode_into(self, datas: list[torch.Tensor], indices: list[int], out: list[torch.Tensor | None]) -> None:

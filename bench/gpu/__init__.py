@@ -1,0 +1,1 @@
+"""GPU check: one script for the first device lent (`bash bench/gpu/check.sh`)."""
