@@ -105,6 +105,28 @@ def test_signature_changes_with_outputs_settings_not_with_batch_size(tiny_models
     assert Engine(settings_for(tiny_models), (Task.MODERATION,)).signature != base
 
 
+def test_signature_changes_with_vocabulary_prompt_caption_length_and_beams(tiny_models, tmp_path: Path) -> None:
+    tasks = (Task.CAPTION, Task.TAGS)
+    words = tmp_path / "words.txt"
+    words.write_text("dog\ncat\nbeach\n")
+    reordered = tmp_path / "reordered.txt"
+    reordered.write_text("cat\ndog\nbeach\n")
+    variants = {
+        "base": {"tags_vocabulary": words},
+        "vocabulary": {"tags_vocabulary": reordered},
+        "prompt": {"tags_vocabulary": words, "tags_prompt": "a picture of {}"},
+        "caption length": {"tags_vocabulary": words, "caption_max_new_tokens": 6},
+        "beams": {"tags_vocabulary": words, "caption_num_beams": 2},
+        "tag threshold": {"tags_vocabulary": words, "tags_threshold": 0.5},
+    }
+    signatures = {
+        name: Engine(settings_for(tiny_models, **options), tasks).signature for name, options in variants.items()
+    }
+    assert len(set(signatures.values())) == len(variants), signatures
+    # and the same settings give the same signature (nothing random or time-dependent enters it)
+    assert Engine(settings_for(tiny_models, tags_vocabulary=words), tasks).signature == signatures["base"]
+
+
 def test_one_image_that_breaks_a_model_fails_alone(tiny_models, tmp_path: Path) -> None:
     widths = [160, 170, 180, 190]
     for width in widths:
