@@ -192,6 +192,8 @@ def test_a_line_too_long_to_be_a_uri_is_one_bad_line(tmp_path: Path) -> None:
         ("s3:///a.jpg", "no bucket"),
         ("s3://bucket", "names a bucket or folder"),
         ("s3://bucket/folder/", "names a bucket or folder"),
+        ("s3://no such bucket!/a.jpg", "not an S3 bucket name"),
+        ("://host/a.jpg", "not a URI"),
         ("file://otherhost/a.jpg", "not host 'otherhost'"),
         ("file://", "no path"),
         ("a\x00b.jpg", "control character"),

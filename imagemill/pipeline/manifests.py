@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.handlers import VALID_BUCKET, VALID_S3_ARN
 from pydantic import ValidationError
 
 from imagemill.core.errors import SourceError
@@ -185,7 +186,7 @@ def uri_problem(uri: str) -> str | None:
         return f"the uri holds a control character: {_show(uri)}"
     scheme = SCHEME.match(uri)
     if scheme is None:
-        return None
+        return f"not a URI (no scheme before ://): {_show(uri)}" if "://" in uri else None
     name = scheme.group(1).lower()
     if name == "s3":
         if not uri.startswith("s3://"):
@@ -193,6 +194,8 @@ def uri_problem(uri: str) -> str | None:
         loc = parse_s3(uri) if uri[5:6] not in ("", "/") else None
         if loc is None:
             return f"no bucket in {_show(uri)}"
+        if not (VALID_BUCKET.match(loc.bucket) or VALID_S3_ARN.match(loc.bucket)):  # botocore's own rule
+            return f"not an S3 bucket name: {_show(loc.bucket)}"
         if not loc.key or loc.key.endswith("/"):
             return f"names a bucket or folder, not an object: {_show(uri)}"
         return None
