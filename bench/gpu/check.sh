@@ -9,7 +9,9 @@ cd "$(dirname "$0")/../.."
 repo=$PWD
 python=${PYTHON:-}
 if [ -z "$python" ]; then
-  if [ -x .venv/bin/python ] && [ "${1:-}" = "--cpu-smoke" ]; then python=.venv/bin/python; else python=python3; fi
+  if [ -x .venv/bin/python ] && [ "${1:-}" = "--cpu-smoke" ]; then python=.venv/bin/python
+  elif command -v python3 >/dev/null 2>&1; then python=python3
+  else python=python; fi
 fi
 site=""
 if [ -d bench/gpu/wheels ] && ls bench/gpu/wheels/*.whl >/dev/null 2>&1 && [ "${1:-}" != "--cpu-smoke" ]; then

@@ -22,3 +22,11 @@ for present in numpy torch torchvision transformers huggingface_hub safetensors 
 done
 ls wheels | sed 's/^/  /'
 du -sh wheels
+
+# a snapshot of the last commit with the wheels inside (bench/gpu/snapshot/, git-ignored): the device
+# call carries it and runs `bash bench/gpu/snapshot/bench/gpu/check.sh`, so that uncommitted work in
+# the working tree never travels into the measurement
+rm -rf snapshot && mkdir snapshot
+git -C ../.. archive HEAD | tar -x -C snapshot
+cp -r wheels snapshot/bench/gpu/wheels
+echo "snapshot of $(git -C ../.. rev-parse --short HEAD): bench/gpu/snapshot ($(du -sh snapshot | cut -f1))"
