@@ -71,3 +71,12 @@ def test_a_worker_process_that_dies_is_restarted(model_env: dict[str, str], redi
         assert len(re.findall(r"started cpu\d+ \(pid", worker.log)) == 2
     finally:
         assert worker.stop() == 0
+
+
+def test_a_worker_not_ready_in_time_is_stopped_not_left_running(
+    model_env: dict[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    worker = start_worker({**model_env, "IMAGEMILL_BROKER_URL": redis_url}, tmp_path / "worker.log")
+    with pytest.raises(RuntimeError, match="not ready after"):
+        worker.wait_ready(timeout=0.2)  # far less than loading the models takes
+    assert worker.process.poll() is not None  # stopped by wait_ready itself
