@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for the models; default: torch's (every core)"
     )
+    decode_device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="where JPEGs are decoded: cuda (nvjpeg, on the models' GPU), cpu (Pillow), or auto: "
+        "cuda when the models run on a GPU and torchvision's GPU decoder is there",
+    )
 
     # outputs (these change records, so they enter the pipeline signature)
     caption_max_new_tokens: int = Field(default=30, ge=1, le=512)
