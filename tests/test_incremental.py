@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from imagemill.cli.schedules import parse_every
 from imagemill.core.jobs import JobRegistry, JobState
 from imagemill.core.stores.files import read_records
+from imagemill.producer.beat import SCHEDULE_KEY_PREFIX
 from tests.fixtures.cli import REPO, run_cli
 from tests.fixtures.distributed import rows, submitted, upload_photos, wait_for
 from tests.fixtures.images import photo_jpeg, write_mixed
@@ -93,12 +96,36 @@ def test_bad_schedule_intervals_are_refused(text: str) -> None:
         parse_every(text)
 
 
+def start_beats(env: dict[str, str], tmp_path: Path, names: tuple[str, ...]) -> list[tuple[subprocess.Popen, Path]]:
+    """`imagemill beat` processes, each logging to tmp_path/<name>.log."""
+    beats = []
+    for name in names:
+        path = tmp_path / f"{name}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "imagemill", "beat"],
+            env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+            stdout=path.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        beats.append((process, path))
+    return beats
+
+
+def stop_beats(beats: list[tuple[subprocess.Popen, Path]]) -> None:
+    for process, _ in beats:  # all signalled before any is waited for: no takeover during teardown
+        process.terminate()
+    for process, _ in beats:
+        process.wait(timeout=30)
+
+
+def firings(beats: list[tuple[subprocess.Popen, Path]], name: str = "nightly") -> list[int]:
+    return [path.read_text().count(f"Sending due task {name}") for _, path in beats]
+
+
 def test_scheduled_scans_annotate_only_what_was_added_between_firings_and_a_second_beat_waits(
     dist_env, bucket, pg_url, workers, tmp_path: Path
 ) -> None:
-    import subprocess
-    import sys
-
     keys = upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "sched/", 4)
     env = {**dist_env, "IMAGEMILL_BEAT_INTERVAL_S": "1"}
     added = run_cli(
@@ -106,21 +133,7 @@ def test_scheduled_scans_annotate_only_what_was_added_between_firings_and_a_seco
     )
     assert added.returncode == 0, added.stderr
     workers.append(start_worker(env, tmp_path / "worker.log").wait_ready())
-    beats = []
-    for name in ("beat-a", "beat-b"):
-        log = (tmp_path / f"{name}.log").open("w")
-        beats.append(
-            (
-                subprocess.Popen(
-                    [sys.executable, "-m", "imagemill", "beat"],
-                    env={**os.environ, **env, "PYTHONPATH": str(REPO)},
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                ),
-                tmp_path / f"{name}.log",
-            )
-        )
+    beats = start_beats(env, tmp_path, ("beat-a", "beat-b"))
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
     try:
 
@@ -134,27 +147,35 @@ def test_scheduled_scans_annotate_only_what_was_added_between_firings_and_a_seco
         )
         listing = run_cli("schedule", "list", env=env)
         assert "nightly" in listing.stdout and "0:00:03" in listing.stdout
-
-        # counted while both run: stopping the holder hands the lock over, and the other then fires
-        fired = [path.read_text().count("Sending due task nightly") for _, path in beats]
-        assert sorted(fired)[0] == 0 and sorted(fired)[1] >= 2, fired  # one beat held the lock
-        holder, standby = (0, 1) if fired[0] else (1, 0)
-        beats[holder][0].terminate()
-        beats[holder][0].wait(timeout=30)
-        wait_for(
-            lambda: "Sending due task nightly" in beats[standby][1].read_text(),
-            120,
-            "the waiting beat to take the lock over",
-        )
+        # checked while both still run: the lock is held, and only its holder has fired (at least twice)
+        assert registry.redis.exists(f"{SCHEDULE_KEY_PREFIX}lock")
+        fired = firings(beats)
+        assert sorted(fired)[0] == 0 and sorted(fired)[1] >= 2, fired
     finally:
-        for process, _ in beats:
-            process.terminate()
-            process.wait(timeout=30)
+        stop_beats(beats)
     uris = [r[0] for r in rows(pg_url)]
     expected = [f"s3://{bucket}/{k}" for k in keys] + [f"s3://{bucket}/sched/new-{i}.jpg" for i in (1, 2)]
     assert sorted(u for u in uris if "/sched/" in u) == sorted(expected)
     removed = run_cli("schedule", "remove", "nightly", env=env)
     assert removed.returncode == 0 and "nightly" not in run_cli("schedule", "list", env=env).stdout
+
+
+def test_when_the_beat_holding_the_lock_stops_the_waiting_one_takes_over(dist_env, bucket, tmp_path: Path) -> None:
+    """No worker needed: firing is beat's part (the scans it sends wait in the queue)."""
+    env = {**dist_env, "IMAGEMILL_BEAT_INTERVAL_S": "1"}
+    added = run_cli("schedule", "add", "nightly", f"s3://{bucket}/x/", "--every", "1s", env=env)
+    assert added.returncode == 0, added.stderr
+    beats = start_beats(env, tmp_path, ("beat-a", "beat-b"))
+    try:
+        wait_for(lambda: max(firings(beats)) >= 2, 120, "one beat to fire twice")
+        fired = firings(beats)
+        assert min(fired) == 0, fired  # the other waits for the lock
+        holder, standby = beats if fired[0] else beats[::-1]
+        holder[0].terminate()
+        holder[0].wait(timeout=30)
+        wait_for(lambda: "Sending due task nightly" in standby[1].read_text(), 120, "the waiting beat to take over")
+    finally:
+        stop_beats(beats)
 
 
 def test_an_interrupted_run_leaves_the_earlier_output_untouched(model_env: dict[str, str], tmp_path: Path) -> None:
