@@ -58,3 +58,19 @@ def test_bench_writes_a_report_with_a_rate_for_every_scenario(tmp_path: Path) ->
         assert scenarios[name]["images_per_s"] > 0, name
     ratios = {row["ratio"] for row in report["sets"]["tiny"]["ratios"]}
     assert {"local / limit", "local / naive", "distributed / local"} <= ratios
+
+
+def test_dedup_bench_finds_the_planted_pairs_and_writes_its_report(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.dedup", "--records", "600", "--sweep", "300", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (report,) = tmp_path.glob("*-dedup.json")
+    figures = json.loads(report.read_text())
+    assert figures["groups_as_planted"] and figures["groups"] == 12
+    assert set(figures["sweep"]) == {"records", "512", "1024", "2048", "4096", "8192"}
+    assert "Extrapolated to 1,000,000 records" in (tmp_path / report.name.replace(".json", ".md")).read_text()
