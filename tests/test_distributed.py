@@ -15,7 +15,7 @@ import pytest
 from imagemill.core.broker import queue_depth
 from imagemill.core.jobs import JobRegistry, JobState
 from tests.fixtures.cli import REPO, run_cli
-from tests.fixtures.distributed import job_id_of, rows, upload, upload_photos
+from tests.fixtures.distributed import job_id_of, rows, upload, upload_photos, wait_for
 from tests.fixtures.images import write_mixed
 from tests.fixtures.workers import start_worker
 
@@ -93,11 +93,12 @@ def test_backpressure_holds_the_queue_under_its_mark_while_a_worker_drains(
         text=True,
     )
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
+    wait_for(lambda: queue_depth(registry.redis, "imagemill") >= 4, 60, "the queue to fill to its mark")
     depths: list[int] = []
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(depths) < 40:  # no worker yet: the producer must stall
+    held_until = time.monotonic() + 2  # no worker yet: the producer must stall at the mark
+    while time.monotonic() < held_until:
         depths.append(queue_depth(registry.redis, "imagemill"))
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert max(depths) == 4 and submit.poll() is None  # full to the mark, and waiting
     workers.append(start_worker(env, tmp_path / "worker.log"))
     while submit.poll() is None:
