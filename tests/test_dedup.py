@@ -3,6 +3,7 @@ real embeddings; on constructed vectors, connected components of pairs at or abo
 the largest image as representative, tiles smaller than n giving the same groups."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,9 @@ def test_a_history_counts_each_image_version_once() -> None:
     assert len(collect([records]).images) == 3
     kept = collect([records], one_per_image=True)
     assert [(i.uri, i.etag) for i in kept.images] == [("file:///a.jpg", "e"), ("file:///a.jpg", "e2")]
+
+
+def test_without_the_dedup_extra_it_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    result = CliRunner().invoke(app, ["dedup", str(tmp_path / "records.jsonl"), "--out", str(tmp_path / "g.jsonl")])
+    assert result.exit_code == 2 and "pip install 'imagemill[dedup]'" in result.stderr

@@ -4,6 +4,7 @@ skipped; shards cut by --shard-size; --where and --only-ok filters; the same fro
 
 import json
 import secrets
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -236,3 +237,15 @@ def test_export_from_an_object_sink_holds_the_current_record_per_image_unless_hi
     assert next(r for r in current if r.uri == again.uri).job_id == "job-2"
     history = list(webdataset.WebDataset(str(tmp_path / "history" / "shard-000000.tar"), shardshuffle=False))
     assert len(history) == len(first) + 1
+
+
+@pytest.mark.parametrize(("fmt", "module"), [("hf", "datasets"), ("webdataset", "webdataset")])
+def test_without_the_export_extra_it_says_how_to_get_it(
+    annotated: Annotated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, module: str
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ModuleNotFoundError
+    out = str(tmp_path / "x")
+    result = CliRunner().invoke(app, ["export", str(annotated.records_file), "--format", fmt, "--out", out, "-q"])
+    assert result.exit_code == 2 and result.stderr.count("error:") == 1
+    assert "needs the export extra: pip install 'imagemill[export]'" in result.stderr
+    assert not list(tmp_path.iterdir())
