@@ -156,3 +156,17 @@ def test_engine_records_are_the_same_with_the_device_path(tiny_models: dict[str,
             for label, score in want.moderation.scores.items():
                 assert abs(got.moderation.scores[label] - score) < 0.05, got.uri
     assert fallbacks == []  # every JPEG the header let through decoded on the device path
+
+
+def test_a_decoder_that_refuses_every_image_is_turned_off() -> None:
+    calls: list[int] = []
+
+    def broken(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        calls.append(len(datas))
+        raise RuntimeError("nvjpeg: no such mode")
+
+    path = DeviceDecoder(torch.device("cpu"), RECIPES[:1], 224, decoder=broken)
+    jpegs = [pending(photo_jpeg(64, 48, seed=s)) for s in range(8)]
+    assert path.decode(jpegs).rejected == list(range(8)) and path.disabled
+    made = len(calls)
+    assert path.decode(jpegs).rejected == list(range(8)) and len(calls) == made  # Pillow's from now on

@@ -27,6 +27,7 @@ DEVICE_MODES = ("RGB", "L")
 # Pillow's resampling filters that torch's interpolate computes the same way (antialiased when shrinking)
 INTERPOLATIONS = {int(Image.Resampling.BICUBIC): "bicubic", int(Image.Resampling.BILINEAR): "bilinear"}
 EOI = b"\xff\xd9"
+DISABLE_AFTER = 8  # a batch at least this big wholly refused turns the device decoder off
 EOI_SEARCH = 4096  # bytes from the end where the end-of-image marker must be (trailers are allowed)
 
 # JPEG bytes (uint8, 1-D, CPU) -> pictures (uint8, 3×H×W, on the device); raises on any it cannot decode
@@ -103,10 +104,12 @@ def resolve_decode_device(setting: str, model_device: torch.device) -> torch.dev
 
 
 def torchvision_decoder(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """torchvision's `decode_jpeg` on a list (nvjpeg's batched decode on a GPU), RGB out."""
+    """torchvision's `decode_jpeg` on a list (nvjpeg's batched decode on a GPU), RGB out.
+
+    Decoded as stored (every backend has that mode); a grey picture's one channel is repeated."""
     io_ = importlib.import_module("torchvision.io")  # optional: not a dependency, and untyped
-    pictures: list[torch.Tensor] = io_.decode_jpeg(datas, mode=io_.ImageReadMode.RGB, device=device)
-    return list(pictures)
+    pictures: list[torch.Tensor] = io_.decode_jpeg(datas, mode=io_.ImageReadMode.UNCHANGED, device=device)
+    return [picture.expand(3, -1, -1) if picture.shape[0] == 1 else picture for picture in pictures]
 
 
 def pillow_decoder(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -258,13 +261,20 @@ class DeviceDecoder:
         self.device = device
         self.recipes = list(recipes)
         self.min_side = min_side  # as the Pillow path's: the largest the models need
+        self.disabled = False  # set when the decoder refused a whole batch of more than a few images
         self.decoder = decoder or (torchvision_decoder if device.type == "cuda" else default_decoder())
 
     def decode(self, jpegs: Sequence[PendingJpeg]) -> DeviceBatch:
         """Decode, orient, resize and normalise; images the decoder rejects are left out, by bisection."""
+        if self.disabled:
+            return DeviceBatch(decoded=[], inputs=[], rejected=list(range(len(jpegs))))
         datas = [torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8) for jpeg in jpegs]
         pictures: list[torch.Tensor | None] = [None] * len(jpegs)
         self._decode_into(datas, list(range(len(jpegs))), pictures)
+        if len(jpegs) >= DISABLE_AFTER and all(picture is None for picture in pictures):
+            # a decoder that refuses every image is broken here, not the images: stop bisecting batches
+            log.warning("the device decoder refused all %d images of a batch; Pillow decodes from now on", len(jpegs))
+            self.disabled = True
         decoded, oriented, factors, rejected = [], [], [], []
         for index, (jpeg, picture) in enumerate(zip(jpegs, pictures, strict=True)):
             header = jpeg.header
