@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -19,7 +20,8 @@ import pytest
 from imagemill.core.jobs import JobRegistry, JobState
 from imagemill.core.schemas import Record
 from imagemill.core.stores.postgres import DEFAULT_TABLE, PostgresStore
-from tests.fixtures.cli import REPO
+from tests.fixtures.cli import REPO, run_cli
+from tests.fixtures.distributed import submitted, upload_photos, wait_for
 from tests.fixtures.images import photo_jpeg
 from tests.fixtures.postgres import PrivatePostgres, fresh_database, private_postgres
 from tests.fixtures.s3 import s3_client
@@ -215,7 +217,8 @@ def test_distributed_job_completes_when_postgres_restarts_mid_job(
         assert job.chunks_done < chunks_total, "the job finished before the database could be restarted"
         done_at_stop = job.chunks_done
         private_pg.stop()
-        time.sleep(2)  # writes fail meanwhile: the chunk task retries with backoff
+        # down until a chunk's write has failed and the chunk is waiting to be retried (not a fixed time)
+        wait_for(lambda: "Retry in" in worker.log, 60, "a chunk write to fail and be retried")
         private_pg.start()
         _, err = submit.communicate(timeout=120)
     finally:
@@ -238,3 +241,34 @@ def test_distributed_job_completes_when_postgres_restarts_mid_job(
     assert (job.listed, job.queued, job.annotated, job.failed) == (PHOTOS, PHOTOS, PHOTOS, 0)
     assert job.chunks_done == job.chunks_total == chunks_total
     assert retries > 0, "no chunk write failed while the database was down: the restart tested nothing"
+
+
+def test_a_database_that_refuses_connections_fails_the_job_once_retries_are_spent(
+    private_pg: PrivatePostgres,
+    dist_env: dict[str, str],
+    bucket: str,
+    chaos_db: str,
+    workers: list[WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    """Refused connections are transient (retried with backoff); after IMAGEMILL_TASK_MAX_RETRIES the job
+    is `failed` with the reason, never left running."""
+    upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "refused/", 3)
+    env = {**dist_env, "IMAGEMILL_SINK": chaos_db, "IMAGEMILL_TASK_MAX_RETRIES": "1"}
+    job_id = submitted(run_cli("submit", f"s3://{bucket}/refused/", "--tasks", "moderation", env=env))
+    database = urlsplit(chaos_db).path.lstrip("/")
+    private_pg.refuse(database)  # after submit checked the sink: the chunk's write is what meets it
+    try:
+        workers.append(start_worker(env, tmp_path / "worker.log"))
+        registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
+        wait_for(lambda: registry.state(job_id) != JobState.RUNNING, 120, "the job to end")
+        job = registry.get(job_id)
+        assert job.state == JobState.FAILED, job
+        assert job.error and "failed after 1 retries" in job.error and "accepting connections" in job.error
+        log = workers[0].log
+        assert log.count("Retry in") == 1  # retried once (transient), then given up
+        status = run_cli("status", job_id, env=env)
+        assert "failed" in status.stdout and "accepting connections" in status.stdout + status.stderr
+    finally:
+        private_pg.allow(database)
+    assert uris_in(chaos_db) == []  # nothing was written
