@@ -47,8 +47,9 @@ def test_dedup_groups_resized_and_recompressed_copies_under_their_original(
     assert alike[same].min() > TINY_CLIP_THRESHOLD > alike[~same].max()
 
     out = tmp_path / "groups.jsonl"
-    result = run_cli("dedup", str(records), "--threshold", str(TINY_CLIP_THRESHOLD), "--out", str(out))
-    assert result.returncode == 0, result.stderr
+    runner = CliRunner()
+    result = runner.invoke(app, ["dedup", str(records), "--threshold", str(TINY_CLIP_THRESHOLD), "--out", str(out)])
+    assert result.exit_code == 0, result.output
     assert "4 groups holding 12 images" in result.stderr and "1 error records" in result.stderr
     groups = [json.loads(line) for line in out.read_text().splitlines()]
     by_representative = {
@@ -59,8 +60,8 @@ def test_dedup_groups_resized_and_recompressed_copies_under_their_original(
     }
     assert all(g["members"][0]["width"] == 640 and g["size"] == 3 for g in groups)
     # at the threshold for real embeddings the tiny model's distinct photos merge: the margin above matters
-    loose = run_cli("dedup", str(records), "--out", str(tmp_path / "loose.jsonl"), "-q")
-    assert loose.returncode == 0 and "4 groups" not in loose.stderr
+    loose = runner.invoke(app, ["dedup", str(records), "--out", str(tmp_path / "loose.jsonl"), "-q"])
+    assert loose.exit_code == 0 and "4 groups" not in loose.stderr
 
 
 def test_dedup_refuses_a_bad_threshold_and_an_unreadable_source_in_one_line(tmp_path: Path) -> None:

@@ -110,10 +110,10 @@ def test_webdataset_shards_hold_the_original_bytes_with_their_real_extension_and
     annotated: Annotated, tmp_path: Path
 ) -> None:
     out = tmp_path / "wds"
-    result = run_cli(
-        "export", str(annotated.records_file), "--format", "webdataset", "--out", str(out), "--shard-size", "4"
-    )
-    assert result.returncode == 0, result.stderr
+    args = [str(annotated.records_file), "--format", "webdataset", "--out", str(out), "--shard-size", "4"]
+    result = CliRunner().invoke(app, ["export", *args])
+    assert result.exit_code == 0, result.output
+
     assert "1 image gone since annotation" in result.stderr
 
     expected = annotated.exportable()
@@ -199,8 +199,9 @@ def test_export_from_postgresql_reads_the_current_records(annotated: Annotated, 
     with open_writer(url) as store:
         store.write(annotated.records, chunk="job/0")
     expected = annotated.exportable()
-    hf = run_cli("export", url, "--format", "hf", "--out", str(tmp_path / "hf"), "--only-ok")
-    assert hf.returncode == 0, hf.stderr
+    runner = CliRunner()
+    hf = runner.invoke(app, ["export", url, "--format", "hf", "--out", str(tmp_path / "hf"), "--only-ok", "-q"])
+    assert hf.exit_code == 0, hf.output
     assert "1 image gone since annotation" in hf.stderr
     dataset = datasets.load_from_disk(str(tmp_path / "hf")).cast_column("image", datasets.Image(decode=False))
     ok = {r.uri: r for r in expected if r.error is None}
@@ -210,8 +211,8 @@ def test_export_from_postgresql_reads_the_current_records(annotated: Annotated, 
         assert row["image"]["bytes"] == file_bytes(record.uri)
         assert row["caption"] == record.caption.text  # type: ignore[union-attr]
         assert np.array_equal(np.asarray(row["embedding"], dtype=np.float32), record.embedding.array())  # type: ignore[union-attr]
-    wds = run_cli("export", url, "--format", "webdataset", "--out", str(tmp_path / "wds"))
-    assert wds.returncode == 0, wds.stderr
+    wds = runner.invoke(app, ["export", url, "--format", "webdataset", "--out", str(tmp_path / "wds"), "-q"])
+    assert wds.exit_code == 0, wds.output
     samples = list(webdataset.WebDataset(str(tmp_path / "wds" / "shard-000000.tar"), shardshuffle=False))
     assert sorted(json.loads(s["json"])["uri"] for s in samples) == sorted(r.uri for r in expected)
 

@@ -91,6 +91,7 @@ def _summary(embeddings: Embeddings, groups: list[DuplicateGroup], out: Path, el
         f"[bold]{len(groups):,}[/] groups holding {grouped:,} images ({grouped - len(groups):,} beside their "
         f"representatives) → {escape(str(out))}",
         highlight=False,
+        soft_wrap=True,
     )
     if embeddings.without_embedding:
         shown = escape(", ".join(embeddings.without_embedding_shown))
@@ -99,6 +100,9 @@ def _summary(embeddings: Embeddings, groups: list[DuplicateGroup], out: Path, el
             f"{embeddings.without_embedding:,} records without an embedding, not compared "
             f"(annotate with --tasks embedding): {shown}{more}",
             highlight=False,
+            soft_wrap=True,
         )
     if embeddings.failed:
-        console.print(f"{embeddings.failed:,} error records (no image annotated), not compared", highlight=False)
+        console.print(
+            f"{embeddings.failed:,} error records (no image annotated), not compared", highlight=False, soft_wrap=True
+        )

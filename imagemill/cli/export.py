@@ -75,9 +75,10 @@ def _summary(report: ExportReport, out: Path, elapsed: float) -> None:
         f"[bold]{report.exported:,}[/] of {report.read:,} records exported in {report.shards:,} shards "
         f"→ {escape(str(out))} ({elapsed:,.1f} s, {rate} records/s)",
         highlight=False,
+        soft_wrap=True,
     )
     if report.filtered:
-        console.print(f"{report.filtered:,} left out by --where/--only-ok", highlight=False)
+        console.print(f"{report.filtered:,} left out by --where/--only-ok", highlight=False, soft_wrap=True)
     _skipped("image gone since annotation, skipped", report.missing)
     _skipped("image replaced since annotation (another etag), skipped: annotate again", report.changed)
     _skipped("image unreadable, skipped", report.unreadable)
@@ -87,4 +88,4 @@ def _skipped(what: str, skipped: Skipped) -> None:
     if skipped.count:
         more = " …" if skipped.count > len(skipped.shown) else ""
         shown = escape(", ".join(skipped.shown))
-        console.print(f"[yellow]{skipped.count:,} {what}:[/] {shown}{more}", highlight=False)
+        console.print(f"[yellow]{skipped.count:,} {what}:[/] {shown}{more}", highlight=False, soft_wrap=True)
