@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from imagemill.core.errors import ErrorKind, ImageError, SourceError, UserError
@@ -339,6 +339,22 @@ def test_property_any_bytes_list_without_surprises(tmp_path: Path, data: bytes, 
     assert len(got) <= data.count(b"\n") + 1
 
 
+@PROPERTY
+@given(data=st.binary(max_size=400), compression=st.sampled_from([".gz", ".zst"]), cut=st.floats(0, 1))
+def test_property_any_compressed_bytes_cut_anywhere_list_without_surprises(
+    tmp_path: Path, data: bytes, compression: str, cut: float
+) -> None:
+    path = tmp_path / f"any.txt{compression}"
+    whole = compress(data, compression)
+    path.write_bytes(whole[: round(len(whole) * cut)])
+    got, error = attempt(lambda: listed(path))
+    if error is not None:  # cut inside the header: nothing of it can be read
+        assert isinstance(error, SourceError) and "cannot read the manifest" in str(error)
+        return
+    assert got is not None
+    check_listing(path, got)
+
+
 LINE_TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\n\r"), max_size=40)
 
 
@@ -428,8 +444,10 @@ SINK_SCHEMES = ["postgresql://", "postgres://", "s3://", "s3tags://", "file://",
 
 
 @PROPERTY
-@given(scheme=st.sampled_from(SINK_SCHEMES), rest=st.text(max_size=60))
+@given(scheme=st.sampled_from([*SINK_SCHEMES, ""]), rest=st.text(max_size=60))
 def test_property_any_sink_url_is_a_sink_or_one_user_error(scheme: str, rest: str) -> None:
+    # a bare *.jsonl or *.parquet path is an output file: made on disk, so not made from any string here
+    assume(scheme or not rest.lower().endswith((".jsonl", ".parquet")))
     writer, error = attempt(lambda: open_writer(scheme + rest))
     if error is not None:
         assert str(error)
