@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from imagemill.core.errors import ErrorKind, ImageError, SourceError, UserError
 from imagemill.core.jobs import JobRegistry, JobState
-from imagemill.core.schemas import ImageRef
+from imagemill.core.schemas import ChunkMessage, ImageRef, Task
 from imagemill.core.settings import Settings
 from imagemill.core.storage import ObjectReader, file_uri
 from imagemill.core.stores import RecordWriter, open_writer
@@ -245,6 +245,18 @@ def test_a_bad_reference_is_never_fetched(tmp_path: Path) -> None:
     with pytest.raises(ImageError) as raised:
         ObjectReader(Settings()).read(ref)
     assert raised.value.kind == ErrorKind.BAD_REFERENCE and raised.value.message == ref.problem
+
+
+def test_a_good_ref_travels_in_a_chunk_without_a_problem_field() -> None:
+    """Workers from before bad references refuse unknown fields: a good ref's message is unchanged."""
+    refs = [ImageRef(uri="s3://b/a.jpg"), ImageRef(uri="manifest:list.txt#L2", problem="empty uri")]
+    message = ChunkMessage(job_id="j1", chunk_id="j1/000000", tasks=(Task.MODERATION,), refs=refs)
+    sent = message.model_dump(mode="json")
+    assert sent["refs"] == [
+        {"uri": "s3://b/a.jpg", "etag": None, "size": None},
+        {"uri": "manifest:list.txt#L2", "etag": None, "size": None, "problem": "empty uri"},
+    ]
+    assert ChunkMessage.model_validate(sent) == message
 
 
 def test_manifest_names_are_recognised_by_suffix() -> None:

@@ -62,6 +62,14 @@ class ImageRef(BaseModel):
     # travels like any ref, so its bad_reference record is made and counted where every record is
     problem: str | None = Field(default=None, max_length=1000)
 
+    @model_serializer(mode="wrap")
+    def _problem_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # absent rather than null on a good ref: chunk messages stay what workers without the field accept
+        data: dict[str, Any] = handler(self)
+        if data.get("problem") is None:
+            data.pop("problem", None)
+        return data
+
 
 class ImageInfo(BaseModel):
     width: int
