@@ -4,20 +4,26 @@ exit status, against real parts (tiny models, Redis, PostgreSQL, the S3 server, 
 import io
 import json
 import os
+import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
+import redis
 from PIL import Image
+from psycopg import sql
 
 from imagemill.cli import annotate as annotate_cli
 from imagemill.core.credentials import with_own_credentials, without_credentials
 from imagemill.core.errors import ErrorKind
-from imagemill.core.jobs import JobRegistry
+from imagemill.core.jobs import JobRegistry, JobState
 from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
 from imagemill.core.stores.files import JsonlWriter
@@ -27,8 +33,10 @@ from imagemill.pipeline.engine import Engine
 from imagemill.pipeline.run import run
 from imagemill.pipeline.sources import open_source
 from tests.fixtures.cli import REPO, run_cli
+from tests.fixtures.distributed import submitted, upload_photos, wait_for
 from tests.fixtures.faults import FAULTS_DIR
 from tests.fixtures.images import write_photos
+from tests.fixtures.workers import start_worker
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:9/0"  # nothing listens: a command that asks Redis fails differently
 
@@ -269,3 +277,111 @@ def test_help_shows_flags_as_switches_and_every_sink_scheme() -> None:
     flat = " ".join(help_text.replace("│", " ").split())
     for scheme in ("postgresql://", "s3://", "file://", "s3tags://"):
         assert scheme in flat, help_text
+
+
+# 4, 6, 7 with a real worker --------------------------------------------------------------------------------------
+
+
+def password_role(pg_url: str) -> tuple[str, str, str]:
+    """A login role with a password in the test database, and a table of its own; (sink URL, password, table)."""
+    suffix = secrets.token_hex(4)
+    role, password, table = f"imagemill_ops_{suffix}", f"Pw-{secrets.token_hex(8)}", f"ops_{suffix}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+        conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(sql.Identifier(role)))
+    parts = urlsplit(pg_url)
+    sink = f"postgresql://{role}:{password}@{parts.hostname}:{parts.port or 5432}{parts.path}?table={table}"
+    return sink, password, table
+
+
+def redis_dump(redis_url: str) -> dict[str, str]:
+    """Every key in Redis with everything it holds (strings, hashes, lists, sets, sorted sets, streams), as text."""
+    client = redis.Redis.from_url(redis_url)
+    dump = {}
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key).decode()
+        readers = {
+            "string": lambda k: client.get(k),
+            "hash": lambda k: client.hgetall(k),
+            "list": lambda k: client.lrange(k, 0, -1),
+            "set": lambda k: client.smembers(k),
+            "zset": lambda k: client.zrange(k, 0, -1, withscores=True),
+            "stream": lambda k: client.xrange(k),
+        }
+        value = readers[kind](key)
+        dump[key.decode(errors="replace")] = repr(value)
+    return dump
+
+
+def test_a_json_worker_whose_pool_child_is_killed_logs_only_json_and_redis_never_holds_the_sink_password(
+    dist_env, bucket, redis_url, pg_url, workers, tmp_path: Path
+) -> None:
+    sink, password, table = password_role(pg_url)
+    names = ["a.jpg", "b.jpg", "c.jpg", "poison.jpg"]
+    upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "ops/", 0, names)
+    env = {
+        **dist_env,
+        "IMAGEMILL_SINK": sink,  # the worker's own: the password reaches it only through its environment
+        "IMAGEMILL_LOG_FORMAT": "json",
+        "IMAGEMILL_MAX_WORKER_LOSSES": "1",
+        "IMAGEMILL_TEST_FAULTS": json.dumps({"crash_on_uri": "poison"}),
+    }
+    worker = start_worker(env, tmp_path / "worker.log").wait_ready()
+    workers.append(worker)
+    result = run_cli(
+        "submit",
+        f"s3://{bucket}/ops/",
+        "--tasks",
+        "moderation",
+        "--chunk-size",
+        "2",
+        "--sink",
+        sink,
+        "--wait",
+        env={**env, "IMAGEMILL_SINK": ""},
+        timeout=240,
+    )
+    job_id = submitted(result)
+    job = JobRegistry(redis_url).get(job_id)
+    assert job.state == JobState.DONE and job.failed_by_kind == {"worker_lost": 2}, job
+    with psycopg.connect(pg_url) as conn:
+        written = conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier(table))).fetchone()[0]
+    assert written == 4
+
+    # 4: the job, its chunks, the queue, the signatures, Celery's own keys: no password anywhere in Redis
+    dump = redis_dump(redis_url)
+    assert dump and not [key for key, value in dump.items() if password in key or password in value]
+    assert without_credentials(sink) in dump[JobRegistry.key(job_id)]
+
+    # 7: the pool child was SIGKILLed; every line the worker wrote is JSON, the loss carries the job id
+    lines = [line for line in worker.log.splitlines() if line.strip()]
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"not JSON: {line!r}")
+    lost = [e for e in entries if "signal 9" in e["message"] or "WorkerLostError" in json.dumps(e)]
+    assert lost and all(e["job_id"] == job_id for e in lost), lost
+
+    # 6: idle, it exits at once on SIGTERM, not after IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT (60 s)
+    started = time.monotonic()
+    assert worker.stop(timeout=60) == 0
+    assert time.monotonic() - started < 6, worker.log[-3000:]
+
+
+def test_a_busy_worker_stopped_finishes_its_chunk_and_exits_without_waiting_out_the_timeout(
+    dist_env, bucket, redis_url, workers, tmp_path: Path
+) -> None:
+    upload_photos(dist_env["IMAGEMILL_S3_ENDPOINT_URL"], bucket, "busy/", 4)
+    env = {**dist_env, "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.5})}  # a 2 s chunk
+    worker = start_worker(env, tmp_path / "worker.log").wait_ready()
+    workers.append(worker)
+    job_id = submitted(run_cli("submit", f"s3://{bucket}/busy/", "--tasks", "moderation", "--chunk-size", "4", env=env))
+    registry = JobRegistry(redis_url)
+    wait_for(lambda: registry.get(job_id).started_at is not None, 60, "the chunk to start")
+    started = time.monotonic()
+    assert worker.stop(timeout=90) == 0
+    assert time.monotonic() - started < 20  # the chunk's own seconds, not the 60 s timeout
+    job = registry.get(job_id)
+    assert (job.state, job.annotated, job.chunks_done) == (JobState.DONE, 4, 1)

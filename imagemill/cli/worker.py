@@ -58,6 +58,7 @@ def worker(
             queues=chosen,
             loglevel=loglevel,
             quiet=settings.log_format == "json",
+            json_lines=settings.log_format == "json",
             max_crashes=settings.worker_max_crashes,
             status_file=settings.worker_status_file,
         ).run()

@@ -77,6 +77,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+def as_json_line(text: str, stream: str, pid: int) -> str | None:
+    """A line a process wrote, as a JSON log line: a JSON object as it is, anything else (Celery's
+    `worker: Warm shutdown` printed past logging, a C library's message) wrapped as one; None for a blank line."""
+    line = text.rstrip("\r\n")
+    if not line.strip():
+        return None
+    try:
+        if isinstance(json.loads(line), dict):
+            return line
+    except ValueError:
+        pass
+    entry = {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "level": "ERROR" if stream == "stderr" else "INFO",
+        "logger": stream,
+        "message": line,
+        "job_id": None,
+        "chunk_id": None,
+        "pid": pid,
+    }
+    return json.dumps(entry, ensure_ascii=False)
+
+
 def apply(logger: logging.Logger, log_format: str) -> None:
     """Give every handler of `logger` the context filter and, for `json`, the JSON formatter
     (and Python warnings are JSON lines too)."""

@@ -20,12 +20,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, TextIO
+
+from imagemill.core.logs import as_json_line
 
 log = logging.getLogger(__name__)
+_RELAY_LOCK = threading.Lock()
 
 CPU = "cpu"
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
@@ -70,9 +75,9 @@ class Slot:
 
     def env(self, base: dict[str, str]) -> dict[str, str]:
         env = dict(base)
-        # SIGTERM starts Celery's soft shutdown: the running chunk gets IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT
-        # seconds to finish, then goes back to the queue, instead of an unbounded warm shutdown
-        env.setdefault("REMAP_SIGTERM", "SIGQUIT")
+        # SIGTERM is Celery's warm shutdown, which `imagemill.worker.shutdown` bounds: the running chunk
+        # gets IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT seconds to finish, then goes back to the queue; an idle
+        # worker exits at once (REMAP_SIGTERM=SIGQUIT would sleep the whole timeout after any chunk)
         if self.gpu is None:
             env["CUDA_VISIBLE_DEVICES"] = ""
             env.setdefault("IMAGEMILL_DEVICE", "cpu")
@@ -162,6 +167,19 @@ class Child:
     process: subprocess.Popen[bytes]
     started: float
     restarts: int = 0  # quick exits in a row before this start
+    relays: list[threading.Thread] = field(default_factory=list)  # its output, as JSON lines, to ours
+
+
+def relay_json_lines(source: IO[bytes], sink: TextIO, stream: str, pid: int) -> None:
+    """Copy a child's output to ours line by line, each line JSON: Celery prints a few lines past
+    logging (`worker: Warm shutdown (MainProcess)`), and a crashing library may too."""
+    for raw in source:
+        line = as_json_line(raw.decode("utf-8", errors="replace"), stream, pid)
+        if line is not None:
+            with _RELAY_LOCK:
+                sink.write(line + "\n")
+                sink.flush()
+    source.close()
 
 
 @dataclass
@@ -172,6 +190,7 @@ class Supervisor:
     queues: list[str]
     loglevel: str = "INFO"
     quiet: bool = False  # no Celery banner (JSON logs)
+    json_lines: bool = False  # IMAGEMILL_LOG_FORMAT=json: the children's every output line reaches ours as JSON
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     max_crashes: int = 5  # IMAGEMILL_WORKER_MAX_CRASHES
     children: list[Child] = field(default_factory=list)
@@ -185,9 +204,27 @@ class Supervisor:
 
     def _spawn(self, slot: Slot, restarts: int = 0) -> Child:
         argv = celery_argv(slot, self.queues, self.loglevel, quiet=self.quiet)
-        process = subprocess.Popen(argv, env=slot.env(self.env), preexec_fn=die_with_parent())
+        piped = subprocess.PIPE if self.json_lines else None
+        process = subprocess.Popen(
+            argv, env=slot.env(self.env), preexec_fn=die_with_parent(), stdout=piped, stderr=piped
+        )
         log.info("started %s (pid %d): %s", slot.name, process.pid, " ".join(argv[3:]))
-        return Child(slot, process, time.monotonic(), restarts)
+        child = Child(slot, process, time.monotonic(), restarts)
+        if self.json_lines:
+            for source, sink, stream in (
+                (process.stdout, sys.stdout, "stdout"),
+                (process.stderr, sys.stderr, "stderr"),
+            ):
+                assert source is not None  # piped above
+                relay = threading.Thread(
+                    target=relay_json_lines,
+                    args=(source, sink, stream, process.pid),
+                    name=f"relay-{stream}",
+                    daemon=True,
+                )
+                relay.start()
+                child.relays.append(relay)
+        return child
 
     def watch_once(self) -> None:
         """Restart any child that died, with a growing pause when it keeps dying; give up (stop
@@ -255,6 +292,9 @@ class Supervisor:
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
         codes = [child.process.wait() for child in self.children]
+        for child in self.children:  # the last lines of a child that exited are still on their way
+            for relay in child.relays:
+                relay.join(timeout=5)
         if self.failed:
             return CRASHED
         return max((code for code in codes if code and code > 0), default=0)
