@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -9,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from imagemill.cli.annotate import WRITE_EVERY
 from imagemill.cli.schedules import parse_every
 from imagemill.core.jobs import JobRegistry, JobState
 from imagemill.core.stores.files import read_records
 from imagemill.producer.beat import SCHEDULE_KEY_PREFIX
 from tests.fixtures.cli import REPO, run_cli
 from tests.fixtures.distributed import rows, submitted, upload_photos, wait_for
+from tests.fixtures.faults import FAULTS_DIR, with_faults
 from tests.fixtures.images import photo_jpeg, write_mixed
 from tests.fixtures.workers import start_worker
 
@@ -193,3 +196,35 @@ def test_an_interrupted_run_leaves_the_earlier_output_untouched(model_env: dict[
     failed = run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), "--force", env=model_env)
     assert failed.returncode == 2 and "list.jsonl:4" in failed.stderr
     assert out.read_text() == before
+
+
+def test_a_local_run_killed_mid_write_leaves_the_earlier_output_intact(
+    model_env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    count = 2 * WRITE_EVERY + 2  # annotate writes every WRITE_EVERY records: two writes, then the rest
+    for i in range(count):
+        (folder / f"{i:03}.jpg").write_bytes(photo_jpeg(64, 48, seed=i))
+    out = tmp_path / "out.jsonl"
+    args = ("annotate", str(folder), "--tasks", "moderation", "--out", str(out))
+    assert run_cli(*args, env=model_env).returncode == 0
+    before = out.read_bytes()
+    partial = out.with_name(f".{out.name}.partial")
+    slow = with_faults(model_env, {"sleep_per_image_s": 0.1})  # a write every ~6 s
+    run = subprocess.Popen(
+        [sys.executable, "-m", "imagemill", *args, "--force", "-q"],
+        env={**os.environ, **slow, "PYTHONPATH": os.pathsep.join([FAULTS_DIR, str(REPO)])},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # mid-write: the first batch's records are on disk, the rest are still to come
+        wait_for(lambda: partial.exists() and partial.read_bytes().count(b"\n") >= 1, 120, "a first written batch")
+        assert run.poll() is None
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+        run.wait()
+    assert out.read_bytes() == before  # the old output, byte for byte
+    assert partial.read_bytes().count(b"\n") < count  # what was written stayed beside it, unfinished
