@@ -228,3 +228,12 @@ def test_a_postgresql_store_gets_new_rows_beside_the_old_ones(
     for record in tagged.values():
         assert {label["tag"] for label in record["tags"]["labels"]} <= set(NEW_WORDS)
     assert json.dumps(sorted(counts.signatures)) == json.dumps(sorted({r.signature for r in old if r.embedding}))
+
+
+def test_embeddings_are_written_byte_stream_split_for_fast_reading(annotated: dict[str, Path], tmp_path: Path) -> None:
+    """Random-looking floats: no dictionary attempt, byte planes instead (what retag reads most)."""
+    metadata = pq.ParquetFile(annotated["parquet"]).metadata.row_group(0)
+    encodings = {metadata.column(i).path_in_schema: metadata.column(i).encodings for i in range(metadata.num_columns)}
+    assert "BYTE_STREAM_SPLIT" in encodings["embedding.vector.list.element"]
+    assert "RLE_DICTIONARY" not in encodings["embedding.vector.list.element"]
+    assert "RLE_DICTIONARY" in encodings["tags.labels.list.element.tag"]  # the others keep their dictionaries

@@ -7,6 +7,7 @@ or, for Parquet to Parquet, as Arrow batches: then no record object is ever buil
 path), which is what makes a million records take seconds rather than minutes.
 """
 
+import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,7 @@ class Retagger:
         self.model: tuple[str, str | None] | None = None
         self.tower: TextTower | None = None  # loaded by the first record with an embedding
         self._scorer: ZeroShotScorer | None = None
+        self._words = pa.array([], pa.string())  # the vocabulary as Arrow strings, for the columnar path
         self._dim = 0  # of the text embeddings, once loaded
         self._first_dim = 0  # of the first record's embedding
 
@@ -91,24 +93,28 @@ class Retagger:
             self.counts.passed_over(table.num_rows, table.column("uri").slice(0, EXAMPLES).to_pylist())
             return table.slice(0, 0)
         has = _has_embedding(table.column("embedding"))
-        missing = table.filter(pc.invert(has))
-        if missing.num_rows:
+        if not pc.all(has).as_py():  # filtering copies every column: only when some row lacks one
+            missing = table.filter(pc.invert(has))
             self.counts.passed_over(missing.num_rows, missing.column("uri").slice(0, EXAMPLES).to_pylist())
-        table = table.filter(has)
+            table = table.filter(has)
         if not table.num_rows:
             return table
         embedding = table.column("embedding").combine_chunks()
         self._check_columns(embedding, table.column("uri"))
-        vectors = embedding.field("vector")
+        vectors = pc.struct_field(embedding, "vector")  # offset-aware, unlike StructArray.field
         values = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), -1)
         scorer = self._loaded_scorer()
         self._check_dim(values.shape[1])
-        top = scorer.top(torch.from_numpy(values.astype(np.float32, copy=False)))
+        with warnings.catch_warnings():
+            # Arrow's buffers are read-only and torch warns of that; the scoring only reads them (no copy)
+            warnings.simplefilter("ignore", UserWarning)
+            embeddings = torch.from_numpy(values.astype(np.float32, copy=False))
+        top = scorer.top(embeddings)
         tags_type = table.schema.field("tags").type
         labels = pa.ListArray.from_arrays(
             pa.array(top.offsets, pa.int32()),
             pa.StructArray.from_arrays(
-                [pa.array(scorer.vocabulary).take(pa.array(top.indices)), pa.array(top.scores, pa.float64())],
+                [self._words.take(pa.array(top.indices)), pa.array(top.scores, pa.float64())],
                 fields=list(tags_type.field("labels").type.value_type),
             ),
         )
@@ -157,7 +163,7 @@ class Retagger:
 
     def _check_columns(self, embedding: pa.StructArray, uris: pa.ChunkedArray) -> None:
         models = pa.Table.from_arrays(
-            [embedding.field("model"), embedding.field("revision"), embedding.field("dim"), uris.combine_chunks()],
+            [*(pc.struct_field(embedding, name) for name in ("model", "revision", "dim")), uris.combine_chunks()],
             names=["model", "revision", "dim", "uri"],
         )
         # one row per distinct (model, revision, dim): each is checked like a record
@@ -170,6 +176,7 @@ class Retagger:
             assert self.model is not None
             self.tower = TextTower(*self._source(*self.model), self.device)
             self._scorer = self.tower.scorer(self.options)
+            self._words = pa.array(self._scorer.vocabulary, pa.string())
             self._dim = int(self._scorer.text_embeddings.shape[1])
         return self._scorer
 

@@ -56,6 +56,38 @@ def parquet_schema(dim: int | None = None, embedding_dtype: str = "float32") -> 
 
 
 PARQUET_SCHEMA = parquet_schema()
+# the embedding's floats: one leaf column of every vector's values, end to end
+VECTOR_COLUMN = "embedding.vector.list.element"
+
+
+def writer_options(schema: pa.Schema) -> dict[str, Any]:
+    """How records are written to Parquet: zstd, every column dictionary-encoded where that pays,
+    but the embedding's floats byte-stream-split instead. Random-looking floats never fit a
+    dictionary (trying costs time and reading the fallback pages costs more); split into byte
+    planes they compress about 10 % better and decode about five times faster (a million 512-d
+    vectors: ~1.9 GB, the bulk of what retag, export and dedup read)."""
+    columns = [path for field in schema for path in _leaf_paths(field.name, field.type)]
+    if VECTOR_COLUMN not in columns:
+        return {"compression": "zstd"}
+    return {
+        "compression": "zstd",
+        "use_dictionary": [path for path in columns if path != VECTOR_COLUMN],
+        "column_encoding": {VECTOR_COLUMN: "BYTE_STREAM_SPLIT"},
+    }
+
+
+def _leaf_paths(name: str, kind: pa.DataType) -> list[str]:
+    # Parquet's dotted column paths, as pyarrow writes nested types (compliant: `list.element`, `key_value`)
+    if pa.types.is_struct(kind):
+        return [path for child in kind for path in _leaf_paths(f"{name}.{child.name}", child.type)]
+    if pa.types.is_map(kind):
+        entries = f"{name}.key_value"
+        return [*_leaf_paths(f"{entries}.key", kind.key_type), *_leaf_paths(f"{entries}.value", kind.item_type)]
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _leaf_paths(f"{name}.list.element", kind.value_type)
+    return [name]
+
+
 SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -147,7 +179,7 @@ class ParquetWriter(RecordFile):
             if self._dim is None and not final and len(self._buffer) < HOLD_ROWS:
                 return
             schema = parquet_schema(self._dim, self.embedding_dtype)
-            self._writer = pq.ParquetWriter(self.partial, schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self.partial, schema, **writer_options(schema))
         if self._buffer:
             self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self._writer.schema))
             self._buffer = []
@@ -162,7 +194,7 @@ class ParquetWriter(RecordFile):
         Parquet file), written as they are; the first table's schema becomes the file's. Not to be
         mixed with `write` in one file."""
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.partial, table.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self.partial, table.schema, **writer_options(table.schema))
         self._writer.write_table(table)
 
 
@@ -228,7 +260,7 @@ def encode_records(records: Sequence[Record], fmt: str, embedding_dtype: str | N
         dtype = embedding_dtype or get_settings().embedding_dtype
         dim = next((r.embedding.dim for r in records if r.embedding), None)
         table = pa.Table.from_pylist([parquet_row(r, dtype) for r in records], schema=parquet_schema(dim, dtype))
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, **writer_options(table.schema))
         data: bytes = sink.getvalue().to_pybytes()
         return data
     raise ValueError(f"unknown record format {fmt!r}; expected jsonl or parquet")

@@ -71,7 +71,16 @@ def parquet_batches(source: str, batch_size: int = DEFAULT_BATCH) -> Iterator[pa
     if record_file_kind(path) != "parquet" or not path.is_file():
         raise UserError(f"RECORDS {path}: no such Parquet file")
     parquet = _open_parquet(path)
-    return _guarded(path, parquet.iter_batches(batch_size=batch_size))
+    return _guarded(path, row_group_batches(parquet, batch_size))
+
+
+def row_group_batches(parquet: pq.ParquetFile, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """The file's rows in batches of at most `batch_size`, through one reader per row group: one
+    reader over the whole file keeps every row group's nested column buffers (an embedding's
+    fixed-size list) allocated until it ends — a whole 2 GB file in memory by the last batch
+    (pyarrow 26; `pa.total_allocated_bytes()` shows it) — while a reader per row group frees them."""
+    for group in range(parquet.num_row_groups):
+        yield from parquet.iter_batches(batch_size=batch_size, row_groups=[group])
 
 
 def count_records(source: str) -> int | None:
@@ -125,8 +134,8 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
 def _parquet_records(parquet: pq.ParquetFile, batch_size: int) -> Iterator[Record]:
     from imagemill.core.stores.files import parquet_record
 
-    # one row group's batch at a time: a file of millions of records is never read whole
-    for batch in parquet.iter_batches(batch_size=batch_size):
+    # one batch at a time: a file of millions of records is never read whole
+    for batch in row_group_batches(parquet, batch_size):
         for row in batch.to_pylist():
             yield parquet_record(row)
 
