@@ -4,6 +4,7 @@ exit status, against real parts (tiny models, Redis, PostgreSQL, the S3 server, 
 import io
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -184,6 +185,29 @@ def test_stored_sink_urls_have_no_password_and_a_worker_adds_its_own() -> None:
         assert with_own_credentials(stored, other) == stored
     assert without_credentials("s3://bucket/prefix/") == "s3://bucket/prefix/"
     assert without_credentials("s3tags://?prefix=img-") == "s3tags://?prefix=img-"
+
+
+# 5. file:// manifest entries are incremental ------------------------------------------------------------------
+
+
+def test_a_file_uri_in_a_manifest_is_the_same_ref_as_its_path(tmp_path: Path) -> None:
+    (photo,) = write_photos(tmp_path / "photos", 1, 32, 24)
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text(json.dumps({"uri": photo.as_uri()}) + "\n" + json.dumps({"uri": str(photo)}) + "\n")
+    by_uri, by_path = open_source(str(manifest), Settings()).refs()
+    assert by_uri == by_path and by_uri.etag is not None and by_uri.size == photo.stat().st_size
+
+
+def test_a_manifest_of_file_uris_is_skipped_on_the_second_run(model_env: dict[str, str], tmp_path: Path) -> None:
+    photos = write_photos(tmp_path / "photos", 3, 32, 24)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("".join(p.as_uri() + "\n" for p in photos))
+    out = tmp_path / "out.jsonl"
+    first = run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), "-q")
+    assert first.returncode == 0, first.stderr
+    second = run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), "-q")
+    assert second.returncode == 0, second.stderr
+    assert re.search(r"annotated\W+0\b", second.stderr) and re.search(r"skipped\W+3\b", second.stderr), second.stderr
 
 
 # 8. inputs refused -------------------------------------------------------------------------------------------------
