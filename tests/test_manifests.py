@@ -235,7 +235,7 @@ def test_strict_check_names_the_first_bad_line_or_counts_the_entries(tmp_path: P
     path.write_text('{"uri": "s3://b/a.jpg"}\n\n{"uri": "s3://b/b.jpg"}\n')
     assert ManifestSource(path).check() == 2
     path.write_text('{"uri": "s3://b/a.jpg"}\n{"id": 2}\nnot json\n')
-    with pytest.raises(SourceError, match=r"^\S+list.jsonl line 2: no uri on this line") as raised:
+    with pytest.raises(SourceError, match=r"^\S+list.jsonl line 2 \(manifest:list.jsonl#L2\): no uri on") as raised:
         ManifestSource(path).check()
     assert "\n" not in str(raised.value)
 
@@ -305,7 +305,9 @@ def test_annotate_writes_one_record_per_line_and_strict_stops_at_the_first_bad_o
 
     strict = run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), "--strict", env=model_env)
     assert strict.returncode == 2 and not out.exists()
-    first_bad = f"error: {manifest} line 2: no uri on this line (--strict stops at the first bad line)"
+    first_bad = (
+        f"error: {manifest} line 2 (manifest:list.jsonl#L2): no uri on this line; --strict stops at the first bad line"
+    )
     assert strict.stderr.strip().splitlines() == [first_bad]
 
     result = run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), "-q", env=model_env)
@@ -519,7 +521,8 @@ def test_a_distributed_job_counts_every_manifest_line_bad_ones_as_bad_reference(
     strict = run_cli("submit", manifest, "--tasks", "moderation", "--strict", env=dist_env)
     assert strict.returncode == 2
     assert strict.stderr.strip().splitlines() == [
-        f"error: {manifest} line 2: no uri on this line (--strict stops at the first bad line)"
+        f"error: {manifest} line 2 (manifest:today.jsonl.zst#L2): no uri on this line;"
+        " --strict stops at the first bad line"
     ]
     registry = JobRegistry(dist_env["IMAGEMILL_BROKER_URL"])
     assert registry.recent() == []  # stopped before a job existed

@@ -91,7 +91,9 @@ class ManifestSource:
         count = 0
         for line, ref in self.numbered():
             if ref.problem is not None:
-                raise SourceError(f"{self} line {line}: {ref.problem} (--strict stops at the first bad line)")
+                raise SourceError(
+                    f"{self} line {line} ({ref.uri}): {ref.problem}; --strict stops at the first bad line"
+                )
             count += 1
         return count
 
