@@ -135,14 +135,13 @@ def _columnar(records: str, target: str, retagger: "Retagger", advance: Advance)
     from imagemill.core.stores import open_file_writer
     from imagemill.core.stores.files import ParquetWriter
     from imagemill.core.stores.reading import parquet_batches
+    from imagemill.pipeline.retag import retag_columnar
 
     batches = parquet_batches(records, COLUMN_BATCH)  # checked before the output is begun
     writer = open_file_writer(target)
     assert isinstance(writer, ParquetWriter)  # the target's name ends in .parquet
     with _aborting(writer, target):
-        for batch in batches:
-            writer.write_table(retagger.table(batch))
-            advance(batch.num_rows)
+        retag_columnar(batches, writer.write_table, retagger, advance)
         _require_some(retagger, records)
     writer.close()
 

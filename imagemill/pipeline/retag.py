@@ -8,6 +8,8 @@ path), which is what makes a million records take seconds rather than minutes.
 """
 
 import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,3 +209,27 @@ def _has_embedding(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def _named(name: str, revision: str | None) -> str:
     return f"{name}@{revision}" if revision else name
+
+
+def retag_columnar(
+    batches: Iterable[pa.RecordBatch],
+    write: Callable[[pa.Table], None],
+    retagger: Retagger,
+    advance: Callable[[int], None],
+) -> None:
+    """Re-tag Arrow batches into `write`, three stages overlapped: the next batch is read (Parquet
+    decoding) and the last one written (encoding, compression) on threads while this one is scored
+    (pyarrow and torch release the GIL). At most three batches are held."""
+    source = iter(batches)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="retag-io") as pool:
+        reading = pool.submit(next, source, None)
+        writing: Future[None] | None = None
+        while (batch := reading.result()) is not None:
+            reading = pool.submit(next, source, None)
+            table = retagger.table(batch)
+            if writing is not None:
+                writing.result()  # in order, and a failed write stops the run here
+            writing = pool.submit(write, table)
+            advance(batch.num_rows)
+        if writing is not None:
+            writing.result()
