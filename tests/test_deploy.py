@@ -643,7 +643,8 @@ def test_worker_image_is_cuda_torch_and_the_worker_extra() -> None:
     assert "download.pytorch.org/whl/cu" in args["TORCH_INDEX_URL"]
     assert any("python3.11" in run for run in runs)
     torch = next(i for i, run in enumerate(runs) if re.search(r"torch==\$\{?TORCH_VERSION", run))
-    worker = next(i for i, run in enumerate(runs) if re.search(r"pip install \S*\[worker\]", run))
+    worker = next(i for i, run in enumerate(runs) if re.search(r"pip install \S*\[worker(,[a-z]+)*\]", run))
+    assert any("pillow_heif" in run for run in runs)  # the heic extra: iPhone photos decode
     # torch is installed before the project, so the unpinned `torch>=2.2` does not pull another build
     assert torch < worker
     assert dockerfile(WORKER_DOCKERFILE).envs["HF_HOME"] == "/models"
