@@ -6,6 +6,7 @@ it (orientation, box shrink, resize, crop, normalisation, staging, fallback) is 
 """
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
 from imagemill.pipeline.decode import decode
 from imagemill.pipeline.device_decode import (
+    DeviceBatch,
     DeviceDecoder,
     PendingJpeg,
     orient,
@@ -170,3 +172,18 @@ def test_a_decoder_that_refuses_every_image_is_turned_off() -> None:
     assert path.decode(jpegs).rejected == list(range(8)) and path.disabled
     made = len(calls)
     assert path.decode(jpegs).rejected == list(range(8)) and len(calls) == made  # Pillow's from now on
+
+
+def test_a_device_path_that_fails_on_a_batch_costs_no_image(tiny_models: dict[str, object]) -> None:
+    settings = Settings(moderation_model=str(tiny_models["moderation"]), device="cpu", batch_size=3)
+    photos = [InlineImage(uri=f"mem:{i}", data=photo_jpeg(96, 64, seed=i)) for i in range(5)]
+
+    class Exploding(DeviceDecoder):
+        def decode(self, jpegs: Sequence[PendingJpeg]) -> DeviceBatch:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with Engine(settings, (Task.MODERATION,)) as engine:
+        engine.decode_on(torch.device("cpu"), Exploding(torch.device("cpu"), []))
+        records = list(engine.annotate(photos))
+    assert [r.uri for r in records] == [p.uri for p in photos]
+    assert all(r.error is None and r.moderation is not None and r.image is not None for r in records)

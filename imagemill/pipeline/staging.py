@@ -16,7 +16,7 @@ import torch
 
 from imagemill.core.errors import ImageError
 from imagemill.core.schemas import RecordError
-from imagemill.pipeline.device_decode import DeviceDecoder
+from imagemill.pipeline.device_decode import DeviceBatch, DeviceDecoder
 from imagemill.pipeline.prefetch import Prepared
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,11 @@ class Stager:
             for item, jpeg in zip(pending, jpegs, strict=True):
                 self._fall_back(item, jpeg.data)
             return []
-        result = self.decoder.decode(jpegs)
+        try:
+            result = self.decoder.decode(jpegs)
+        except Exception:  # out of device memory, a driver error: this batch goes the Pillow way
+            log.exception("the device decode path failed on a batch of %d; Pillow decodes it", len(jpegs))
+            result = DeviceBatch(decoded=[], inputs=[], rejected=list(range(len(jpegs))))
         for index in result.rejected:
             self._fall_back(pending[index], jpegs[index].data)
         tensors = [tensor.to(self.dtype) for tensor in result.inputs]
