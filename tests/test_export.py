@@ -250,3 +250,14 @@ def test_without_the_export_extra_it_says_how_to_get_it(
     assert result.exit_code == 2 and result.stderr.count("error:") == 1
     assert "needs the export extra: pip install 'imagemill[export]'" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_an_export_of_nothing_is_an_empty_dataset_with_the_columns(annotated: Annotated, tmp_path: Path) -> None:
+    reader, nothing = ObjectReader(Settings()), Options(where=parse_where(["tag=no such tag"]))
+    report = export(lambda: [annotated.records], ExportFormat.HF, tmp_path / "hf", reader, nothing)
+    assert (report.read, report.exported, report.filtered) == (len(annotated.records), 0, len(annotated.records))
+    empty = datasets.load_from_disk(str(tmp_path / "hf"))
+    assert len(empty) == 0 and {"image", "uri", "caption", "tags"} <= set(empty.features)
+    export(lambda: [annotated.records], ExportFormat.WEBDATASET, tmp_path / "wds", reader, nothing)
+    shard = str(tmp_path / "wds" / "shard-000000.tar")
+    assert list(webdataset.WebDataset(shard, shardshuffle=False, empty_check=False)) == []

@@ -240,8 +240,15 @@ def _write_hf(
         if isinstance(exc.__cause__, UserError):
             raise exc.__cause__ from None
         raise
-    shards = None
-    if options.shard_size and len(dataset):
+    except ValueError:
+        if report.exported:
+            raise
+        # datasets cannot make a split of no rows from a generator: an empty export is still a dataset
+        dataset = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    shards = None  # datasets' own: files of at most 500 MB
+    if not len(dataset):
+        shards = 1  # datasets would write none, and a folder of no shards does not load
+    elif options.shard_size:
         shards = math.ceil(len(dataset) / options.shard_size)
     dataset.save_to_disk(str(out), num_shards=shards)
     report.shards = len(list(out.glob("data-*.arrow")))
