@@ -6,6 +6,7 @@ it (orientation, box shrink, resize, crop, normalisation, staging, fallback) is 
 """
 
 import io
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from imagemill.core.errors import ErrorKind, ImageError
-from imagemill.core.schemas import Task
+from imagemill.core.schemas import ImageRef, Task
 from imagemill.core.settings import Settings
 from imagemill.pipeline.decode import decode
 from imagemill.pipeline.device_decode import (
@@ -27,8 +28,9 @@ from imagemill.pipeline.device_decode import (
     resolve_decode_device,
 )
 from imagemill.pipeline.engine import Engine
-from imagemill.pipeline.prefetch import InlineImage
+from imagemill.pipeline.prefetch import InlineImage, Prepared
 from imagemill.pipeline.preprocess import Preprocessor
+from imagemill.pipeline.staging import Staged, Stager
 from tests.fixtures.images import mixed_cases, photo_image, photo_jpeg
 
 LIMIT = 64_000_000
@@ -187,3 +189,26 @@ def test_a_device_path_that_fails_on_a_batch_costs_no_image(tiny_models: dict[st
         records = list(engine.annotate(photos))
     assert [r.uri for r in records] == [p.uri for p in photos]
     assert all(r.error is None and r.moderation is not None and r.image is not None for r in records)
+
+
+def test_the_next_batch_is_staged_while_the_current_one_runs() -> None:
+    staged: list[str] = []
+    stager = Stager(torch.device("cpu"), torch.float32, fallback=lambda item, data: None)
+    stage = stager.stage
+
+    def recording(batch: list[Prepared]) -> Staged:
+        staged.append(batch[0].ref.uri)
+        return stage(batch)
+
+    stager.stage = recording  # type: ignore[method-assign]
+    batches = [[Prepared(ref=ImageRef(uri=f"mem:{i}"))] for i in range(3)]
+    seen = []
+    for batch in stager.staged(iter(batches)):
+        seen.append(batch[0].ref.uri)
+        if batch[0].ref.uri == "mem:0":
+            deadline = time.monotonic() + 10
+            while "mem:1" not in staged and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert "mem:1" in staged  # staged while the models would be running batch 0
+    stager.close()
+    assert seen == ["mem:0", "mem:1", "mem:2"]
