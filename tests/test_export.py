@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from imagemill.cli import app
 from imagemill.core.errors import UserError
-from imagemill.core.schemas import Record
+from imagemill.core.schemas import ImageInfo, Record
 from imagemill.core.settings import Settings
 from imagemill.core.storage import ObjectReader, local_path
 from imagemill.core.stores import open_writer
@@ -26,6 +26,7 @@ from imagemill.pipeline.exports import ExportFormat, Options, export
 from imagemill.pipeline.record_filter import parse_where
 from tests.fixtures.cli import run_cli
 from tests.fixtures.images import photo_jpeg, write_mixed
+from tests.fixtures.s3 import s3_client
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,8 @@ def test_bad_input_is_one_line_and_exit_2_leaving_nothing_behind(annotated: Anno
     taken = runner.invoke(app, ["export", records, "--format", "webdataset", "--out", str(tmp_path / "full"), "-q"])
     assert taken.exit_code == 2 and "already exists and is not empty" in taken.stderr
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    url = runner.invoke(app, ["export", records, "--format", "hf", "--out", "s3://bucket/photos"])
+    assert url.exit_code == 2 and "a local directory, not a URL" in url.stderr
     missing = runner.invoke(app, ["export", str(tmp_path / "no.jsonl"), "--format", "hf", "--out", str(tmp_path / "b")])
     assert missing.exit_code == 2 and missing.stderr.count("error:") == 1 and "no such file" in missing.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no partial export left
@@ -261,3 +264,21 @@ def test_an_export_of_nothing_is_an_empty_dataset_with_the_columns(annotated: An
     export(lambda: [annotated.records], ExportFormat.WEBDATASET, tmp_path / "wds", reader, nothing)
     shard = str(tmp_path / "wds" / "shard-000000.tar")
     assert list(webdataset.WebDataset(shard, shardshuffle=False, empty_check=False)) == []
+
+
+def test_s3_images_are_read_through_the_storage_code_and_a_deleted_or_replaced_object_is_skipped(
+    s3_env: str, bucket: str, tmp_path: Path
+) -> None:
+    s3 = s3_client(s3_env)
+    records = []
+    for n, name in enumerate(("kept.jpg", "deleted.jpg", "replaced.jpg")):
+        s3.put_object(Bucket=bucket, Key=f"p/{name}", Body=photo_jpeg(64, 48, seed=n))
+        etag = s3.head_object(Bucket=bucket, Key=f"p/{name}")["ETag"].strip('"')
+        image = ImageInfo(width=64, height=48, format="JPEG")
+        records.append(Record(uri=f"s3://{bucket}/p/{name}", etag=etag, image=image, signature="s"))
+    s3.delete_object(Bucket=bucket, Key="p/deleted.jpg")
+    s3.put_object(Bucket=bucket, Key="p/replaced.jpg", Body=photo_jpeg(64, 48, seed=9))
+    report = export(lambda: [records], ExportFormat.WEBDATASET, tmp_path / "wds", ObjectReader(Settings()), Options())
+    assert (report.exported, report.missing.shown, report.changed.shown) == (1, [records[1].uri], [records[2].uri])
+    (sample,) = webdataset.WebDataset(str(tmp_path / "wds" / "shard-000000.tar"), shardshuffle=False)
+    assert sample["jpg"] == photo_jpeg(64, 48, seed=0)

@@ -3,6 +3,7 @@
 The writing is `pipeline.exports`; this module wires the arguments, the progress bar and the summary.
 """
 
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,12 +12,15 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from imagemill.cli.display import console, progress_bar, run_reporting_errors
+from imagemill.cli.display import console, fail, progress_bar, run_reporting_errors
 from imagemill.core.schemas import Record
 from imagemill.core.settings import get_settings
 from imagemill.core.storage import ObjectReader
 from imagemill.pipeline.exports import ExportFormat, ExportReport, Options, Skipped, export
 from imagemill.pipeline.record_filter import parse_where
+
+# `--out s3://b/x` reaches us as the path `s3:/b/x` (Path folds the double slash)
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
 def export_command(
@@ -44,6 +48,8 @@ def export_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Export RECORDS with their images' original bytes as a Hugging Face dataset or WebDataset shards."""
+    if URL.match(str(out)):
+        fail(f"--out {out}: a local directory, not a URL (export here, then copy it, e.g. with aws s3 sync)")
     conditions = run_reporting_errors(lambda: parse_where(where or []))
     settings = get_settings()
     options = Options(where=conditions, only_ok=only_ok, shard_size=shard_size, threads=settings.fetch_threads)
