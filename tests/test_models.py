@@ -14,7 +14,8 @@ from imagemill.core.storage import file_uri
 from imagemill.pipeline.engine import Engine
 from imagemill.pipeline.models import RUNNERS, load_runners
 from imagemill.pipeline.models.device import pins_memory, resolve_device, resolve_dtype
-from imagemill.pipeline.models.runner import weights_hash
+from imagemill.pipeline.models.moderation import ModerationRunner
+from imagemill.pipeline.models.runner import ModelId, weights_hash
 from tests.fixtures.images import photo_image
 
 
@@ -53,6 +54,27 @@ def test_flagged_comes_from_the_thresholded_labels_only_at_or_over_their_limit(t
     # the limit itself flags (>=), just under it does not
     assert runner._judge([0.5, 0.5]).flagged
     assert runner._judge([0.01, 0.99]).flagged
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "row", "flagged"),
+    [
+        ({"nsfw": 0.5}, [0.99, 0.01], False),  # a label without a threshold never flags
+        ({"nsfw": 0.5}, [0.5, 0.5], True),  # the limit itself flags
+        ({"nsfw": 0.5}, [0.500001, 0.499999], False),
+        ({"nsfw": 0.9, "normal": 0.99}, [0.95, 0.05], False),  # every threshold is its own label's
+        ({"nsfw": 0.9, "normal": 0.95}, [0.95, 0.05], True),  # any thresholded label at its limit flags
+        ({}, [0.0, 1.0], False),  # no thresholds: nothing is flagged
+    ],
+)
+def test_judging_one_row_of_scores(thresholds: dict[str, float], row: list[float], flagged: bool) -> None:
+    """The threshold rule alone, without a model (fast: what `python -m bench.mutation` runs)."""
+    runner = ModerationRunner.__new__(ModerationRunner)  # no model: `_judge` reads only these
+    runner.labels, runner.thresholds, runner.model_id = ["normal", "nsfw"], thresholds, ModelId("m", "r")
+    judged = runner._judge(row)
+    assert judged.flagged is flagged
+    assert judged.scores == {"normal": round(row[0], 6), "nsfw": round(row[1], 6)}
+    assert (judged.model, judged.revision) == ("m", "r")
 
 
 def test_thresholds_must_name_a_label_the_model_has(tiny_models) -> None:
