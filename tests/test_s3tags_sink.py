@@ -5,15 +5,14 @@ import pickle
 import re
 
 import pytest
-from botocore.client import BaseClient
 from botocore.exceptions import ClientError
-from botocore.stub import Stubber
 
 from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.schemas import Moderation, Record, RecordError, Tags, TagScore
 from imagemill.core.settings import Settings
 from imagemill.core.stores import open_writer
 from imagemill.core.stores.s3tags import ObjectTagsSink, TaggingDenied, join_labels, object_tags
+from tests.fixtures.faulty_s3 import faulty_proxy
 from tests.fixtures.s3 import s3_client
 
 ALLOWED_VALUE = re.compile(r"[A-Za-z0-9 +\-=._:/@]*")
@@ -86,10 +85,13 @@ def test_user_tags_are_kept_and_our_old_tags_replaced_on_a_rewrite(s3_endpoint: 
 
 def test_writing_the_same_record_twice_leaves_the_same_tags_without_a_second_put(s3_endpoint: str, bucket: str) -> None:
     uri = put(s3_endpoint, bucket, "d.jpg", {"owner": "alice"})
-    out = sink(s3_endpoint)
-    out.write([annotated(uri, flagged=True)], "job/000001")
-    first = tags_of(s3_endpoint, bucket, "d.jpg")
-    out.write([annotated(uri, flagged=True)], "job/000001")
+    with faulty_proxy(s3_endpoint) as proxy:  # the server's count of requests, not the sink's own
+        out = sink(proxy.url)
+        out.write([annotated(uri, flagged=True)], "job/000001")
+        first = tags_of(s3_endpoint, bucket, "d.jpg")
+        assert proxy.count("PUT", "d.jpg") == 1
+        out.write([annotated(uri, flagged=True)], "job/000001")
+        assert proxy.count("PUT", "d.jpg") == 1 and proxy.count("GET", "d.jpg") == 2  # read again, not written
     assert tags_of(s3_endpoint, bucket, "d.jpg") == first
     assert out.counts == {"tagged": 1, "unchanged": 1}
 
@@ -214,24 +216,29 @@ def test_two_records_for_one_object_in_a_chunk_leave_the_last_ones_tags(s3_endpo
     assert out.counts == {"tagged": 1}
 
 
-def test_access_denied_raises_a_retryable_error_naming_the_object_and_permissions() -> None:
-    out = ObjectTagsSink(settings=Settings(s3_endpoint_url="http://127.0.0.1:1"))
-    client: BaseClient = out.client
-    with Stubber(client) as stub:
-        stub.add_client_error("get_object_tagging", "AccessDenied", "Access Denied", 403)
+def test_access_denied_raises_a_retryable_error_naming_the_object_and_permissions(
+    s3_endpoint: str, bucket: str
+) -> None:
+    uri = put(s3_endpoint, bucket, "secret.jpg")
+    with faulty_proxy(s3_endpoint) as proxy:  # a real 403 answer from the S3 endpoint
+        proxy.add_rule("GET", "secret.jpg", query_contains="tagging", status=403, code="AccessDenied")
         with pytest.raises(TaggingDenied) as caught:
-            out.write([annotated("s3://photos/secret.jpg")], "job/000001")
+            sink(proxy.url).write([annotated(uri)], "job/000001")
+        assert proxy.count("GET", "secret.jpg") == 1  # a 403 is an answer: not retried by boto3
     assert isinstance(caught.value, ClientError)  # the chunk task retries ClientErrors, then fails the job
-    assert "s3://photos/secret.jpg" in str(caught.value) and "s3:PutObjectTagging" in str(caught.value)
+    assert uri in str(caught.value) and "s3:PutObjectTagging" in str(caught.value)
     assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)
 
 
-def test_other_s3_errors_propagate() -> None:
-    out = ObjectTagsSink(settings=Settings(s3_endpoint_url="http://127.0.0.1:1"))
-    with Stubber(out.client) as stub:
-        stub.add_client_error("get_object_tagging", "InternalError", "oops", 500)
+def test_other_s3_errors_propagate_after_boto3s_attempts(s3_endpoint: str, bucket: str) -> None:
+    uri = put(s3_endpoint, bucket, "a.jpg")
+    with faulty_proxy(s3_endpoint) as proxy:
+        proxy.add_rule("GET", "a.jpg", query_contains="tagging", status=500, code="InternalError")
+        out = ObjectTagsSink.from_url("s3tags://", Settings(s3_endpoint_url=proxy.url, s3_max_attempts=2))
         with pytest.raises(ClientError, match="InternalError"):
-            out.write([annotated("s3://photos/a.jpg")], "job/000001")
+            out.write([annotated(uri)], "job/000001")
+        assert proxy.count("GET", "a.jpg") == 2  # IMAGEMILL_S3_MAX_ATTEMPTS in all, then the error
+        assert proxy.count("PUT", "a.jpg") == 0
 
 
 def test_object_tags_only_names_the_tasks_that_ran() -> None:
