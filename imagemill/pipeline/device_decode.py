@@ -21,7 +21,6 @@ from imagemill.pipeline.preprocess import Preprocessor, shortest_edge_size
 
 log = logging.getLogger(__name__)
 
-DECODE_DEVICES = ("auto", "cpu", "cuda")
 # modes nvjpeg turns into RGB itself; CMYK/YCCK (Adobe) JPEGs are not among them
 DEVICE_MODES = ("RGB", "L")
 # Pillow's resampling filters that torch's interpolate computes the same way (antialiased when shrinking)
