@@ -283,7 +283,7 @@ def test_a_caption_model_path_that_does_not_exist_says_no_such_directory(tmp_pat
     )
     assert result.returncode == 3
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: the caption model '/nonexistent' (IMAGEMILL_CAPTION_MODEL): no such directory"
+        "error: cannot load the caption model '/nonexistent': no such directory (IMAGEMILL_CAPTION_MODEL)"
     )
 
 

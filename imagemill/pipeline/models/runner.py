@@ -93,7 +93,8 @@ def load_pretrained(task: Task, loader: Any, name: str, revision: str | None, **
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
     if looks_like_path(name) and not Path(name).expanduser().is_dir():
         # else the hub client reads it as a repo id and complains about its characters
-        raise ModelLoadError(f"the {task} model {name!r} (IMAGEMILL_{task.upper()}_MODEL): no such directory")
+        variable = f"IMAGEMILL_{task.upper()}_MODEL"
+        raise ModelLoadError(f"cannot load the {task} model {name!r}: no such directory ({variable})")
     try:
         return loader.from_pretrained(name, revision=revision, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad models
