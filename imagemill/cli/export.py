@@ -69,7 +69,8 @@ def export_command(
                 ObjectReader(settings),
                 options,
                 advance=lambda n: progress.advance(task, n),
-                total=lambda n: progress.update(task, total=n),
+                # hf reads the records twice: the first pass counts up, then the bar starts again
+                total=lambda n: progress.update(task, completed=0, total=n),
             )
         )
     _summary(report, out, time.perf_counter() - started)

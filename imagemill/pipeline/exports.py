@@ -105,7 +105,8 @@ def export(
 ) -> ExportReport:
     """Write the records of `batches` (called once, or twice for `hf`: a first pass learns the
     columns) and their images to `out`, which must not exist or be empty. `advance` is told of each
-    record handled, `total` of the number to handle when a first pass knows it."""
+    record handled (and of each read by a first pass), `total` of the number to handle once a
+    first pass knows it: the count starts again from there."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty: name a new directory")
     work = out.with_name(f".{out.name}.partial")
@@ -221,7 +222,7 @@ def _write_hf(
         from datasets.exceptions import DatasetGenerationError
     except ModuleNotFoundError:
         raise UserError(f"--format hf needs the export extra: {EXPORT_EXTRA}") from None
-    columns = _Columns.learn(batches(), options)
+    columns = _Columns.learn(batches(), options, advance)
     total(columns.records)
     features = columns.features()
 
@@ -264,9 +265,10 @@ class _Columns:
     labels: set[str] = field(default_factory=set)
 
     @classmethod
-    def learn(cls, batches: Iterable[list[Record]], options: Options) -> "_Columns":
+    def learn(cls, batches: Iterable[list[Record]], options: Options, advance: Callable[[int], None]) -> "_Columns":
         found = cls()
         for batch in batches:
+            advance(len(batch))
             for record in batch:
                 if not options.where(record) or (options.only_ok and record.error is not None):
                     continue
