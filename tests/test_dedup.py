@@ -3,7 +3,9 @@ real embeddings; on constructed vectors, connected components of pairs at or abo
 the largest image as representative, tiles smaller than n giving the same groups."""
 
 import json
+import secrets
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 from imagemill.cli import app
 from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.schemas import Embedding, ImageInfo, Record, RecordError
+from imagemill.core.stores import open_writer
 from imagemill.core.stores.files import read_records
 from imagemill.pipeline.near_duplicates import Embeddings, collect, components, group, similar_pairs
 from tests.fixtures.cli import run_cli
@@ -203,3 +206,26 @@ def test_without_the_dedup_extra_it_says_how_to_get_it(tmp_path: Path, monkeypat
     monkeypatch.setitem(sys.modules, "scipy", None)
     result = CliRunner().invoke(app, ["dedup", str(tmp_path / "records.jsonl"), "--out", str(tmp_path / "g.jsonl")])
     assert result.exit_code == 2 and "pip install 'imagemill[dedup]'" in result.stderr
+
+
+def test_dedup_reads_the_current_records_of_postgresql_unless_history(pg_url: str, tmp_path: Path) -> None:
+    # x.jpg was a copy of y.jpg until it was replaced by another picture: now nothing is alike
+    old_x = record("file:///x.jpg", [1, 0, 0])
+    new_x = record("file:///x.jpg", [0, 1, 0]).model_copy(
+        update={"etag": "e2", "processed_at": old_x.processed_at + timedelta(hours=1)}
+    )
+    url = f"{pg_url}?table=dedup_{secrets.token_hex(4)}"
+    with open_writer(url) as store:
+        store.write([old_x, record("file:///y.jpg", [1, 0, 0])], "job-1/000000")
+        store.write([new_x], "job-2/000000")
+    runner = CliRunner()
+    current = runner.invoke(app, ["dedup", url, "--out", str(tmp_path / "current.jsonl"), "-q"])
+    assert current.exit_code == 0, current.output
+    assert (tmp_path / "current.jsonl").read_text() == ""
+    history = runner.invoke(app, ["dedup", url, "--history", "--out", str(tmp_path / "history.jsonl"), "-q"])
+    assert history.exit_code == 0, history.output
+    (line,) = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert [(m["uri"], m["etag"]) for m in json.loads(line)["members"]] == [
+        ("file:///x.jpg", "e"),
+        ("file:///y.jpg", "e"),
+    ]
