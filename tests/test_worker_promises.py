@@ -1,0 +1,105 @@
+"""Promises kept by one real worker, in one session: IMAGEMILL_ROUTES, the object and tags sinks
+written through the worker, a cancel that lets the running chunk finish, and the metrics of
+chunks that were not run (cancelled, unknown job) scraped from its endpoint.
+
+One worker for all of it: starting a worker is the costly part of a distributed test.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from imagemill.core.broker import CHUNK_TASK, make_celery, queue_depth
+from imagemill.core.jobs import JobRegistry, JobState
+from imagemill.core.schemas import ChunkMessage, ImageRef, Task
+from imagemill.core.settings import Settings
+from imagemill.core.stores.files import read_records
+from tests.fixtures.cli import run_cli
+from tests.fixtures.distributed import submitted, upload_photos, wait_for
+from tests.fixtures.s3 import free_port, s3_client
+from tests.fixtures.workers import start_worker
+from tests.test_metrics import parse, scrape, value
+
+pytestmark = pytest.mark.slow  # a worker and several jobs
+
+ROUTED = "imagemill-moderation"
+
+
+def test_a_routed_worker_writes_every_sink_lets_a_cancelled_chunk_finish_and_counts_what_it_dropped(
+    dist_env: dict[str, str], bucket: str, workers: list, tmp_path: Path
+) -> None:
+    endpoint = dist_env["IMAGEMILL_S3_ENDPOINT_URL"]
+    port = free_port()
+    env = {
+        **dist_env,
+        "IMAGEMILL_ROUTES": json.dumps({"moderation": ROUTED}),
+        "IMAGEMILL_METRICS_PORT": str(port),
+        "IMAGEMILL_METRICS_ADDR": "127.0.0.1",
+        "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.4}),  # a chunk of 2 takes ~1 s
+    }
+    # the worker listens on the routed queue only: a job it finishes was sent there
+    workers.append(start_worker(env, tmp_path / "worker.log", "--queues", ROUTED).wait_ready())
+    registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
+    client = s3_client(endpoint)
+
+    # every kind of sink, written by the worker
+    keys = upload_photos(endpoint, bucket, "in/", 2)
+    folder = tmp_path / "records"
+    folder.mkdir()
+    for sink in (f"s3://{bucket}/out/", folder.as_uri(), "s3tags://"):
+        job_id = submitted(
+            run_cli(
+                "submit", f"s3://{bucket}/in/", "--tasks", "moderation", "--sink", sink, "--wait", env=env, timeout=120
+            )
+        )
+        assert registry.get(job_id).state == JobState.DONE, sink
+    assert queue_depth(registry.redis, Settings.model_fields["queue"].default) == 0  # nothing went the default way
+    written = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
+    assert written, "no chunk object under the s3:// sink"
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files and sorted(Path(r.uri).name for f in files for r in read_records(f)) == ["p0000.jpg", "p0001.jpg"]
+    for key in keys:
+        tags = {t["Key"]: t["Value"] for t in client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
+        assert tags.get("imagemill-flagged") in ("true", "false"), tags
+
+    # cancel while a chunk runs: that chunk finishes and is written, the ones not started are dropped
+    upload_photos(endpoint, bucket, "cancel/", 8)
+    job_id = submitted(
+        run_cli("submit", f"s3://{bucket}/cancel/", "--tasks", "moderation", "--chunk-size", "2", env=env)
+    )
+    worker = workers[0]
+    received = worker.log.count("received")
+    wait_for(lambda: worker.log.count("received") > received, 60, "a chunk of the job to start")
+    assert registry.cancel(job_id)  # what `imagemill cancel` does, without a process start's delay
+    wait_for(
+        lambda: (lambda j: j.chunks_done + j.chunks_cancelled == j.chunks_total)(registry.get(job_id)),
+        60,
+        "every chunk accounted for",
+    )
+    job = registry.get(job_id)
+    assert job.state == JobState.CANCELLED
+    assert job.chunks_done >= 1 and job.annotated == 2 * job.chunks_done  # the running chunk completed whole
+    assert job.chunks_cancelled >= 1
+
+    # a chunk of a job the registry does not know is dropped and counted
+    message = ChunkMessage(
+        job_id="nosuchjob0000",
+        chunk_id="nosuchjob0000/000001",
+        tasks=(Task.MODERATION,),
+        refs=[ImageRef(uri=f"s3://{bucket}/in/p0000.jpg")],
+    )
+    make_celery(Settings(broker_url=env["IMAGEMILL_BROKER_URL"])).send_task(
+        CHUNK_TASK, args=[message.model_dump(mode="json")], queue=ROUTED
+    )
+    wait_for(lambda: "belongs to no known job" in worker.log, 60, "the unknown job's chunk")
+    deadline = time.monotonic() + 30
+    while True:
+        samples = parse(scrape(port))
+        if value(samples, "imagemill_chunks_total", outcome="unknown_job") == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert value(samples, "imagemill_chunks_total", outcome="unknown_job") == 1
+    assert value(samples, "imagemill_chunks_total", outcome="cancelled") == job.chunks_cancelled
+    assert value(samples, "imagemill_chunks_total", outcome="annotated") == 3 + job.chunks_done
