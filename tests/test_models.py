@@ -62,6 +62,8 @@ def test_flagged_comes_from_the_thresholded_labels_only_at_or_over_their_limit(t
         ({"nsfw": 0.5}, [0.99, 0.01], False),  # a label without a threshold never flags
         ({"nsfw": 0.5}, [0.5, 0.5], True),  # the limit itself flags
         ({"nsfw": 0.5}, [0.500001, 0.499999], False),
+        ({"nsfw": 0.5}, [0.01, 0.99], True),  # over the limit flags too
+        ({"nsfw": 0.5}, [0.1234567, 0.8765433], True),  # scores are kept to 6 places
         ({"nsfw": 0.9, "normal": 0.99}, [0.95, 0.05], False),  # every threshold is its own label's
         ({"nsfw": 0.9, "normal": 0.95}, [0.95, 0.05], True),  # any thresholded label at its limit flags
         ({}, [0.0, 1.0], False),  # no thresholds: nothing is flagged
@@ -75,6 +77,8 @@ def test_judging_one_row_of_scores(thresholds: dict[str, float], row: list[float
     assert judged.flagged is flagged
     assert judged.scores == {"normal": round(row[0], 6), "nsfw": round(row[1], 6)}
     assert (judged.model, judged.revision) == ("m", "r")
+    with pytest.raises(ValueError):  # a row that does not match the labels is a bug, never a silent misreading
+        runner._judge(row[:1])
 
 
 def test_thresholds_must_name_a_label_the_model_has(tiny_models) -> None:
