@@ -1,0 +1,221 @@
+"""`python -m bench.mutation`: mutation testing (cosmic-ray) of the modules that carry the README's
+guarantees, each against only its fast targeted tests, with a killed / survived / equivalent report.
+
+    python -m bench.mutation --budget-min 40 --out bench/results
+    python -m bench.mutation --modules moderation,decode --out bench/results
+
+Never in CI: it mutates a private export of HEAD (`git archive`, never the working tree) and runs
+the tests once per mutant. Each surviving mutant is either listed in EQUIVALENT (with why no test
+can tell it apart) or is a missing test. The time box stops between mutants; the report says what ran.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One guarantee module: the functions whose mutants count, and the tests that must kill them."""
+
+    path: str
+    functions: frozenset[str]
+    tests: str  # pytest arguments
+
+
+TARGETS = {
+    "moderation": Target(
+        "imagemill/pipeline/models/moderation.py",
+        frozenset({"_judge"}),
+        "--noconftest tests/test_models.py -k judging",
+    ),
+    "decode": Target(
+        "imagemill/pipeline/decode.py",
+        frozenset({"decode", "from_image", "_check_pixels", "_open", "_load"}),
+        "--noconftest tests/test_decode.py",
+    ),
+    "storage-limits": Target(
+        "imagemill/core/storage.py",
+        frozenset({"read", "_too_large", "_read_file", "_read_s3"}),
+        "tests/test_byte_limits.py -k 'not real_run'",
+    ),
+}
+
+# Survivors no test can tell apart from the original, keyed by (target, operator, the mutated line
+# as written, stripped); the value says why. A survivor not listed here is a missing test.
+EQUIVALENT: dict[tuple[str, str, str], str] = {}
+
+
+def export_head(into: Path) -> None:
+    """HEAD's files (committed code and tests only) into `into`."""
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+
+
+def run(cmd: list[str], cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def config(tree: Path, target: Target) -> str:
+    command = f"{sys.executable} -m pytest -x -q -p no:cacheprovider {target.tests}"
+    return "\n".join(
+        [
+            "[cosmic-ray]",
+            f'module-path = "{tree / target.path}"',
+            "timeout = 300.0",
+            "excluded-modules = []",
+            f"test-command = {json.dumps(command)}",
+            "",
+            "[cosmic-ray.distributor]",
+            'name = "local"',
+            "",
+        ]
+    )
+
+
+def keep_only(session: Path, functions: frozenset[str]) -> int:
+    """Drop the mutants outside the guarantee's functions; returns how many are left."""
+    with sqlite3.connect(session) as db:
+        marks = ",".join("?" * len(functions))
+        outside = f"SELECT job_id FROM mutation_specs WHERE definition_name NOT IN ({marks})"
+        jobs = [row[0] for row in db.execute(outside, tuple(functions))]
+        db.executemany("DELETE FROM mutation_specs WHERE job_id = ?", [(j,) for j in jobs])
+        db.executemany("DELETE FROM work_items WHERE job_id = ?", [(j,) for j in jobs])
+        return int(db.execute("SELECT count(*) FROM work_items").fetchone()[0])
+
+
+def outcomes(session: Path, tree: Path, name: str, target: Target) -> dict[str, object]:
+    lines = (tree / target.path).read_text().splitlines()
+    query = (
+        "SELECT s.operator_name, s.start_pos_row, s.definition_name, r.test_outcome, r.worker_outcome"
+        " FROM mutation_specs s LEFT JOIN work_results r ON r.job_id = s.job_id ORDER BY s.start_pos_row"
+    )
+    counts = {"killed": 0, "survived": 0, "equivalent": 0, "incompetent": 0, "not run": 0}
+    survivors, equivalents = [], []
+    with sqlite3.connect(session) as db:
+        for operator, row, function, test_outcome, worker_outcome in db.execute(query):
+            text = lines[row - 1].strip() if 0 < row <= len(lines) else ""
+            entry = {"operator": operator, "line": row, "function": function, "code": text}
+            if test_outcome is None:
+                counts["not run"] += 1
+            elif test_outcome == "killed":
+                counts["killed"] += 1
+            elif test_outcome == "incompetent" or worker_outcome not in ("normal", None):
+                counts["incompetent"] += 1  # the mutant does not run (a type error at import): not a test gap
+            elif (name, operator, text) in EQUIVALENT:
+                counts["equivalent"] += 1
+                equivalents.append({**entry, "why": EQUIVALENT[(name, operator, text)]})
+            else:
+                counts["survived"] += 1
+                survivors.append(entry)
+    return {"module": target.path, "tests": target.tests, **counts, "survivors": survivors, "equivalents": equivalents}
+
+
+def mutate(name: str, target: Target, tree: Path, deadline: float) -> dict[str, object]:
+    work = tree.parent / f"{name}.sqlite"
+    cfg = tree.parent / f"{name}.toml"
+    cfg.write_text(config(tree, target))
+    baseline = run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *shlex.split(target.tests)], tree
+    )
+    if baseline.returncode != 0:
+        return {"module": target.path, "tests": target.tests, "error": "baseline tests fail: " + baseline.stdout[-800:]}
+    run(["cosmic-ray", "init", str(cfg), str(work)], tree)
+    total = keep_only(work, target.functions)
+    started = time.monotonic()
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    exec_ = subprocess.Popen(["cosmic-ray", "exec", str(cfg), str(work)], cwd=tree, env=env)
+    try:
+        exec_.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        exec_.terminate()
+        exec_.wait()
+    result = outcomes(work, tree, name, target)
+    return {**result, "mutants": total, "seconds": round(time.monotonic() - started, 1)}
+
+
+def markdown(report: dict[str, object]) -> str:
+    out = [
+        f"# Mutation testing — {report['when']}",
+        "",
+        f"`{report['command']}` (cosmic-ray {report['tool_version']}) over an export of HEAD {report['head']};",
+        f"time box {report['budget_min']} min on {report['machine']}.",
+        "",
+        "| module | tests | mutants | killed | survived | equivalent | incompetent | not run | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    modules = report["modules"]
+    assert isinstance(modules, dict)
+    for name, r in modules.items():
+        if "error" in r:
+            out.append(f"| {name} | `{r['tests']}` | — | {r['error']} | | | | | |")
+            continue
+        out.append(
+            f"| {name} (`{r['module']}`) | `{r['tests']}` | {r['mutants']} | {r['killed']} | {r['survived']} |"
+            f" {r['equivalent']} | {r['incompetent']} | {r['not run']} | {r['seconds']} |"
+        )
+    for name, r in modules.items():
+        for title, key in (("Survivors (missing tests)", "survivors"), ("Equivalent survivors", "equivalents")):
+            if r.get(key):
+                out += ["", f"## {name}: {title}", ""]
+                for s in r[key]:
+                    why = f" — {s['why']}" if "why" in s else ""
+                    out.append(f"- line {s['line']} `{s['function']}` {s['operator']}: `{s['code']}`{why}")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modules", default=",".join(TARGETS), help=f"comma-separated: {', '.join(TARGETS)}")
+    parser.add_argument("--budget-min", type=float, default=40.0, help="stop starting mutants after this")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.modules.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(TARGETS))
+    if unknown:
+        parser.error(f"unknown modules {unknown}; known: {', '.join(TARGETS)}")
+    deadline = time.monotonic() + args.budget_min * 60
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    version = subprocess.run(["cosmic-ray", "--version"], capture_output=True, text=True).stdout.split()[-1]
+    modules: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="imagemill-mutation-") as temp:
+        tree = Path(temp) / "tree"
+        tree.mkdir()
+        export_head(tree)
+        for name in names:
+            if time.monotonic() >= deadline:
+                modules[name] = {"module": TARGETS[name].path, "tests": TARGETS[name].tests, "error": "time box spent"}
+                continue
+            modules[name] = mutate(name, TARGETS[name], tree, deadline)
+            print(json.dumps({name: {k: v for k, v in modules[name].items() if k not in ("survivors", "equivalents")}}))
+    when = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    report = {
+        "when": when,
+        "head": head.strip(),
+        "command": "python -m bench.mutation " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "tool_version": version,
+        "budget_min": args.budget_min,
+        "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
+        "modules": modules,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{when}-mutation.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{when}-mutation.md").write_text(markdown(report))
+    print(args.out / f"{when}-mutation.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
