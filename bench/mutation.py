@@ -108,11 +108,12 @@ def outcomes(session: Path, tree: Path, name: str, target: Target) -> dict[str, 
         for operator, row, function, test_outcome, worker_outcome in db.execute(query):
             text = lines[row - 1].strip() if 0 < row <= len(lines) else ""
             entry = {"operator": operator, "line": row, "function": function, "code": text}
-            if test_outcome is None:
+            test_outcome, worker_outcome = (test_outcome or "").lower(), (worker_outcome or "").lower()
+            if not test_outcome:
                 counts["not run"] += 1
             elif test_outcome == "killed":
                 counts["killed"] += 1
-            elif test_outcome == "incompetent" or worker_outcome not in ("normal", None):
+            elif test_outcome == "incompetent" or worker_outcome not in ("normal", ""):
                 counts["incompetent"] += 1  # the mutant does not run (a type error at import): not a test gap
             elif (name, operator, text) in EQUIVALENT:
                 counts["equivalent"] += 1
@@ -181,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", default=",".join(TARGETS), help=f"comma-separated: {', '.join(TARGETS)}")
     parser.add_argument("--budget-min", type=float, default=40.0, help="stop starting mutants after this")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--keep", type=Path, help="keep the export and the cosmic-ray sessions in this folder (a report can be remade)"
+    )
+    parser.add_argument("--report-from", type=Path, help="remake the report from a --keep folder; mutate nothing")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.modules.split(",") if n.strip()]
     unknown = sorted(set(names) - set(TARGETS))
@@ -190,11 +195,22 @@ def main(argv: list[str] | None = None) -> int:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     version = subprocess.run(["cosmic-ray", "--version"], capture_output=True, text=True).stdout.split()[-1]
     modules: dict[str, object] = {}
-    with tempfile.TemporaryDirectory(prefix="imagemill-mutation-") as temp:
-        tree = Path(temp) / "tree"
-        tree.mkdir()
-        export_head(tree)
+    if args.report_from:
+        head = (args.report_from / "HEAD").read_text()
+        tree = args.report_from / "tree"
         for name in names:
+            session = args.report_from / f"{name}.sqlite"
+            if session.exists():
+                with sqlite3.connect(session) as db:
+                    total = int(db.execute("SELECT count(*) FROM work_items").fetchone()[0])
+                modules[name] = {**outcomes(session, tree, name, TARGETS[name]), "mutants": total, "seconds": "—"}
+    with tempfile.TemporaryDirectory(prefix="imagemill-mutation-") as temp:
+        tree = (args.keep or Path(temp)) / "tree"
+        tree.mkdir(parents=True, exist_ok=bool(args.report_from))
+        if not args.report_from:
+            export_head(tree)
+            (tree.parent / "HEAD").write_text(head)
+        for name in [] if args.report_from else names:
             if time.monotonic() >= deadline:
                 modules[name] = {"module": TARGETS[name].path, "tests": TARGETS[name].tests, "error": "time box spent"}
                 continue
