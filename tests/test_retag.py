@@ -183,13 +183,17 @@ def test_records_of_two_models_are_refused(tiny_models: dict[str, Path], tmp_pat
         ),
         (["--vocabulary", "VOCAB", "--prompt", "a photo", "--out", "o.jsonl"], "must hold {} where the tag goes"),
         (["--vocabulary", "VOCAB"], "--out is needed"),
+        (["--vocabulary", "VOCAB", "--history", "PG"], "--history with a postgresql:// store needs --out"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(
     annotated: dict[str, Path], model_env: dict[str, str], tmp_path: Path, args: list[str], message: str
 ) -> None:
+    records = str(annotated["jsonl"])
+    if "PG" in args:  # refused before anything is read: no server needed
+        args, records = [a for a in args if a != "PG"], "postgresql://localhost/nothing"
     args = [str(annotated["vocabulary"]) if a == "VOCAB" else a for a in args]
-    result = run_cli("retag", str(annotated["jsonl"]), *args, env=model_env, cwd=tmp_path)
+    result = run_cli("retag", records, *args, env=model_env, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip().removeprefix('error: ')}"]
     assert message in result.stderr

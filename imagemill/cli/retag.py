@@ -75,7 +75,7 @@ def run_retag(records: str, settings: Settings, out: Path | None, *, history: bo
     """Read, re-tag and write; the summary is printed and the counts returned."""
     # the arguments are checked before torch is imported (seconds): a typo is answered at once
     words = vocabulary_words(settings)
-    target = _target(records, out)
+    target = _target(records, out, history)
 
     from imagemill.core.stores.reading import count_records
     from imagemill.pipeline.models.device import resolve_device
@@ -117,10 +117,14 @@ def vocabulary_words(settings: Settings) -> tuple[str, ...]:
     return tuple(words)
 
 
-def _target(records: str, out: Path | None) -> str:
+def _target(records: str, out: Path | None, history: bool) -> str:
     if out is not None:
         return str(out)
     if records.startswith(("postgresql://", "postgres://")):
+        if history:
+            # a new row is current until a listing says otherwise: rows of replaced or deleted objects
+            # written back would come back into imagemill_current
+            raise UserError("--history with a postgresql:// store needs --out: its table takes current records only")
         return records
     raise UserError(
         f"--out is needed: retag adds rows only to a postgresql:// store, and {redact_url(records)} is not one"
