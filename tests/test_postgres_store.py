@@ -105,7 +105,8 @@ def test_typed_columns_match_the_record_and_jsonb_round_trips_to_an_equal_record
     written = [
         full_record("file:///1-flagged.jpg"),
         record("file:///2-clean.jpg", moderation={"flagged": False, "scores": {"nsfw": 0.0}, "model": "m"}),
-        record("file:///3-no-moderation.jpg", caption={"text": "just a caption", "model": "m"}),
+        # a prompted caption (Florence-2's task token) keeps its prompt in the record's JSONB
+        record("file:///3-no-moderation.jpg", caption={"text": "just a caption", "model": "m", "prompt": "<OCR>"}),
         record("file:///4-error.jpg", error={"kind": "not_an_image", "message": "it is a PDF"}, job_id=None),
         record("file:///5-old.jpg", processed_at=datetime(2001, 2, 3, 4, 5, 6, 789000, tzinfo=UTC)),
     ]
