@@ -1,5 +1,7 @@
 """Captioners beside BLIP: Florence-2's task prompts, a chat VLM's prompt, the path from the config, fast generation."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +14,14 @@ from transformers import (
     SmolVLMForConditionalGeneration,
 )
 
+from imagemill.core.errors import ModelLoadError
 from imagemill.core.schemas import ImageRef, Task
 from imagemill.core.settings import Settings, SettingsError
 from imagemill.core.storage import file_uri
 from imagemill.core.stores.files import read_records
 from imagemill.pipeline.engine import Engine
 from imagemill.pipeline.models import load_runners
-from imagemill.pipeline.models.caption import CHAT_PROMPT
+from imagemill.pipeline.models.caption import CHAT_PROMPT, video_dependencies_missing
 from imagemill.pipeline.models.generation import generation_plan
 from tests.fixtures.cli import run_cli
 from tests.fixtures.images import photo_image, write_photos
@@ -79,6 +82,24 @@ def test_chat_captions_answer_the_prompt_with_only_the_new_tokens(chat: Path) ->
     theirs = default.image_processor(images=[picture], return_tensors="np")["pixel_values"][0][0]
     assert ours.shape == theirs.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
     assert np.abs(ours - theirs).max() < 0.05 and np.abs(ours - theirs).mean() < 0.01  # in [-1, 1] units
+
+
+def test_a_smolvlm2_processor_that_cannot_load_names_what_to_install(chat: Path, tmp_path: Path) -> None:
+    # SmolVLM2's hub checkpoints name SmolVLMProcessor, which loads a video processor too
+    checkpoint = tmp_path / "smolvlm2"
+    shutil.copytree(chat, checkpoint)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        config = json.loads((checkpoint / name).read_text())
+        (checkpoint / name).write_text(json.dumps({**config, "processor_class": "SmolVLMProcessor"}))
+    missing = video_dependencies_missing()
+    if missing:
+        with pytest.raises(ModelLoadError) as raised:
+            load_runners(caption_settings(checkpoint), (Task.CAPTION,))
+        assert str(raised.value).endswith(f"; SmolVLM2's processor also needs: pip install {' '.join(missing)}")
+        assert "\n" not in str(raised.value)
+    else:  # where both are installed, the checkpoint loads like any other
+        (runner,) = load_runners(caption_settings(checkpoint), (Task.CAPTION,))
+        assert runner.family == "chat"
 
 
 def test_blip_takes_no_prompt_and_its_signature_options_are_unchanged(tiny_models: dict[str, Path]) -> None:

@@ -5,12 +5,14 @@ a task token (IMAGEMILL_CAPTION_PROMPT) and its own processor post-processes the
 (SmolVLM2, SmolVLM) answers the prompt put through its processor's chat template.
 """
 
+from importlib.util import find_spec
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from imagemill.core.errors import ModelLoadError
 from imagemill.core.pipeline_key import configured_model
 from imagemill.core.schemas import Caption, Task
 from imagemill.core.settings import Settings, SettingsError
@@ -37,7 +39,14 @@ class CaptionRunner(Runner):
         # the config alone says the path, so a prompt the model cannot take is refused before any weights load
         self.family = caption_family(load_pretrained(self.task, AutoConfig, name, revision))
         self.prompt = caption_prompt(settings.caption_prompt, self.family)
-        super().__init__(settings, device, dtype)
+        try:
+            super().__init__(settings, device, dtype)
+        except ModelLoadError as exc:
+            missing = video_dependencies_missing() if self.family == "chat" else []
+            if not missing:
+                raise
+            # SmolVLM2's processor comes with a video half that cannot load without these: say so, not just that
+            raise ModelLoadError(f"{exc}; SmolVLM2's processor also needs: pip install {' '.join(missing)}") from exc
         if self.family == "chat":
             # one tile per image: every image is the same number of tokens, so a batch needs no padding and
             # the prompt is tokenised once (the prompt's encoding reads this attribute)
@@ -122,6 +131,11 @@ def tile_recipe(image_processor: Any) -> Preprocessor:
         mean=tuple(image_processor.image_mean) if normalise else None,
         std=tuple(image_processor.image_std) if normalise else None,
     )
+
+
+def video_dependencies_missing() -> list[str]:
+    """The packages SmolVLM2's processor (images and video) needs that are not installed here."""
+    return [name for name in ("torchvision", "num2words") if find_spec(name) is None]
 
 
 def caption_family(config: Any) -> str:
