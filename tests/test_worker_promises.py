@@ -1,12 +1,14 @@
 """Promises kept by one real worker, in one session: IMAGEMILL_ROUTES, the object and tags sinks
-written through the worker, a cancel that lets the running chunk finish, and the metrics of
-chunks that were not run (cancelled, unknown job) scraped from its endpoint.
+written through the worker, S3 faults met by the worker (through the fault-injecting proxy), a
+cancel that lets the running chunk finish, and the metrics of chunks that were not run
+(cancelled, unknown job) scraped from its endpoint.
 
 One worker for all of it: starting a worker is the costly part of a distributed test.
 """
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from imagemill.core.settings import Settings
 from imagemill.core.stores.files import read_records
 from tests.fixtures.cli import run_cli
 from tests.fixtures.distributed import submitted, upload_photos, wait_for
+from tests.fixtures.faulty_s3 import faulty_proxy
 from tests.fixtures.s3 import free_port, s3_client
 from tests.fixtures.workers import start_worker
 from tests.test_metrics import parse, scrape, value
@@ -30,10 +33,17 @@ ROUTED = "imagemill-moderation"
 def test_a_routed_worker_writes_every_sink_lets_a_cancelled_chunk_finish_and_counts_what_it_dropped(
     dist_env: dict[str, str], bucket: str, workers: list, tmp_path: Path
 ) -> None:
+    with ExitStack() as stack:
+        one_worker_session(stack, dist_env, bucket, workers, tmp_path)
+
+
+def one_worker_session(stack: ExitStack, dist_env: dict[str, str], bucket: str, workers: list, tmp_path: Path) -> None:
     endpoint = dist_env["IMAGEMILL_S3_ENDPOINT_URL"]
+    proxy = stack.enter_context(faulty_proxy(endpoint))  # the worker and submit reach S3 through it
     port = free_port()
     env = {
         **dist_env,
+        "IMAGEMILL_S3_ENDPOINT_URL": proxy.url,
         "IMAGEMILL_ROUTES": json.dumps({"moderation": ROUTED}),
         "IMAGEMILL_METRICS_PORT": str(port),
         "IMAGEMILL_METRICS_ADDR": "127.0.0.1",
@@ -64,14 +74,34 @@ def test_a_routed_worker_writes_every_sink_lets_a_cancelled_chunk_finish_and_cou
         tags = {t["Key"]: t["Value"] for t in client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
         assert tags.get("imagemill-flagged") in ("true", "false"), tags
 
+    # S3 faults met by the worker: a throttled object is retried and annotated, a denied one is
+    # one fetch_failed record at once (a 403 is an answer, never retried)
+    upload_photos(endpoint, bucket, "faults/", 0, ["ok.jpg", "slow.jpg", "denied.jpg"])
+    proxy.add_rule("GET", "faults/slow.jpg", status=503, code="SlowDown", times=2)
+    proxy.add_rule("GET", "faults/denied.jpg", status=403, code="AccessDenied")
+    faults_out = tmp_path / "faults"
+    faults_out.mkdir()
+    args = ("submit", f"s3://{bucket}/faults/", "--tasks", "moderation", "--sink", faults_out.as_uri(), "--wait")
+    job_id = submitted(run_cli(*args, env=env, timeout=120))
+    records = {Path(r.uri).name: r for f in faults_out.rglob("*") if f.is_file() for r in read_records(f)}
+    kinds = {name: (r.error.kind if r.error else None) for name, r in records.items()}
+    assert kinds == {"ok.jpg": None, "slow.jpg": None, "denied.jpg": "fetch_failed"}, kinds
+    assert "AccessDenied" in records["denied.jpg"].error.message
+    assert proxy.count("GET", "faults/slow.jpg") == 3 and proxy.count("GET", "faults/denied.jpg") == 1
+    assert registry.get(job_id).state == JobState.DONE
+
     # cancel while a chunk runs: that chunk finishes and is written, the ones not started are dropped
-    upload_photos(endpoint, bucket, "cancel/", 8)
+    upload_photos(endpoint, bucket, "cancel/", 16)  # 8 chunks of ~1 s: most still queued when submit returns
+    worker = workers[0]
+    received, succeeded = worker.log.count("received"), worker.log.count("succeeded")
     job_id = submitted(
         run_cli("submit", f"s3://{bucket}/cancel/", "--tasks", "moderation", "--chunk-size", "2", env=env)
     )
-    worker = workers[0]
-    received = worker.log.count("received")
-    wait_for(lambda: worker.log.count("received") > received, 60, "a chunk of the job to start")
+
+    def running() -> bool:  # a chunk of this job received and not yet finished
+        return worker.log.count("received") - received > worker.log.count("succeeded") - succeeded
+
+    wait_for(running, 60, "a chunk of the job to be running")
     assert registry.cancel(job_id)  # what `imagemill cancel` does, without a process start's delay
     wait_for(
         lambda: (lambda j: j.chunks_done + j.chunks_cancelled == j.chunks_total)(registry.get(job_id)),
@@ -102,4 +132,4 @@ def test_a_routed_worker_writes_every_sink_lets_a_cancelled_chunk_finish_and_cou
         time.sleep(0.2)
     assert value(samples, "imagemill_chunks_total", outcome="unknown_job") == 1
     assert value(samples, "imagemill_chunks_total", outcome="cancelled") == job.chunks_cancelled
-    assert value(samples, "imagemill_chunks_total", outcome="annotated") == 3 + job.chunks_done
+    assert value(samples, "imagemill_chunks_total", outcome="annotated") == 4 + job.chunks_done
