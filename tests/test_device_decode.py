@@ -18,16 +18,9 @@ from imagemill.core.errors import ErrorKind, ImageError
 from imagemill.core.schemas import ImageRef, Task
 from imagemill.core.settings import Settings
 from imagemill.pipeline.decode import decode
-from imagemill.pipeline.device_decode import (
-    DeviceBatch,
-    DeviceDecoder,
-    PendingJpeg,
-    orient,
-    pillow_decoder,
-    read_header,
-    resolve_decode_device,
-)
+from imagemill.pipeline.device_decode import DeviceBatch, DeviceDecoder, orient, pillow_decoder, resolve_decode_device
 from imagemill.pipeline.engine import Engine
+from imagemill.pipeline.jpeg_header import PendingJpeg, read_header
 from imagemill.pipeline.prefetch import InlineImage, Prepared
 from imagemill.pipeline.preprocess import Preprocessor
 from imagemill.pipeline.staging import Staged, Stager

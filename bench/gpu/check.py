@@ -188,7 +188,8 @@ def device_decode(check: Check, blobs: list[bytes], folders: dict[str, Path], ta
     """Batches through the device decoder: nvjpeg alone (tasks None), or on into the models' inputs."""
     import torch
 
-    from imagemill.pipeline.device_decode import DeviceDecoder, PendingJpeg, default_decoder, read_header
+    from imagemill.pipeline.device_decode import DeviceDecoder, default_decoder
+    from imagemill.pipeline.jpeg_header import PendingJpeg, read_header
 
     device = torch.device(check.plan.device)
     decoder = default_decoder() if device.type == "cpu" else None

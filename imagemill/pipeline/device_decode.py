@@ -1,8 +1,8 @@
 """JPEG batches decoded and made into model inputs on a torch device (nvjpeg on a GPU), never via the host.
 
-Headers are read on the CPU (Pillow's lazy open: size, mode, EXIF orientation) to check the pixel
-limit and to pick what the device may decode; anything else, and any image it rejects, goes the
-Pillow way (`imagemill.pipeline.decode`). The recipe is the Pillow path's (`Preprocessor`).
+What it may decode was picked on the CPU from the header (`imagemill.pipeline.jpeg_header`); any
+image it rejects goes the Pillow way (`imagemill.pipeline.decode`). The recipe is the Pillow
+path's (`Preprocessor`).
 """
 
 import importlib
@@ -16,64 +16,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imagemill.pipeline.decode import ORIENTATION_TAG, ImageFacts, _draft_box, check_pixels
+from imagemill.pipeline.decode import _draft_box
+from imagemill.pipeline.jpeg_header import PendingJpeg
 from imagemill.pipeline.preprocess import Preprocessor, shortest_edge_size
 
 log = logging.getLogger(__name__)
 
-# modes nvjpeg turns into RGB itself; CMYK/YCCK (Adobe) JPEGs are not among them
-DEVICE_MODES = ("RGB", "L")
 # Pillow's resampling filters that torch's interpolate computes the same way (antialiased when shrinking)
 INTERPOLATIONS = {int(Image.Resampling.BICUBIC): "bicubic", int(Image.Resampling.BILINEAR): "bilinear"}
-EOI = b"\xff\xd9"
 DISABLE_AFTER = 8  # a batch at least this big wholly refused turns the device decoder off
-EOI_SEARCH = 4096  # bytes from the end where the end-of-image marker must be (trailers are allowed)
 
 # JPEG bytes (uint8, 1-D, CPU) -> pictures (uint8, 3×H×W, on the device); raises on any it cannot decode
 BatchDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class JpegHeader:
-    """What the CPU read from a JPEG's header: the stored size and the EXIF orientation."""
-
-    width: int  # as stored, before orientation
-    height: int
-    orientation: int
-
-    def decoded(self) -> ImageFacts:
-        """The record's facts, the same as the Pillow path's: sizes after orientation, format JPEG."""
-        swapped = self.orientation in (5, 6, 7, 8)
-        width, height = (self.height, self.width) if swapped else (self.width, self.height)
-        return ImageFacts(width=width, height=height, format="JPEG")
-
-
-@dataclass(frozen=True)
-class PendingJpeg:
-    """A JPEG whose pixels the device decoder will make; `data` is still encoded."""
-
-    data: bytes
-    header: JpegHeader
-
-
-def read_header(data: bytes, max_pixels: int) -> JpegHeader | None:
-    """The header of a JPEG the device may decode, or None (the Pillow path takes it).
-
-    Raises ImageError (too large) over the pixel limit, before any pixel is decoded. None for
-    anything not a plain RGB or grey JPEG, and for a file cut short (no end-of-image marker), so
-    that the Pillow path names its error exactly as without a device decoder."""
-    if not data.startswith(b"\xff\xd8") or EOI not in data[-EOI_SEARCH:]:
-        return None
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.format != "JPEG" or image.mode not in DEVICE_MODES:
-            return None
-        width, height = image.size
-        orientation = int(image.getexif().get(ORIENTATION_TAG, 1))
-    except Exception:  # noqa: BLE001 - an unreadable header: the Pillow path names the error
-        return None
-    check_pixels(width, height, max_pixels)
-    return JpegHeader(width=width, height=height, orientation=orientation if 1 <= orientation <= 8 else 1)
 
 
 def nvjpeg_available() -> bool:

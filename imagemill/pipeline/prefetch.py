@@ -10,17 +10,19 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
-import torch
 from PIL import Image
 
 from imagemill.core.errors import ErrorKind, ImageError
 from imagemill.core.schemas import ImageRef, RecordError, Timings
 from imagemill.core.storage import ObjectReader
 from imagemill.pipeline.decode import Decoded, ImageFacts, decode, from_image
-from imagemill.pipeline.device_decode import PendingJpeg, read_header
+from imagemill.pipeline.jpeg_header import PendingJpeg, read_header
+
+if TYPE_CHECKING:  # importing imagemill (the Python API) must not import torch
+    import torch
 
 MAX_URI_LENGTH = 4096  # ImageRef's bound: the uri ends up in a record like any other
 
@@ -62,7 +64,7 @@ class Prepared:
     size: int | None = None
     decoded: ImageFacts | None = None  # a `Decoded` (with its picture) when Pillow decoded it
     # one per preprocessor, in order: host arrays, or rows of a batch on the models' device once staged
-    inputs: list[np.ndarray | torch.Tensor] = field(default_factory=list)
+    inputs: "list[np.ndarray | torch.Tensor]" = field(default_factory=list)
     error: RecordError | None = None
     timings: Timings = field(default_factory=Timings)
     pending: PendingJpeg | None = None
@@ -150,7 +152,7 @@ class Prefetcher:
             message = f"cannot convert this picture for the models: {type(exc).__name__}: {exc}"
             raise ImageError(ErrorKind.UNSUPPORTED, message) from exc
 
-    def _preprocess(self, image: Image.Image) -> list[np.ndarray | torch.Tensor]:
+    def _preprocess(self, image: Image.Image) -> "list[np.ndarray | torch.Tensor]":
         try:
             return [prepare(image) for prepare in self.preprocessors]
         except Exception as exc:  # an input the resize cannot take costs this image only
