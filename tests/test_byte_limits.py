@@ -22,7 +22,7 @@ from tests.fixtures.faulty_s3 import FaultyProxy, faulty_proxy
 from tests.fixtures.images import photo_jpeg
 from tests.fixtures.s3 import s3_client
 
-LIMIT = 1000
+LIMIT = 1001  # odd: `LIMIT + 1` and `LIMIT | 1` differ
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_a_listed_size_over_the_limit_is_refused_without_a_request(
 ) -> None:
     s3_client(proxy.url).put_object(Bucket=bucket, Key="big.jpg", Body=b"x" * (LIMIT + 1))
     message = refused(reader(proxy.url), ImageRef(uri=f"s3://{bucket}/big.jpg", size=LIMIT + 1))
-    assert "1,001 bytes" in message
+    assert "1,002 bytes" in message
     assert proxy.count("GET", "big.jpg") == 0 and proxy.count("HEAD", "big.jpg") == 0
     # a local file is not even opened: this one does not exist, and the answer is still too_large
     refused(reader(proxy.url), ImageRef(uri=file_uri(tmp_path / "gone.jpg"), size=LIMIT + 1))
@@ -70,6 +70,8 @@ def test_an_s3_object_over_the_limit_is_refused_from_its_content_length(
     # the limit itself is allowed, whether listed or not
     assert read.read(ImageRef(uri=f"s3://{bucket}/at.jpg")).data == b"y" * LIMIT
     assert read.read(ImageRef(uri=f"s3://{bucket}/at.jpg", size=LIMIT)).data == b"y" * LIMIT
+    client.put_object(Bucket=bucket, Key="small.jpg", Body=b"s" * 10)
+    assert read.read(ImageRef(uri=f"s3://{bucket}/small.jpg", size=10)).data == b"s" * 10  # under it, of course
 
 
 def test_an_s3_answer_without_a_length_is_read_no_further_than_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,6 +102,9 @@ def test_a_local_file_over_the_limit_is_refused_from_its_size(tmp_path: Path) ->
     read = reader("http://127.0.0.1:1")
     refused(read, ImageRef(uri=file_uri(over)))  # listed without a size (a manifest's bare path)
     assert read.read(ImageRef(uri=file_uri(at))).data == b"y" * LIMIT
+    small = tmp_path / "small.jpg"
+    small.write_bytes(b"s" * 10)
+    assert read.read(ImageRef(uri=file_uri(small))).data == b"s" * 10
 
 
 def test_the_setting_reaches_a_real_run(model_env: dict[str, str], tmp_path: Path) -> None:

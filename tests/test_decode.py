@@ -5,7 +5,7 @@ import struct
 import zlib
 
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, JpegImagePlugin
 
 from imagemill.core.errors import ErrorKind, ImageError
 from imagemill.pipeline.decode import decode, from_image, to_rgb
@@ -27,8 +27,16 @@ def test_each_mixed_case_decodes_or_fails_with_its_kind(case) -> None:
         assert (decoded.width, decoded.height) == case.expected_size
 
 
-def test_jpeg_is_drafted_to_reduced_size_but_reports_full_size() -> None:
+def test_jpeg_is_drafted_to_reduced_size_but_reports_full_size(monkeypatch) -> None:
+    drafts: list[tuple[int, int]] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(
+        JpegImagePlugin.JpegImageFile,
+        "draft",
+        lambda self, mode, size: drafts.append(size) or real_draft(self, mode, size),
+    )
     decoded = decode(photo_jpeg(1280, 960), max_pixels=LIMIT, min_side=224)
+    assert drafts == [(299, 224)]  # the DCT scaling chooses its size from this: shorter side kept >= 224
     assert (decoded.width, decoded.height) == (1280, 960)
     assert min(decoded.image.size) >= 224
     assert decoded.image.size[0] < 1280
@@ -107,3 +115,33 @@ def test_pixel_limit_is_checked_from_the_header_before_any_pixel_is_decoded(entr
     assert raised.value.kind == ErrorKind.TOO_LARGE, raised.value.message
     assert "6000x5000" in raised.value.message
     assert loads == []  # refused before Pillow decoded anything
+
+
+def test_a_picture_at_the_pixel_limit_is_decoded_and_the_refusal_says_how_many_pixels() -> None:
+    assert decode(photo_jpeg(64, 48), max_pixels=64 * 48).image.size == (64, 48)  # the limit itself is allowed
+    with pytest.raises(ImageError, match=r"64x48 is 3,072 pixels, over the limit of 3,071"):
+        decode(photo_jpeg(64, 48), max_pixels=64 * 48 - 1)
+
+
+def test_an_exif_rotated_picture_in_memory_is_turned_like_its_file() -> None:
+    stored = Image.new("RGB", (60, 40), (255, 0, 0))
+    stored.paste((0, 0, 255), (0, 0, 30, 40))  # left half blue in storage
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buffer = io.BytesIO()
+    stored.save(buffer, "PNG", exif=exif)
+    picture = Image.open(io.BytesIO(buffer.getvalue()))
+    decoded = from_image(picture, max_pixels=LIMIT)
+    assert (decoded.width, decoded.height) == decoded.image.size == (40, 60)
+    assert decoded.image.getpixel((20, 5))[2] > 200  # blue now on top
+    assert from_image(stored, max_pixels=LIMIT).image.size == (60, 40)  # no EXIF: as it is
+
+
+def test_a_decoder_failing_with_value_error_is_a_truncated_record(monkeypatch) -> None:
+    def broken(self: ImageFile.ImageFile) -> None:
+        raise ValueError("broken data")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
+    with pytest.raises(ImageError) as raised:
+        decode(photo_jpeg(64, 48), max_pixels=LIMIT)
+    assert raised.value.kind == ErrorKind.TRUNCATED
