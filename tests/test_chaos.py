@@ -139,9 +139,9 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(
         server.stop()
 
 
-# Celery sleeps the whole soft-shutdown timeout once a chunk is running at SIGTERM, so "finishes" uses
-# a timeout several times its chunk's 1.2 s (not production's 60 s); "handed back" gives its chunk 12 s
-# of work against a 0.5 s timeout, so no delay in seeing the chunk start can let it finish in time.
+# "finishes" gives its 1.2 s chunk a timeout several times that (production's 60 s would only make a
+# stop that waits out the timeout cost a minute); "handed back" gives its chunk 12 s of work against
+# 0.5 s, so no delay in seeing the chunk start can let it finish in time.
 @pytest.mark.parametrize(
     ("soft_timeout", "sleep_per_image", "outcome"), [("8", 0.3, "finishes"), ("0.5", 3.0, "handed back")]
 )
