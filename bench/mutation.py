@@ -71,6 +71,26 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "core/NumberReplacer",
         "return Blob(handle.read(self._max_bytes + 1), file_etag(stat))",
     ): "the open file's size was checked against the limit just before: reading max or max+1 bytes reads it whole",
+    (
+        "storage-limits",
+        "core/ReplaceBinaryOperator_Add_Pow",
+        "return Blob(handle.read(self._max_bytes + 1), file_etag(stat))",
+    ): "max ** 1 is max: as above, the file was checked to be no larger",
+    (
+        "decode",
+        "core/ReplaceComparisonOperator_NotEq_Gt",
+        "if image.getexif().get(ORIENTATION_TAG, 1) != 1:",
+    ): "EXIF orientations are 1 to 8: `> 1` and `!= 1` agree on every valid value (an invalid 0 is left to Pillow)",
+    (
+        "decode",
+        "core/ReplaceBinaryOperator_Mul_Div",
+        "def decode(data: bytes, *, max_pixels: int, min_side: int | None = None) -> Decoded:",
+    ): "cosmic-ray turns the keyword-only `*` into `/`: every caller passes the limits by keyword, which both allow",
+    (
+        "decode",
+        "core/ReplaceBinaryOperator_Mul_Div",
+        "def from_image(image: Image.Image, *, max_pixels: int, min_side: int | None = None) -> Decoded:",
+    ): "as for decode: keyword-only turned positional-only, and every caller passes keywords",
 }
 
 

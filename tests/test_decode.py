@@ -145,3 +145,13 @@ def test_a_decoder_failing_with_value_error_is_a_truncated_record(monkeypatch) -
     with pytest.raises(ImageError) as raised:
         decode(photo_jpeg(64, 48), max_pixels=LIMIT)
     assert raised.value.kind == ErrorKind.TRUNCATED
+
+
+def test_a_header_pillow_cannot_read_is_not_an_image(monkeypatch) -> None:
+    def unreadable(*_: object, **__: object) -> Image.Image:
+        raise OSError("cannot identify the header")
+
+    monkeypatch.setattr(Image, "open", unreadable)
+    with pytest.raises(ImageError) as raised:
+        decode(b"\x89PNG not really", max_pixels=LIMIT)
+    assert raised.value.kind == ErrorKind.NOT_AN_IMAGE and "header" in raised.value.message
