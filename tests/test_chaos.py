@@ -17,7 +17,9 @@ from imagemill.core.jobs import JobRegistry, JobState
 from tests.fixtures.cli import REPO, run_cli
 from tests.fixtures.distributed import job_id_of, rows, submitted, upload_photos, wait_for
 from tests.fixtures.redis import RedisServer
+from tests.fixtures.s3 import free_port
 from tests.fixtures.workers import start_worker
+from tests.test_metrics import parse, scrape, value
 
 pytestmark = pytest.mark.slow  # kills and restarts workers, Redis and producers mid-job
 
@@ -29,6 +31,10 @@ def exactly_once(pg_url: str, job_ids: list[str], expected_uris: list[str]) -> C
     assert sorted(uris) == sorted(expected_uris), "missing or unexpected records"
     assert max(uris.values()) == 1, f"duplicated: {[u for u, n in uris.items() if n > 1]}"
     return Counter(row[1] for row in found)
+
+
+def metrics_env(port: int) -> dict[str, str]:
+    return {"IMAGEMILL_METRICS_PORT": str(port), "IMAGEMILL_METRICS_ADDR": "127.0.0.1"}
 
 
 def start_submit(env: dict[str, str], *args: str) -> subprocess.Popen:
@@ -60,12 +66,15 @@ def test_worker_killed_mid_chunk_its_chunk_is_redelivered_and_counted_once(
     victim.process.wait()
     done_before = registry.get(job_id).chunks_done
     assert done_before < 4
-    workers.append(start_worker(env, tmp_path / "rescuer.log"))
+    port = free_port()
+    workers.append(start_worker({**env, **metrics_env(port)}, tmp_path / "rescuer.log"))
     wait_for(lambda: registry.state(job_id) != JobState.RUNNING, 120, "the job to end")
     job = registry.get(job_id)
     assert job.state == JobState.DONE
     assert (job.annotated, job.failed, job.chunks_done) == (16, 0, 4)
     assert exactly_once(pg_url, [job_id], [f"s3://{bucket}/{k}" for k in keys]) == {None: 16}
+    # the chunk the victim held, never counted done, is counted once by the rescuer with the rest
+    assert value(parse(scrape(port)), "imagemill_chunks_total", outcome="annotated") == 4 - done_before
 
 
 def test_poison_chunk_is_dead_lettered_after_bounded_retries_and_retry_redoes_it(
@@ -78,7 +87,8 @@ def test_poison_chunk_is_dead_lettered_after_bounded_retries_and_retry_redoes_it
         "IMAGEMILL_MAX_WORKER_LOSSES": "2",
         "IMAGEMILL_TEST_FAULTS": json.dumps({"crash_on_uri": "poison"}),
     }
-    workers.append(start_worker(env, tmp_path / "worker.log").wait_ready())
+    port = free_port()
+    workers.append(start_worker({**env, **metrics_env(port)}, tmp_path / "worker.log").wait_ready())
     result = run_cli(
         "submit", f"s3://{bucket}/batch/", "--tasks", "moderation", "--chunk-size", "3", "--wait", env=env, timeout=240
     )
@@ -92,6 +102,8 @@ def test_poison_chunk_is_dead_lettered_after_bounded_retries_and_retry_redoes_it
     assert "dead-lettered" in log
     status = run_cli("status", job_id, env=env)
     assert "worker_lost" in status.stdout and "1 dead-lettered" in status.stdout
+    # scraped from the worker process that dead-lettered it (the third: two died on the chunk)
+    assert value(parse(scrape(port)), "imagemill_chunks_total", outcome="dead_lettered") == 1
 
     workers[0].stop()
     healthy = {**env, "IMAGEMILL_TEST_FAULTS": "{}"}

@@ -7,7 +7,6 @@ One worker for all of it: starting a worker is the costly part of a distributed 
 """
 
 import json
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -58,6 +57,7 @@ def one_worker_session(stack: ExitStack, dist_env: dict[str, str], bucket: str, 
     keys = upload_photos(endpoint, bucket, "in/", 2)
     folder = tmp_path / "records"
     folder.mkdir()
+    sink_jobs = {}
     for sink in (f"s3://{bucket}/out/", folder.as_uri(), "s3tags://"):
         job_id = submitted(
             run_cli(
@@ -65,6 +65,7 @@ def one_worker_session(stack: ExitStack, dist_env: dict[str, str], bucket: str, 
             )
         )
         assert registry.get(job_id).state == JobState.DONE, sink
+        sink_jobs[sink] = job_id
     assert queue_depth(registry.redis, Settings.model_fields["queue"].default) == 0  # nothing went the default way
     written = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
     assert written, "no chunk object under the s3:// sink"
@@ -113,23 +114,41 @@ def one_worker_session(stack: ExitStack, dist_env: dict[str, str], bucket: str, 
     assert job.chunks_done >= 1 and job.annotated == 2 * job.chunks_done  # the running chunk completed whole
     assert job.chunks_cancelled >= 1
 
-    # a chunk of a job the registry does not know is dropped and counted
-    message = ChunkMessage(
+    # a chunk of a job the registry does not know is dropped and counted; a chunk delivered again after
+    # it was done (as Redis redelivers an unacknowledged one) is counted once, as redelivered
+    celery = make_celery(Settings(broker_url=env["IMAGEMILL_BROKER_URL"]))
+    unknown = ChunkMessage(
         job_id="nosuchjob0000",
         chunk_id="nosuchjob0000/000001",
         tasks=(Task.MODERATION,),
-        refs=[ImageRef(uri=f"s3://{bucket}/in/p0000.jpg")],
+        refs=[ImageRef(uri=f"s3://{bucket}/{keys[0]}")],
     )
-    make_celery(Settings(broker_url=env["IMAGEMILL_BROKER_URL"])).send_task(
-        CHUNK_TASK, args=[message.model_dump(mode="json")], queue=ROUTED
+    done_job = sink_jobs[f"s3://{bucket}/out/"]
+    (done_chunk,) = (
+        c if isinstance(c, str) else c.decode() for c in registry.redis.smembers(JobRegistry.job_keys(done_job)[1])
     )
-    wait_for(lambda: "belongs to no known job" in worker.log, 60, "the unknown job's chunk")
-    deadline = time.monotonic() + 30
-    while True:
-        samples = parse(scrape(port))
-        if value(samples, "imagemill_chunks_total", outcome="unknown_job") == 1 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert value(samples, "imagemill_chunks_total", outcome="unknown_job") == 1
+    again = ChunkMessage(
+        job_id=done_job,
+        chunk_id=done_chunk,
+        tasks=(Task.MODERATION,),
+        refs=[ImageRef(uri=f"s3://{bucket}/{k}") for k in keys],
+    )
+    for message in (unknown, again):
+        celery.send_task(CHUNK_TASK, args=[message.model_dump(mode="json")], queue=ROUTED)
+
+    def scraped() -> dict:
+        return parse(scrape(port))
+
+    wait_for(
+        lambda: (
+            value(scraped(), "imagemill_chunks_total", outcome="unknown_job") == 1
+            and value(scraped(), "imagemill_chunks_total", outcome="redelivered") == 1
+        ),
+        60,
+        "the unknown job's and the redelivered chunk on the metrics",
+    )
+    samples = scraped()
+    assert "belongs to no known job" in worker.log
     assert value(samples, "imagemill_chunks_total", outcome="cancelled") == job.chunks_cancelled
-    assert value(samples, "imagemill_chunks_total", outcome="annotated") == 4 + job.chunks_done
+    assert value(samples, "imagemill_chunks_total", outcome="annotated") == 4 + job.chunks_done  # not the redelivery
+    assert registry.get(done_job).chunks_done == 1
