@@ -52,46 +52,65 @@ TARGETS = {
     ),
 }
 
-# Survivors no test can tell apart from the original, keyed by (target, operator, the mutated line
-# as written, stripped); the value says why. A survivor not listed here is a missing test.
+# Survivors no test can tell apart from the original, keyed by (target, operator, the mutated line as
+# cosmic-ray wrote it, stripped); the value says why. A survivor not listed here is a missing test.
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     (
         "decode",
         "core/NumberReplacer",
-        "if image.getexif().get(ORIENTATION_TAG, 1) != 1:",
-    ): "with another default a picture without an orientation tag is transposed too, and exif_transpose of an"
-    " upright picture is a copy with the same pixels: the check only saves that copy",
+        "if image.getexif().get(ORIENTATION_TAG, 2) != 1:",
+    ): "a picture without an orientation tag is then transposed too, and exif_transpose of an upright picture"
+    " is a copy with the same pixels: the check only saves that copy",
+    (
+        "decode",
+        "core/NumberReplacer",
+        "if image.getexif().get(ORIENTATION_TAG, 0) != 1:",
+    ): "as with default 2: an untagged picture is copied, not changed",
     (
         "decode",
         "core/ReplaceComparisonOperator_Eq_Is",
-        'if min_side and fmt == "JPEG":',
+        'if min_side and fmt is "JPEG":',
     ): "Pillow's `format` is the interned literal 'JPEG', the same object as ours: `is` is `==` here",
     (
-        "storage-limits",
-        "core/NumberReplacer",
-        "return Blob(handle.read(self._max_bytes + 1), file_etag(stat))",
-    ): "the open file's size was checked against the limit just before: reading max or max+1 bytes reads it whole",
-    (
-        "storage-limits",
-        "core/ReplaceBinaryOperator_Add_Pow",
-        "return Blob(handle.read(self._max_bytes + 1), file_etag(stat))",
-    ): "max ** 1 is max: as above, the file was checked to be no larger",
+        "decode",
+        "core/ReplaceComparisonOperator_Eq_LtE",
+        'if min_side and fmt <= "JPEG":',
+    ): "it also asks formats sorting before 'JPEG' (BMP, GIF, ICO …) for a draft, which Pillow ignores for"
+    " every format but JPEG: the same pictures",
     (
         "decode",
         "core/ReplaceComparisonOperator_NotEq_Gt",
-        "if image.getexif().get(ORIENTATION_TAG, 1) != 1:",
-    ): "EXIF orientations are 1 to 8: `> 1` and `!= 1` agree on every valid value (an invalid 0 is left to Pillow)",
+        "if image.getexif().get(ORIENTATION_TAG, 1) > 1:",
+    ): "EXIF orientations are 1 to 8: `> 1` and `!= 1` agree on every valid value",
     (
         "decode",
         "core/ReplaceBinaryOperator_Mul_Div",
-        "def decode(data: bytes, *, max_pixels: int, min_side: int | None = None) -> Decoded:",
+        "def decode(data: bytes, /, max_pixels: int, min_side: int | None = None) -> Decoded:",
     ): "cosmic-ray turns the keyword-only `*` into `/`: every caller passes the limits by keyword, which both allow",
     (
         "decode",
         "core/ReplaceBinaryOperator_Mul_Div",
-        "def from_image(image: Image.Image, *, max_pixels: int, min_side: int | None = None) -> Decoded:",
+        "def from_image(image: Image.Image, /, max_pixels: int, min_side: int | None = None) -> Decoded:",
     ): "as for decode: keyword-only turned positional-only, and every caller passes keywords",
+    (
+        "storage-limits",
+        "core/NumberReplacer",
+        "return Blob(handle.read(self._max_bytes + 0), file_etag(stat))",
+    ): "the open file's size was checked against the limit just before: reading max or max+1 bytes reads it whole",
+    (
+        "storage-limits",
+        "core/ReplaceBinaryOperator_Add_Pow",
+        "return Blob(handle.read(self._max_bytes ** 1), file_etag(stat))",
+    ): "max ** 1 is max: as above, the file was checked to be no larger",
 }
+
+
+def mutated_line(diff: str | None) -> str:
+    """The line a mutant wrote (the first `+` line of cosmic-ray's diff), stripped."""
+    for line in (diff or "").splitlines():
+        if line.startswith("+") and not line.startswith("+++"):
+            return line[1:].strip()
+    return ""
 
 
 def export_head(into: Path) -> None:
@@ -136,15 +155,16 @@ def keep_only(session: Path, functions: frozenset[str]) -> int:
 def outcomes(session: Path, tree: Path, name: str, target: Target) -> dict[str, object]:
     lines = (tree / target.path).read_text().splitlines()
     query = (
-        "SELECT s.operator_name, s.start_pos_row, s.definition_name, r.test_outcome, r.worker_outcome"
+        "SELECT s.operator_name, s.start_pos_row, s.definition_name, r.test_outcome, r.worker_outcome, r.diff"
         " FROM mutation_specs s LEFT JOIN work_results r ON r.job_id = s.job_id ORDER BY s.start_pos_row"
     )
     counts = {"killed": 0, "survived": 0, "equivalent": 0, "incompetent": 0, "not run": 0}
     survivors, equivalents = [], []
     with sqlite3.connect(session) as db:
-        for operator, row, function, test_outcome, worker_outcome in db.execute(query):
+        for operator, row, function, test_outcome, worker_outcome, diff in db.execute(query):
             text = lines[row - 1].strip() if 0 < row <= len(lines) else ""
-            entry = {"operator": operator, "line": row, "function": function, "code": text}
+            mutant = mutated_line(diff)
+            entry = {"operator": operator, "line": row, "function": function, "code": text, "mutant": mutant}
             test_outcome, worker_outcome = (test_outcome or "").lower(), (worker_outcome or "").lower()
             if not test_outcome:
                 counts["not run"] += 1
@@ -152,9 +172,9 @@ def outcomes(session: Path, tree: Path, name: str, target: Target) -> dict[str, 
                 counts["killed"] += 1
             elif test_outcome == "incompetent" or worker_outcome not in ("normal", ""):
                 counts["incompetent"] += 1  # the mutant does not run (a type error at import): not a test gap
-            elif (name, operator, text) in EQUIVALENT:
+            elif (name, operator, mutant) in EQUIVALENT:
                 counts["equivalent"] += 1
-                equivalents.append({**entry, "why": EQUIVALENT[(name, operator, text)]})
+                equivalents.append({**entry, "why": EQUIVALENT[(name, operator, mutant)]})
             else:
                 counts["survived"] += 1
                 survivors.append(entry)
@@ -184,6 +204,32 @@ def mutate(name: str, target: Target, tree: Path, deadline: float) -> dict[str, 
     return {**result, "mutants": total, "seconds": round(time.monotonic() - started, 1)}
 
 
+def recheck(folder: Path, name: str, target: Target, deadline: float) -> int:
+    """Run each survivor of a kept session again against HEAD's tests (`cosmic-ray mutate-and-test` on
+    a fresh export), recording the new outcome: tests added since the session may now kill it."""
+    fresh = folder / "recheck"
+    if not fresh.exists():
+        fresh.mkdir()
+        export_head(fresh)
+    command = f"{sys.executable} -m pytest -x -q -p no:cacheprovider {target.tests}"
+    rechecked = 0
+    with sqlite3.connect(folder / f"{name}.sqlite") as db:
+        query = (
+            "SELECT s.job_id, s.operator_name, s.occurrence FROM mutation_specs s JOIN work_results r"
+            " ON r.job_id = s.job_id WHERE lower(r.test_outcome) = 'survived'"
+        )
+        for job_id, operator, occurrence in db.execute(query).fetchall():
+            if time.monotonic() >= deadline:
+                break
+            args = ["cosmic-ray", "mutate-and-test", str(fresh / target.path), operator, str(occurrence), command]
+            done = run(args, fresh)
+            outcome = json.loads(done.stdout.strip().splitlines()[-1]).get("test_outcome", "") if done.stdout else ""
+            if str(outcome).lower() == "killed":
+                db.execute("UPDATE work_results SET test_outcome = 'KILLED' WHERE job_id = ?", (job_id,))
+            rechecked += 1
+    return rechecked
+
+
 def markdown(report: dict[str, object]) -> str:
     out = [
         f"# Mutation testing — {report['when']}",
@@ -210,7 +256,9 @@ def markdown(report: dict[str, object]) -> str:
                 out += ["", f"## {name}: {title}", ""]
                 for s in r[key]:
                     why = f" — {s['why']}" if "why" in s else ""
-                    out.append(f"- line {s['line']} `{s['function']}` {s['operator']}: `{s['code']}`{why}")
+                    out.append(
+                        f"- line {s['line']} `{s['function']}` {s['operator']}: `{s['code']}` → `{s['mutant']}`{why}"
+                    )
     return "\n".join(out) + "\n"
 
 
@@ -223,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", type=Path, help="keep the export and the cosmic-ray sessions in this folder (a report can be remade)"
     )
     parser.add_argument("--report-from", type=Path, help="remake the report from a --keep folder; mutate nothing")
+    parser.add_argument(
+        "--recheck", action="store_true", help="with --report-from: run the survivors again against HEAD's tests"
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.modules.split(",") if n.strip()]
     unknown = sorted(set(names) - set(TARGETS))
@@ -233,10 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     version = subprocess.run(["cosmic-ray", "--version"], capture_output=True, text=True).stdout.split()[-1]
     modules: dict[str, object] = {}
     if args.report_from:
-        head = (args.report_from / "HEAD").read_text()
+        current = head.strip()
+        head = (args.report_from / "HEAD").read_text().strip()
+        if args.recheck:
+            head += f"; survivors run again at {current}"
         tree = args.report_from / "tree"
         for name in names:
             session = args.report_from / f"{name}.sqlite"
+            if session.exists() and args.recheck:
+                print(f"{name}: {recheck(args.report_from, name, TARGETS[name], deadline)} survivors run again")
             if session.exists():
                 with sqlite3.connect(session) as db:
                     total = int(db.execute("SELECT count(*) FROM work_items").fetchone()[0])

@@ -7,6 +7,7 @@ import zlib
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
+import imagemill.pipeline.decode as decoding
 from imagemill.core.errors import ErrorKind, ImageError
 from imagemill.pipeline.decode import decode, from_image, to_rgb
 from tests.fixtures.images import mixed_cases, photo_jpeg
@@ -155,3 +156,30 @@ def test_a_header_pillow_cannot_read_is_not_an_image(monkeypatch) -> None:
     with pytest.raises(ImageError) as raised:
         decode(b"\x89PNG not really", max_pixels=LIMIT)
     assert raised.value.kind == ErrorKind.NOT_AN_IMAGE and "header" in raised.value.message
+
+
+def test_a_picture_in_memory_mirrored_by_exif_is_mirrored_back() -> None:
+    stored = Image.new("RGB", (60, 40), (255, 0, 0))
+    stored.paste((0, 0, 255), (0, 0, 30, 40))  # left half blue in storage
+    exif = Image.Exif()
+    exif[0x0112] = 2  # "mirror horizontally to display"
+    buffer = io.BytesIO()
+    stored.save(buffer, "PNG", exif=exif)
+    decoded = from_image(Image.open(io.BytesIO(buffer.getvalue())), max_pixels=LIMIT)
+    assert decoded.image.size == (60, 40)
+    assert decoded.image.getpixel((55, 20))[2] > 200  # blue now on the right
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"\x00\x00\x00\x18ftypheic", ErrorKind.UNSUPPORTED),  # HEIC, and no decoder for it
+        (b"\x00\x00\x00\x18ftypabcd", ErrorKind.NOT_AN_IMAGE),  # an ISO box, not a HEIF brand
+        (b"\x00\x00\x00\x18abcdheic", ErrorKind.NOT_AN_IMAGE),  # the brand's bytes without the ftyp box
+    ],
+)
+def test_heif_without_its_decoder_is_unsupported_and_only_heif(head: bytes, kind: ErrorKind, monkeypatch) -> None:
+    monkeypatch.setattr(decoding, "HEIF_DECODABLE", False)
+    with pytest.raises(ImageError) as raised:
+        decode(head + b"\x00" * 64, max_pixels=LIMIT)
+    assert raised.value.kind == kind, raised.value.message
