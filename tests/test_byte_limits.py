@@ -5,6 +5,7 @@ S3 requests are counted by the fault-injecting proxy in front of the moto server
 own view of what was asked), not by the client.
 """
 
+import dataclasses
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from botocore.response import StreamingBody
 from imagemill.core.errors import ErrorKind, ImageError
 from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings
-from imagemill.core.storage import ObjectReader, file_uri
+from imagemill.core.storage import ObjectReader, file_uri, parse_s3
 from imagemill.core.stores.files import read_records
 from tests.fixtures.cli import run_cli
 from tests.fixtures.faulty_s3 import FaultyProxy, faulty_proxy
@@ -122,3 +123,13 @@ def test_the_setting_reaches_a_real_run(model_env: dict[str, str], tmp_path: Pat
     assert result.returncode == 0, result.stderr
     kinds = {Path(r.uri).name: (r.error.kind if r.error else None) for r in read_records(out)}
     assert kinds == {"small.jpg": None, "large.jpg": "too_large"}
+
+
+def test_what_a_read_returns_cannot_be_changed_afterwards(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"abc")
+    blob = reader("http://127.0.0.1:1").read(ImageRef(uri=file_uri(path)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        blob.data = b"changed"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parse_s3("s3://bucket/key").key = "other"  # type: ignore[misc]
