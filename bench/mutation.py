@@ -92,6 +92,21 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "core/ReplaceBinaryOperator_Mul_Div",
         "def from_image(image: Image.Image, /, max_pixels: int, min_side: int | None = None) -> Decoded:",
     ): "as for decode: keyword-only turned positional-only, and every caller passes keywords",
+    **{
+        ("decode", "core/NumberReplacer", f"WHITE = {white}"): "Pillow clamps a channel value of 256 to 255: the"
+        " same white canvas"
+        for white in ("( 256, 255, 255)", "(255, 256, 255)", "(255, 255, 256)")
+    },
+    (
+        "decode",
+        "core/ReplaceTrueWithFalse",
+        "@dataclass(frozen=True, kw_only=False)",
+    ): "keyword-only fields turned positional-or-keyword: every construction passes keywords",
+    **{
+        ("decode", operator, f"if image.getexif().get(ORIENTATION_TAG, 1) {test}:"): "every valid orientation"
+        " (1 to 8) then transposes, and transposing an upright picture is a copy with the same pixels"
+        for operator, test in (("core/ReplaceComparisonOperator_NotEq_GtE", ">= 1"), ("core/NumberReplacer", "!= 0"))
+    },
     (
         "storage-limits",
         "core/NumberReplacer",

@@ -176,6 +176,7 @@ def test_a_picture_in_memory_mirrored_by_exif_is_mirrored_back() -> None:
         (b"\x00\x00\x00\x18ftypheic", ErrorKind.UNSUPPORTED),  # HEIC, and no decoder for it
         (b"\x00\x00\x00\x18ftypabcd", ErrorKind.NOT_AN_IMAGE),  # an ISO box, not a HEIF brand
         (b"\x00\x00\x00\x18abcdheic", ErrorKind.NOT_AN_IMAGE),  # the brand's bytes without the ftyp box
+        (b"\x00\x00\x00\x18zzzzheic", ErrorKind.NOT_AN_IMAGE),
     ],
 )
 def test_heif_without_its_decoder_is_unsupported_and_only_heif(head: bytes, kind: ErrorKind, monkeypatch) -> None:
@@ -183,3 +184,5 @@ def test_heif_without_its_decoder_is_unsupported_and_only_heif(head: bytes, kind
     with pytest.raises(ImageError) as raised:
         decode(head + b"\x00" * 64, max_pixels=LIMIT)
     assert raised.value.kind == kind, raised.value.message
+    if kind == ErrorKind.NOT_AN_IMAGE:
+        assert f"(starts with {head[:8]!r})" in raised.value.message  # the first 8 bytes, to tell formats apart
