@@ -50,6 +50,11 @@ TARGETS = {
         frozenset({"read", "_too_large", "_read_file", "_read_s3"}),
         "tests/test_byte_limits.py -k 'not real_run'",
     ),
+    "incremental-skip": Target(
+        "imagemill/pipeline/incremental.py",
+        frozenset({"mark_existing", "skip_existing"}),
+        "--noconftest tests/test_incremental_skip.py",
+    ),
 }
 
 # Survivors no test can tell apart from the original, keyed by (target, operator, the mutated line as
