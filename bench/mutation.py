@@ -112,6 +112,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         " (1 to 8) then transposes, and transposing an upright picture is a copy with the same pixels"
         for operator, test in (("core/ReplaceComparisonOperator_NotEq_GtE", ">= 1"), ("core/NumberReplacer", "!= 0"))
     },
+    **{
+        ("incremental-skip", "core/NumberReplacer", f"CHECK_BATCH = {size}"): "the batch size only sets how many"
+        " keys one store question holds (a tuning constant): the same refs skipped, in the same order"
+        for size in (999, 1001)
+    },
     (
         "storage-limits",
         "core/NumberReplacer",
