@@ -50,6 +50,11 @@ TARGETS = {
         frozenset({"read", "_too_large", "_read_file", "_read_s3"}),
         "tests/test_byte_limits.py -k 'not real_run'",
     ),
+    "message-validation": Target(
+        "imagemill/core/schemas.py",
+        frozenset({"ChunkMessage", "ImageRef", "_problem_only_when_set"}),
+        "--noconftest tests/test_chunk_message.py",
+    ),
     "incremental-skip": Target(
         "imagemill/pipeline/incremental.py",
         frozenset({"mark_existing", "skip_existing"}),
