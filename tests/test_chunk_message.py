@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from imagemill.core.schemas import MAX_CHUNK_REFS, ChunkMessage, ImageRef, Task
+from imagemill.core.settings import Settings
 
 GOOD: dict[str, Any] = {
     "job_id": "job_1-A",
@@ -68,8 +69,11 @@ def test_the_bounds_themselves_are_accepted() -> None:
     assert len(message(tasks=[t.value for t in Task]).tasks) == len(Task)
     ref = {"uri": "u" * 4096, "etag": "e" * 256, "size": 0, "problem": "p" * 1000}
     assert message(refs=[ref]).refs[0] == ImageRef(**ref)
-    assert len(message(refs=[{"uri": "s3://b/k"}] * MAX_CHUNK_REFS).refs) == MAX_CHUNK_REFS
+    assert message(refs=[{"uri": "u"}]).refs[0].uri == "u"
+    # the README's "at most 10,000 references", the most IMAGEMILL_CHUNK_SIZE allows
+    assert len(message(refs=[{"uri": "s3://b/k"}] * 10_000).refs) == 10_000
     with pytest.raises(ValidationError):
-        message(refs=[{"uri": "s3://b/k"}] * (MAX_CHUNK_REFS + 1))
+        message(refs=[{"uri": "s3://b/k"}] * 10_001)
+    assert Settings.model_fields["chunk_size"].metadata[-1].le == MAX_CHUNK_REFS
     with pytest.raises(ValidationError):
         ImageRef(uri="s3://b/k").uri = "other"  # type: ignore[misc]  # refs are frozen
