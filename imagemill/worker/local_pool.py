@@ -16,6 +16,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
@@ -74,6 +75,7 @@ class _Child:
     slot: Slot
     process: SpawnProcess
     inbox: Any  # a spawn-context Queue: chunks in, None to stop
+    results: Connection  # its own pipe back: a child killed mid-write cannot wedge the others' (a shared Queue's lock)
     held: deque[tuple[int, list[ImageRef]]] = field(default_factory=deque)
     finished: bool = False  # it annotated its last chunk and said so: its exit is not a death
 
@@ -98,7 +100,6 @@ class LocalPool:
         self.chunk_size = size  # one model batch per chunk: small enough to balance
         self.ahead = max(2 * size, 2 * settings.fetch_threads) + 3 * size + size
         context = multiprocessing.get_context("spawn")
-        self._results: Any = context.Queue()
         self.children: list[_Child] = []
         self.visible: list[str] = []  # CUDA_VISIBLE_DEVICES as each child saw it, for logs and tests
         self.signature = ""
@@ -107,17 +108,19 @@ class LocalPool:
         try:
             for slot in slots:
                 inbox = context.Queue()
+                reader, writer = context.Pipe(duplex=False)
                 process = context.Process(
                     target=_child_main,
-                    args=(slot.index, child_env(slot), settings, tasks, job_id, inbox, self._results),
+                    args=(slot.index, child_env(slot), settings, tasks, job_id, inbox, writer),
                     name=f"imagemill-engine-{slot.name}",
                     daemon=True,
                 )
                 process.start()
-                self.children.append(_Child(slot, process, inbox))
+                writer.close()  # the child holds the only writer: its death is EOF here
+                self.children.append(_Child(slot, process, inbox, reader))
             self._wait_ready()
         except BaseException:
-            self.close()
+            self.close(graceful=False)
             raise
 
     def _wait_ready(self) -> None:
@@ -191,11 +194,18 @@ class LocalPool:
                 sent += 1
 
     def _next_message(self) -> tuple[str, int, Any] | None:
-        try:
-            message: tuple[str, int, Any] = self._results.get(timeout=POLL_S)
-        except queue.Empty:
-            return None
-        return message
+        readers = [child.results for child in self.children if not child.results.closed]
+        if not readers:  # every child exited: nothing to wait on but liveness
+            time.sleep(POLL_S)
+        for reader in wait(readers, timeout=POLL_S) if readers else []:
+            assert isinstance(reader, Connection)
+            try:
+                message: tuple[str, int, Any] = reader.recv()
+            except (EOFError, OSError):  # it exited: liveness decides what that means
+                reader.close()
+                continue
+            return message
+        return None
 
     def _check_alive(self, *, starting: bool, job_id: str | None = None) -> dict[int, list[Record]]:
         """Drop dead children; their chunks as `worker_lost` records. Raises when none is left."""
@@ -225,11 +235,13 @@ class LocalPool:
                 with contextlib.suppress(OSError, ValueError):
                     child.inbox.put(None)
 
-    def close(self) -> None:
-        """Stop every child: the end of input, a short wait, then terminate (an interrupted run)."""
+    def close(self, *, graceful: bool = True) -> None:
+        """Stop every child: the end of input and a short wait, then terminate; at once when not
+        `graceful` (Ctrl-C, a failure: the run is over, what the children hold is not wanted)."""
         self._end_input()
         for child in self.children:
-            child.process.join(timeout=5)
+            if graceful:
+                child.process.join(timeout=5)
             if child.process.is_alive():
                 child.process.terminate()
                 child.process.join(timeout=5)
@@ -237,8 +249,8 @@ class LocalPool:
     def __enter__(self) -> "LocalPool":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self.close(graceful=kind is None)
 
 
 def _chunks(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
@@ -270,7 +282,7 @@ def _child_main(
     tasks: tuple[Task, ...],
     job_id: str | None,
     inbox: Any,
-    results: Any,
+    results: Connection,
 ) -> None:
     """A spawned engine process: set its GPU before torch loads, load the models, annotate chunks."""
     os.environ.update(env)  # before the engine's import loads torch: CUDA reads it once, at init
@@ -280,9 +292,9 @@ def _child_main(
 
         engine = Engine(settings.model_copy(update={"device": env["IMAGEMILL_DEVICE"]}), tasks)
     except Exception as exc:  # noqa: BLE001 - whatever stopped the load, the parent reports it in one line
-        results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
+        results.send(("failed", index, f"{type(exc).__name__}: {exc}"))
         return
-    results.put(("ready", index, (engine.signature, os.environ.get("CUDA_VISIBLE_DEVICES", ""))))
+    results.send(("ready", index, (engine.signature, os.environ.get("CUDA_VISIBLE_DEVICES", ""))))
     held: deque[tuple[int, int]] = deque()  # (chunk index, refs) in the order they were read
 
     def refs() -> Iterator[ImageRef]:
@@ -307,8 +319,8 @@ def _child_main(
                 out.append(record)
                 while held and len(out) >= held[0][1]:
                     chunk_index, size = held.popleft()
-                    results.put(("records", index, (chunk_index, out[:size])))
+                    results.send(("records", index, (chunk_index, out[:size])))
                     out = out[size:]
-        results.put(("done", index, None))
+        results.send(("done", index, None))
     except Exception:  # noqa: BLE001 - a bug, not a bad image (those are records): the parent stops the run
-        results.put(("failed", index, traceback.format_exc(limit=3).strip().splitlines()[-1]))
+        results.send(("failed", index, traceback.format_exc(limit=3).strip().splitlines()[-1]))
