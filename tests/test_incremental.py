@@ -184,18 +184,31 @@ def test_when_the_beat_holding_the_lock_stops_the_waiting_one_takes_over(dist_en
 def test_an_interrupted_run_leaves_the_earlier_output_untouched(model_env: dict[str, str], tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
-    for i in range(3):
+    for i in range(5):
         (folder / f"{i}.jpg").write_bytes(photo_jpeg(120, 90, seed=i))
-    manifest = tmp_path / "list.jsonl"
-    manifest.write_text("".join(f'{{"uri": "{folder / f"{i}.jpg"}"}}\n' for i in range(3)))
     out = tmp_path / "out.jsonl"
-    assert run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), env=model_env).returncode == 0
-    before = out.read_text()
-    with manifest.open("a") as handle:
-        handle.write("{broken json\n")  # the listing fails part-way through the next run
-    failed = run_cli("annotate", str(manifest), "--tasks", "moderation", "--out", str(out), "--force", env=model_env)
-    assert failed.returncode == 2 and "list.jsonl:4" in failed.stderr
-    assert out.read_text() == before
+    args = ("annotate", str(folder), "--tasks", "moderation", "--out", str(out))
+    assert run_cli(*args, env=model_env).returncode == 0
+    before = out.read_bytes()
+    partial = out.with_name(f".{out.name}.partial")
+    slow = with_faults(model_env, {"sleep_per_image_s": 2})  # the run is still going when Ctrl-C comes
+    run = subprocess.Popen(
+        [sys.executable, "-m", "imagemill", *args, "--force", "-q"],
+        env={**os.environ, **slow, "PYTHONPATH": os.pathsep.join([FAULTS_DIR, str(REPO)])},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(partial.exists, 120, "the run to open its output")  # models loaded, annotating
+        assert run.poll() is None
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        run.kill()
+        run.wait()
+    assert run.returncode == 130, stderr
+    assert out.read_bytes() == before  # a run that did not complete never replaces the output
 
 
 def test_a_local_run_killed_mid_write_leaves_the_earlier_output_intact(

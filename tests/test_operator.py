@@ -27,6 +27,7 @@ from imagemill.core.errors import ErrorKind
 from imagemill.core.jobs import JobRegistry, JobState
 from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
+from imagemill.core.stores import open_writer
 from imagemill.core.stores.files import JsonlWriter
 from imagemill.core.stores.s3tags import ObjectTagsSink
 from imagemill.pipeline.decode import decode
@@ -313,6 +314,12 @@ def password_role(pg_url: str) -> tuple[str, str, str]:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
         conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(sql.Identifier(role)))
+    # the store's schema-version table is one per database, made by whoever came first (the owner
+    # here, as a DBA would): the role gets to read and stamp it, as the README's Security section says
+    with open_writer(pg_url) as store:
+        store.check()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON imagemill_meta TO {}").format(sql.Identifier(role)))
     parts = urlsplit(pg_url)
     sink = f"postgresql://{role}:{password}@{parts.hostname}:{parts.port or 5432}{parts.path}?table={table}"
     return sink, password, table
