@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from bench.machine import Interference, describe, loadavg
+from bench.models import BLIP_LARGE_VISION, save_blip
 from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
 from imagemill.pipeline.models import load_runners
@@ -46,45 +47,11 @@ def _padded(tokens: list[str], size: int) -> dict[str, int]:
 
 def build_blip_large(out: Path) -> None:
     """Salesforce/blip-image-captioning-large: ViT-L/16 at 384 px, BERT-base decoder, 30,524 tokens."""
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessorPil,
-        BlipProcessor,
-    )
+    from transformers import BertTokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
     vocab = _padded(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS), "[DEC]", "[ENC]"], 30524)
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]", additional_special_tokens=["[ENC]"])
-    config = BlipConfig(
-        text_config={
-            "vocab_size": len(vocab),
-            "num_attention_heads": 12,
-            "encoder_hidden_size": 1024,
-            "bos_token_id": vocab["[DEC]"],
-            "pad_token_id": vocab["[PAD]"],
-            "sep_token_id": vocab["[SEP]"],
-            "eos_token_id": vocab["[SEP]"],
-        },
-        vision_config={
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": 384,
-            "patch_size": 16,
-            "initializer_range": 0.02,
-        },
-    )
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(config).eval()
-    model.generation_config.bos_token_id = vocab["[DEC]"]
-    model.generation_config.eos_token_id = vocab["[SEP]"]
-    model.generation_config.pad_token_id = vocab["[PAD]"]
-    model.save_pretrained(out)
-    image_processor = BlipImageProcessorPil(size={"height": 384, "width": 384})
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    save_blip(out, tokenizer, BLIP_LARGE_VISION, encoder_hidden_size=1024)
 
 
 def build_florence2_base(out: Path) -> None:

@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.fixtures.tiny_models import MODERATION_LABELS, build_tiny_models, quiet_transformers
 
@@ -97,88 +98,73 @@ def real_set(cache: Path, rebuild: bool = False) -> ModelSet:
     )
 
 
-def build_blip_base(out: Path, tiny_caption: Path) -> Path:
-    """BLIP-base captioning: BlipConfig's defaults are the base model (ViT-B/16 at 384 px, BERT-base)."""
+# Salesforce/blip-image-captioning-large's vision tower: ViT-L/16 at 384 px
+BLIP_LARGE_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 384,
+    "patch_size": 16,
+    "initializer_range": 0.02,
+}
+
+
+def save_blip(
+    out: Path,
+    tokenizer: Any,
+    vision_config: dict[str, Any],
+    *,
+    encoder_hidden_size: int | None = None,
+    device: str = "cpu",
+    half: bool = False,
+) -> Path:
+    """A BLIP captioner with random weights around `tokenizer` (a BERT tokenizer with "[DEC]" as bos),
+    initialised on `device` and saved with its processor in `out` (in float16 with `half`)."""
     import torch
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessorPil,
-        BlipProcessor,
-    )
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
 
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizer.from_pretrained(tiny_caption)
     bos = tokenizer.convert_tokens_to_ids("[DEC]")
-    config = BlipConfig(
-        text_config={
-            "vocab_size": len(tokenizer),  # the only departure from base: the tiny tokenizer's vocabulary
-            "num_attention_heads": 12,  # bert-base's (BlipTextConfig defaults to 8)
-            "bos_token_id": bos,
-            "pad_token_id": tokenizer.pad_token_id,
-            "sep_token_id": tokenizer.sep_token_id,
-            "eos_token_id": tokenizer.sep_token_id,
-        },
-        # BlipVisionConfig's default init (1e-10) embeds every image the same; a real init does not
-        vision_config={"initializer_range": 0.02},
-    )
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(config).eval()
-    model.generation_config.bos_token_id = bos
-    model.generation_config.eos_token_id = tokenizer.sep_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    image_processor = BlipImageProcessorPil(size={"height": 384, "width": 384})  # CLIP mean/std by default
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
-    return out
-
-
-def build_blip_large(out: Path, tiny_caption: Path, device: str = "cpu") -> Path:
-    """BLIP-large captioning (Salesforce/blip-image-captioning-large's shape: ViT-L/16 at 384 px, BERT-base
-    decoder), random weights initialised on `device` (fast on a GPU) and saved in float16."""
-    import torch
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessorPil,
-        BlipProcessor,
-    )
-
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizer.from_pretrained(tiny_caption)
-    bos = tokenizer.convert_tokens_to_ids("[DEC]")
-    config = BlipConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "num_attention_heads": 12,
-            "encoder_hidden_size": 1024,  # cross-attention reads the ViT-L image embeddings
-            "bos_token_id": bos,
-            "pad_token_id": tokenizer.pad_token_id,
-            "sep_token_id": tokenizer.sep_token_id,
-            "eos_token_id": tokenizer.sep_token_id,
-        },
-        vision_config={
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": 384,
-            "patch_size": 16,
-            "initializer_range": 0.02,
-        },
-    )
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "num_attention_heads": 12,  # bert-base's (BlipTextConfig defaults to 8)
+        "bos_token_id": bos,
+        "pad_token_id": tokenizer.pad_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+    }
+    if encoder_hidden_size is not None:  # cross-attention reads image embeddings of this width
+        text_config["encoder_hidden_size"] = encoder_hidden_size
+    config = BlipConfig(text_config=text_config, vision_config=vision_config)
     torch.manual_seed(0)
     with torch.device(device):
         model = BlipForConditionalGeneration(config).eval()
     model.generation_config.bos_token_id = bos
     model.generation_config.eos_token_id = tokenizer.sep_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.half().save_pretrained(out)
-    image_processor = BlipImageProcessorPil(size={"height": 384, "width": 384})
+    (model.half() if half else model).save_pretrained(out)
+    image_processor = BlipImageProcessorPil(size={"height": 384, "width": 384})  # CLIP mean/std by default
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
+
+
+def build_blip_base(out: Path, tiny_caption: Path) -> Path:
+    """BLIP-base captioning: BlipConfig's defaults are the base model (ViT-B/16 at 384 px, BERT-base);
+    the only departure is the tiny tokenizer's vocabulary."""
+    from transformers import BertTokenizer
+
+    # BlipVisionConfig's default init (1e-10) embeds every image the same; a real init does not
+    return save_blip(out, BertTokenizer.from_pretrained(tiny_caption), {"initializer_range": 0.02})
+
+
+def build_blip_large(out: Path, tiny_caption: Path, device: str = "cpu") -> Path:
+    """BLIP-large captioning (Salesforce/blip-image-captioning-large's shape: ViT-L/16 at 384 px, BERT-base
+    decoder), random weights initialised on `device` (fast on a GPU) and saved in float16."""
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(tiny_caption)
+    return save_blip(out, tokenizer, BLIP_LARGE_VISION, encoder_hidden_size=1024, device=device, half=True)
 
 
 def build_vit_base_moderation(out: Path) -> Path:
