@@ -32,7 +32,14 @@ from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
 from imagemill.pipeline.models import load_runners
 from tests.fixtures.images import photo_image
-from tests.fixtures.tiny_models import SMOLVLM_CHAT_TEMPLATE, WORDS, _bytes_to_unicode, quiet_transformers
+from tests.fixtures.tiny_models import (
+    SMOLVLM_CHAT_TEMPLATE,
+    WORDS,
+    _bytes_to_unicode,
+    quiet_transformers,
+    smolvlm_tokenizer,
+    smolvlm_tokens,
+)
 
 CACHE = Path(__file__).parent / ".cache" / "models" / "captioners"
 VERSION = 1  # bump when a builder changes, to rebuild the cached folders
@@ -102,7 +109,6 @@ def build_smolvlm2_256m(out: Path) -> None:
     """HuggingFaceTB/SmolVLM2-256M-Video-Instruct: SigLIP-B/16 at 512 px, pixel shuffle x4 (64 tokens a
     tile), SmolLM2-135M (30 layers, 576 wide, 9 heads, 3 KV heads), 49,280 tokens."""
     from transformers import (
-        GPT2Tokenizer,
         Idefics3ImageProcessorPil,
         Idefics3Processor,
         SmolVLMConfig,
@@ -110,22 +116,8 @@ def build_smolvlm2_256m(out: Path) -> None:
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>"]
-    vocab = _padded([*_bytes_to_unicode().values(), *specials, "<global-img>"], 49280)
-    tokenizer = GPT2Tokenizer(
-        vocab=vocab,
-        merges=[],
-        unk_token="<|endoftext|>",
-        bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={
-            "fake_image_token": "<fake_token_around_image>",
-            "image_token": "<image>",
-            "global_image_token": "<global-img>",
-            "end_of_utterance_token": "<end_of_utterance>",
-        },
-    )
+    vocab = _padded(smolvlm_tokens(), 49280)
+    tokenizer = smolvlm_tokenizer(vocab)
     config = SmolVLMConfig(
         vision_config={
             "hidden_size": 768,
