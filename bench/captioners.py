@@ -28,6 +28,7 @@ import torch
 
 from bench.machine import Interference, describe, loadavg
 from bench.models import BLIP_LARGE_VISION, save_blip
+from bench.report import save_results
 from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
 from imagemill.pipeline.models import load_runners
@@ -327,10 +328,9 @@ def main() -> None:
             print(json.dumps({"round": round_, "captioner": one.captioner.name, **one.rounds[-1]}), flush=True)
     report["captioners"] = [summary(one) for one in loaded]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-captioners"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(stem.with_suffix(".md").read_text())
+    text = markdown(report)
+    save_results(args.out, "captioners", report, text)
+    print(text)
 
 
 if __name__ == "__main__":

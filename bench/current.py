@@ -17,12 +17,10 @@ listing must leave alone. Then, timed in this process:
 """
 
 import argparse
-import json
 import os
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import psycopg
 
 from bench.machine import describe, loadavg
 from bench.memory import MIB, peak_rss, rss
+from bench.report import save_results
 from imagemill.core.schemas import ImageRef
 from imagemill.core.stores.postgres import PostgresStore
 from tests.fixtures.postgres import admin_url, fresh_database
@@ -141,11 +140,9 @@ def main() -> None:
         result["view"] = view_queries(url, objects)
     result["vmhwm_mib"] = round((peak_rss(os.getpid()) or 0) / MIB, 1)
     result["loadavg_end"] = loadavg()
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stamp}-current.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stamp}-current.md").write_text(report(result))
-    print(report(result))
+    text = report(result)
+    save_results(args.out, "current", result, text)
+    print(text)
 
 
 def report(r: dict[str, Any]) -> str:

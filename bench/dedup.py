@@ -20,11 +20,9 @@ Exact grouping is quadratic: the report extrapolates its time to 1,000,000 recor
 """
 
 import argparse
-import json
 import os
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import numpy as np
 from bench.current import Sampler
 from bench.machine import describe, loadavg
 from bench.memory import MIB, peak_rss, rss
+from bench.report import save_results
 from imagemill.core.schemas import Embedding, ImageInfo, Record
 from imagemill.core.stores import open_file_writer
 from imagemill.core.stores.reading import read_records
@@ -183,11 +182,9 @@ def main() -> None:
             result["sweep"][str(block)] = round(time.perf_counter() - start, 2)
     result["vmhwm_mib"] = round((peak_rss(os.getpid()) or 0) / MIB, 1)
     result["loadavg_end"] = loadavg()
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stamp}-dedup.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stamp}-dedup.md").write_text(report(result))
-    print(report(result))
+    text = report(result)
+    save_results(args.out, "dedup", result, text)
+    print(text)
 
 
 def report(r: dict[str, Any]) -> str:

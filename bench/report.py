@@ -6,6 +6,7 @@ Targets are benchmarks, never timed tests: they are judged here, on the machine 
 import json
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,12 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "__dataclass_fields__"):
         return asdict(value)
     return str(value)
+
+
+def save_results(out: Path, name: str, result: dict[str, Any], text: str) -> Path:
+    """A standalone benchmark's result as `<UTC stamp>-<name>.json` and `.md` in `out`; the Markdown path."""
+    stem = out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    return stem.with_suffix(".md")

@@ -18,7 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never reach the hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
-import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ from bench import DEFAULT_CACHE, DEFAULT_RESULTS
 from bench.machine import Interference, describe, loadavg, wait_for_idle
 from bench.memory import MIB, Sampler, curve, drift, peak_rss
 from bench.models import build_clip_b32_tags, tiny_set
+from bench.report import save_results
 from imagemill.core.settings import DEFAULT_VOCABULARY, Settings
 from imagemill.core.stores.files import parquet_schema, writer_options
 from imagemill.pipeline.models.runner import weights_hash
@@ -182,11 +182,9 @@ def main() -> None:
     result["loadavg_end"] = loadavg()
     for name in ("retagged.parquet", "retagged.jsonl"):
         (data / name).unlink(missing_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stamp}-retag.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stamp}-retag.md").write_text(report(result))
-    print(report(result))
+    text = report(result)
+    save_results(args.out, "retag", result, text)
+    print(text)
 
 
 def report(r: dict[str, Any]) -> str:
