@@ -48,7 +48,9 @@ TARGETS = {
     "storage-limits": Target(
         "imagemill/core/storage.py",
         frozenset({"read", "_too_large", "_read_file", "_read_s3"}),
-        "tests/test_byte_limits.py -k 'not real_run'",
+        # the stubs test: boto3's type stubs are a dev dependency, imported only `if TYPE_CHECKING`
+        "tests/test_byte_limits.py tests/test_install.py::test_every_module_imports_without_the_dev_only_type_stubs"
+        " -k 'not real_run'",
     ),
     "message-validation": Target(
         "imagemill/core/schemas.py",

@@ -28,7 +28,16 @@ def test_each_mixed_case_decodes_or_fails_with_its_kind(case) -> None:
         assert (decoded.width, decoded.height) == case.expected_size
 
 
-def test_jpeg_is_drafted_to_reduced_size_but_reports_full_size(monkeypatch) -> None:
+def multi_picture(width: int, height: int) -> bytes:
+    """An MPO file as phones write it: the photo, then a second picture (a depth map, say)."""
+    first = Image.open(io.BytesIO(photo_jpeg(width, height)))
+    out = io.BytesIO()
+    first.save(out, "MPO", save_all=True, append_images=[Image.new("L", (width // 4, height // 4), 128)])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "MPO"])
+def test_jpeg_is_drafted_to_reduced_size_but_reports_full_size(monkeypatch, fmt: str) -> None:
     drafts: list[tuple[int, int]] = []
     real_draft = JpegImagePlugin.JpegImageFile.draft
     monkeypatch.setattr(
@@ -36,11 +45,33 @@ def test_jpeg_is_drafted_to_reduced_size_but_reports_full_size(monkeypatch) -> N
         "draft",
         lambda self, mode, size: drafts.append(size) or real_draft(self, mode, size),
     )
-    decoded = decode(photo_jpeg(1280, 960), max_pixels=LIMIT, min_side=224)
+    data = photo_jpeg(1280, 960) if fmt == "JPEG" else multi_picture(1280, 960)
+    decoded = decode(data, max_pixels=LIMIT, min_side=224)
     assert drafts == [(299, 224)]  # the DCT scaling chooses its size from this: shorter side kept >= 224
-    assert (decoded.width, decoded.height) == (1280, 960)
+    assert (decoded.width, decoded.height, decoded.format) == (1280, 960, fmt)
     assert min(decoded.image.size) >= 224
     assert decoded.image.size[0] < 1280
+
+
+def test_formats_without_scaled_decoding_are_never_asked_for_a_draft(monkeypatch) -> None:
+    asked: list[str | None] = []
+    monkeypatch.setattr(Image.Image, "draft", lambda self, mode, size: asked.append(self.format))
+    for fmt in ("PNG", "WEBP", "TIFF", "PPM"):
+        out = io.BytesIO()
+        Image.open(io.BytesIO(photo_jpeg(640, 480))).save(out, fmt)
+        assert decode(out.getvalue(), max_pixels=LIMIT, min_side=224).format == fmt
+    assert asked == []
+
+
+def test_vector_markers_are_looked_for_in_the_first_512_bytes() -> None:
+    # as file(1) sniffs: an SVG tag that ends on byte 512 is a vector image, one a byte later is not
+    within, beyond = b" " * 508 + b"<svg>", b" " * 509 + b"<svg>"
+    with pytest.raises(ImageError) as raised:
+        decode(within, max_pixels=LIMIT)
+    assert raised.value.kind == ErrorKind.UNSUPPORTED
+    with pytest.raises(ImageError) as raised:
+        decode(beyond, max_pixels=LIMIT)
+    assert raised.value.kind == ErrorKind.NOT_AN_IMAGE
 
 
 def test_without_min_side_the_picture_keeps_full_resolution() -> None:

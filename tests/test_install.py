@@ -85,6 +85,32 @@ def test_the_rest_of_the_cli_works_without_the_worker_extra(
         assert lines[0].startswith("error: ") and "Redis" in lines[0], (args, result.stderr)
 
 
+# type-stub packages of the dev extra: only the type checker may read them (`if TYPE_CHECKING:` imports)
+DEV_ONLY_STUBS = ("mypy_boto3_s3", "botocore_stubs", "types_s3transfer")
+
+
+def test_every_module_imports_without_the_dev_only_type_stubs(tmp_path: Path) -> None:
+    site = tmp_path / "no-stubs"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import sys\nfor name in {DEV_ONLY_STUBS!r}:\n    sys.modules[name] = None\n"
+    )
+    probe = (
+        "import importlib, pkgutil, imagemill\n"
+        "names = [m.name for m in pkgutil.walk_packages(imagemill.__path__, 'imagemill.')]\n"
+        "names = [name for name in names if not name.endswith('__main__')]  # that one runs the CLI\n"
+        "assert len(names) > 50, names\n"
+        "for name in names: importlib.import_module(name)\n"
+        "print('imported', len(names))\n"
+        "import mypy_boto3_s3\n"  # the block holds: this line must fail
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    last = done.stderr.strip().splitlines()[-1:]
+    assert done.stdout.startswith("imported "), done.stderr[-2000:]
+    assert last == ["ModuleNotFoundError: import of mypy_boto3_s3 halted; None in sys.modules"], done.stderr[-2000:]
+
+
 def test_the_version_is_written_once() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]

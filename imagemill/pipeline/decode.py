@@ -1,6 +1,7 @@
 """Bytes, or a picture already in memory, to a model-ready RGB picture: limits, EXIF orientation, RGB.
 
-JPEGs are decoded at reduced size (`Image.draft`) when the models need fewer pixels.
+JPEGs (and MPO, their multi-picture kind) are decoded at reduced size (`Image.draft`) when the models
+need fewer pixels.
 """
 
 import io
@@ -17,6 +18,11 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 VECTOR_MARKERS = (b"<svg", b"<?xml")
+# how far into a file the vector markers are looked for (as file(1) does, the head of the file)
+SNIFF_BYTES = 512
+# formats whose decoder can scale while decoding (`Image.draft`): JPEG, and MPO, the multi-picture
+# JPEG many phones write (a depth map or a second frame after the first picture)
+DRAFTABLE = frozenset({"JPEG", "MPO"})
 # ISO base media files (`....ftyp<brand>`) whose brand says HEIF: an image format, decodable with the plugin
 HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
 HEIC_EXTRA = "pip install 'imagemill[heic]'"
@@ -61,7 +67,7 @@ def decode(data: bytes, *, max_pixels: int, min_side: int | None = None) -> Deco
     width, height = image.size
     _check_pixels(width, height, max_pixels)
     fmt = image.format
-    if min_side and fmt == "JPEG":
+    if min_side and fmt in DRAFTABLE:
         image.draft("RGB", _draft_box(width, height, min_side))
     _load(image)
     if _swaps_sides(image):
@@ -113,7 +119,7 @@ def _open(data: bytes) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageError(ErrorKind.TOO_LARGE, f"decompression bomb refused: {exc}") from None
     except UnidentifiedImageError:
-        head = data[:512].lstrip().lower()
+        head = data[:SNIFF_BYTES].lstrip().lower()
         if any(marker in head for marker in VECTOR_MARKERS):
             raise ImageError(ErrorKind.UNSUPPORTED, "vector images (SVG) are not supported") from None
         if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS and not HEIF_DECODABLE:
