@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from imagemill.core import jobs
 from imagemill.core.connections import PROBE_TIMEOUT_S, RETRIES, check_reachable, redis_client
 from imagemill.core.errors import SourceError, UserError
-from imagemill.core.jobs import JobRegistry, JobState
+from imagemill.core.jobs import Job, JobRegistry, JobState, new_job_id
 from imagemill.core.pipeline_key import pipeline_key
 from imagemill.core.schemas import ImageRef, Record, Task
 from imagemill.core.settings import Settings
@@ -94,6 +95,126 @@ def test_only_a_silent_producer_can_be_taken_over(redis_url: str) -> None:
     registry.redis.hset(registry.key("job1"), "producer_seen", 0)
     assert registry.take_over("job1", stale_after_s=30) is True
     assert registry.take_over("job1", stale_after_s=30) is False  # the new producer now owns it
+
+
+def test_a_producer_silent_for_exactly_the_stale_time_is_taken_over(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    registry.redis.hset(registry.key("job1"), "producer_seen", 1000.0)
+    monkeypatch.setattr(jobs.time, "time", lambda: 1030.0)
+    assert registry.take_over("job1", stale_after_s=30.000001) is False
+    assert registry.take_over("job1", stale_after_s=30) is True
+
+
+def test_a_producer_that_finished_listing_is_never_taken_over(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    registry.redis.hset(registry.key("job1"), "producer_seen", 0)
+    registry.end_listing("job1", 1)
+    assert registry.take_over("job1", stale_after_s=30) is False
+
+
+def test_only_chunks_that_queued_images_count_as_queued_chunks(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    registry.add_queued("job1", listed=5, queued=0, skipped=5)  # everything was annotated before
+    registry.add_queued("job1", listed=5, queued=3, skipped=2, last_uri="s3://b/p/9.jpg")
+    job = registry.get("job1")
+    assert (job.listed, job.queued, job.skipped, job.chunks_queued) == (10, 3, 7, 1)
+    assert job.resume_after == "s3://b/p/9.jpg"
+
+
+def test_attempts_count_only_deliveries_that_died_mid_chunk(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    assert registry.begin_attempt("job1", "job1/000000") == 1
+    assert registry.begin_attempt("job1", "job1/000000") == 2  # the first delivery never ended: it died
+    registry.end_attempt("job1", "job1/000000")
+    assert registry.begin_attempt("job1", "job1/000000") == 2  # an attempt that ended is not a death
+    assert registry.begin_attempt("job1", "job1/000001") == 1  # each chunk counts its own
+
+
+def test_a_failed_chunk_outcome_is_counted_by_kind_and_a_dead_letter_by_itself(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    registry.chunk_done("job1", "job1/000000", {"annotated": 2, "not_an_image": 1, "too_large": 0})
+    registry.chunk_done("job1", "job1/000001", {"worker_lost": 3}, dead_lettered=True)
+    job = registry.get("job1")
+    assert (job.annotated, job.failed, job.processed, job.chunks_done, job.chunks_dead_lettered) == (2, 4, 6, 2, 1)
+    assert job.failed_by_kind == {"not_an_image": 1, "worker_lost": 3}  # a kind counted zero is not shown
+
+
+def test_a_failed_job_keeps_its_reason_and_ends_once(redis_url: str) -> None:
+    registry = JobRegistry(redis_url, retention_s=60)
+    new_job(registry)
+    assert registry.fail("job1", "AccessDenied on s3://b/p") is True
+    assert registry.fail("job1", "a second reason") is False
+    assert registry.cancel("job1") is False
+    job = registry.get("job1")
+    assert (job.state, job.error, job.retention_s) == (JobState.FAILED, "AccessDenied on s3://b/p", 60)
+    assert job.expires_at == job.finished_at + 60
+
+
+def test_the_first_chunk_sets_the_start_and_the_signature_once(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    assert registry.get("job1").started_at is None and registry.get("job1").expires_at is None
+    registry.chunk_started("job1", "sig-a")
+    first = registry.get("job1")
+    registry.chunk_started("job1", "sig-b")
+    again = registry.get("job1")
+    assert first.started_at is not None and (again.started_at, again.signature) == (first.started_at, "sig-a")
+
+
+def test_late_writes_never_recreate_a_job_that_expired(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    registry.heartbeat("gone")
+    registry.add_queued("gone", listed=1, queued=1)
+    registry.chunk_started("gone", "sig")
+    assert registry.chunk_done("gone", "gone/000000", {"annotated": 1}) is False
+    assert registry.get("gone") is None and registry.state("gone") is None
+    assert registry.redis.exists(registry.key("gone")) == 0
+
+
+def test_a_field_stored_empty_reads_as_absent() -> None:
+    job = Job.from_hash(
+        {
+            "id": "j",
+            "source": "s",
+            "tasks": "tags,caption",
+            "sink": "k",
+            "queue": "q",
+            "state": "running",
+            "created_at": "1",
+            "signature": "",
+            "error": "",
+            "listing_done": "0",
+            "failed:too_large": "0",
+        }
+    )
+    assert (job.signature, job.error, job.tasks, job.listing_done, job.failed_by_kind) == (
+        None,
+        None,
+        (Task.TAGS, Task.CAPTION),
+        False,
+        {},
+    )
+
+
+def test_signatures_and_rejected_messages_are_shared_counters(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    assert registry.signature_for("tags") is None and registry.rejected() == 0
+    registry.publish_signature("tags", "abc")
+    assert registry.signature_for("tags") == "abc" and registry.signature_for("caption") is None
+    assert [registry.count_rejected(), registry.count_rejected()] == [1, 2]
+    assert registry.rejected() == 2
+
+
+def test_job_ids_are_twelve_hex_digits_and_distinct() -> None:
+    ids = {new_job_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) == 12 and int(i, 16) >= 0 for i in ids)
 
 
 # every Redis client comes from imagemill.core.connections
