@@ -162,7 +162,7 @@ TARGETS = {
                 "_fsync_directory",
             }
         ),
-        "tests/test_object_sinks.py",
+        "tests/test_object_sinks.py -k 'not more_than_a_thousand'",  # that one pages reads (13 s), writes nothing
     ),
 }
 
