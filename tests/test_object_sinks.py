@@ -1,6 +1,7 @@
 """Chunk sinks: one S3 object or one file per chunk, replaced (never duplicated) on redelivery."""
 
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -193,10 +194,10 @@ def test_a_failed_directory_write_leaves_the_old_file_and_no_temp_file(
     assert out.read_all() == old
 
 
-def test_directory_sink_files_are_readable_by_others(tmp_path: Path) -> None:
+def test_directory_sink_files_are_readable_by_others_and_writable_only_by_the_owner(tmp_path: Path) -> None:
     out = DirectorySink(tmp_path, "jsonl")
-    out.write([], "c1")
-    assert (tmp_path / "c1.jsonl").stat().st_mode & 0o044 == 0o044
+    out.write([], "job/c1")
+    assert stat.S_IMODE((tmp_path / "job" / "c1.jsonl").stat().st_mode) == 0o644  # rw-r--r--, never executable
 
 
 def test_the_directory_sink_refuses_an_escaping_chunk_name(tmp_path: Path) -> None:
