@@ -217,6 +217,32 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         'if existing or pipe.hget(self.key(existing), "state") == JobState.RUNNING.value:',
     ): "with no job holding the key, `or` asks for the state of a job named 'None', which no job id (twelve hex"
     " digits) can be: nothing is running there, so the key is claimed as before",
+    (
+        "job-registry",
+        "core/ReplaceComparisonOperator_Eq_Is",
+        'fields["listing_done"] = fields.get("listing_done") is "1"',
+    ): "CPython keeps one object for each one-character string, so a '1' read from Redis is the literal '1'",
+    **{
+        (
+            "job-registry",
+            operator,
+            "fields: dict[str, Any] = {k: v for k, v in data.items() if not"
+            f' k.startswith(FAILED_PREFIX) and v {test} ""}}',
+        ): why
+        for operator, test, why in (
+            (
+                "core/ReplaceComparisonOperator_NotEq_IsNot",
+                "is not",
+                "CPython has one empty string: `is not ''` is `!= ''`",
+            ),
+            ("core/ReplaceComparisonOperator_NotEq_Gt", ">", "every string but the empty one sorts after it"),
+        )
+    },
+    (
+        "job-registry",
+        "core/ReplaceComparisonOperator_Eq_LtE",
+        'if outcome <= "annotated":',
+    ): "every other outcome is an error kind, and every error kind sorts after 'annotated'",
     **{
         ("incremental-skip", "core/NumberReplacer", f"CHECK_BATCH = {size}"): "the batch size only sets how many"
         " keys one store question holds (a tuning constant): the same refs skipped, in the same order"

@@ -1,5 +1,6 @@
 """The job registry: counters exact under concurrency and redelivery, states that end the job."""
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ def test_a_job_is_done_only_when_listing_ended_and_every_chunk_is_accounted_for(
     new_job(registry)
     registry.add_queued("job1", listed=4, queued=4)
     registry.add_queued("job1", listed=2, queued=2)
+    assert registry.get("job1").skipped == 0
     registry.chunk_done("job1", "job1/000000", {"annotated": 4})
     registry.chunk_done("job1", "job1/000001", {"annotated": 2})
     assert registry.state("job1") == JobState.RUNNING  # the producer might still be listing
@@ -111,8 +113,10 @@ def test_a_producer_silent_for_exactly_the_stale_time_is_taken_over(
 def test_a_producer_that_finished_listing_is_never_taken_over(redis_url: str) -> None:
     registry = JobRegistry(redis_url)
     new_job(registry)
+    assert registry.get("job1").listing_done is False
     registry.redis.hset(registry.key("job1"), "producer_seen", 0)
     registry.end_listing("job1", 1)
+    assert registry.get("job1").listing_done is True
     assert registry.take_over("job1", stale_after_s=30) is False
 
 
@@ -120,9 +124,10 @@ def test_only_chunks_that_queued_images_count_as_queued_chunks(redis_url: str) -
     registry = JobRegistry(redis_url)
     new_job(registry)
     registry.add_queued("job1", listed=5, queued=0, skipped=5)  # everything was annotated before
-    registry.add_queued("job1", listed=5, queued=3, skipped=2, last_uri="s3://b/p/9.jpg")
+    registry.add_queued("job1", listed=5, queued=3, skipped=2)
+    registry.add_queued("job1", listed=5, queued=5, last_uri="s3://b/p/9.jpg")
     job = registry.get("job1")
-    assert (job.listed, job.queued, job.skipped, job.chunks_queued) == (10, 3, 7, 1)
+    assert (job.listed, job.queued, job.skipped, job.chunks_queued) == (15, 8, 7, 2)
     assert job.resume_after == "s3://b/p/9.jpg"
 
 
@@ -139,11 +144,12 @@ def test_attempts_count_only_deliveries_that_died_mid_chunk(redis_url: str) -> N
 def test_a_failed_chunk_outcome_is_counted_by_kind_and_a_dead_letter_by_itself(redis_url: str) -> None:
     registry = JobRegistry(redis_url)
     new_job(registry)
-    registry.chunk_done("job1", "job1/000000", {"annotated": 2, "not_an_image": 1, "too_large": 0})
-    registry.chunk_done("job1", "job1/000001", {"worker_lost": 3}, dead_lettered=True)
+    # outcome names are compared by value: these come from JSON, not from the registry's own literals
+    registry.chunk_done("job1", "job1/000000", json.loads('{"annotated": 2, "not_an_image": 1, "too_large": 0}'))
+    registry.chunk_done("job1", "job1/000001", {"worker_lost": 2}, dead_lettered=True)
     job = registry.get("job1")
-    assert (job.annotated, job.failed, job.processed, job.chunks_done, job.chunks_dead_lettered) == (2, 4, 6, 2, 1)
-    assert job.failed_by_kind == {"not_an_image": 1, "worker_lost": 3}  # a kind counted zero is not shown
+    assert (job.annotated, job.failed, job.processed, job.chunks_done, job.chunks_dead_lettered) == (2, 3, 5, 2, 1)
+    assert job.failed_by_kind == {"not_an_image": 1, "worker_lost": 2}  # a kind counted zero is not shown
 
 
 def test_a_failed_job_keeps_its_reason_and_ends_once(redis_url: str) -> None:
@@ -178,6 +184,35 @@ def test_late_writes_never_recreate_a_job_that_expired(redis_url: str) -> None:
     assert registry.redis.exists(registry.key("gone")) == 0
 
 
+def test_a_key_left_pointing_at_a_job_that_is_not_running_is_claimed_afresh(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    registry.create("old", "s3://b/p", (Task.TAGS,), "sink", "q", idempotency_key="k")
+    registry.end_listing("old", 0)  # done at once: no chunks
+    assert registry.state("old") == JobState.DONE
+    for holder in ("old", "expired"):  # as an imagemill that did not release the key leaves it
+        registry.redis.hset(jobs.ACTIVE, "k", holder)
+        job, fresh = registry.create(f"after-{holder}", "s3://b/p", (Task.TAGS,), "sink", "q", idempotency_key="k")
+        assert fresh and job.id == f"after-{holder}"
+        registry.cancel(job.id)
+
+
+def test_a_job_that_vanishes_as_it_is_registered_is_named_in_the_error(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = JobRegistry(redis_url)
+    monkeypatch.setattr(registry, "get", lambda job_id: None)  # a Redis flushed between the write and the read
+    with pytest.raises(RuntimeError, match=r"^job j9 vanished from the registry at redis://"):
+        registry.create("j9", "s3://b/p", (Task.TAGS,), "sink", "q")
+
+
+def test_recent_lists_twenty_jobs_unless_asked_for_more(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    for number in range(25):
+        new_job(registry, f"j{number:02d}")
+    assert [job.id for job in registry.recent()] == [f"j{number:02d}" for number in range(24, 4, -1)]
+    assert len(registry.recent(3)) == 3 and len(registry.recent(30)) == 25
+
+
 def test_a_field_stored_empty_reads_as_absent() -> None:
     job = Job.from_hash(
         {
@@ -188,6 +223,7 @@ def test_a_field_stored_empty_reads_as_absent() -> None:
             "queue": "q",
             "state": "running",
             "created_at": "1",
+            "finished_at": "5",
             "signature": "",
             "error": "",
             "listing_done": "0",
@@ -201,6 +237,7 @@ def test_a_field_stored_empty_reads_as_absent() -> None:
         False,
         {},
     )
+    assert job.expires_at is None  # finished by an imagemill that kept no retention: kept until pruned
 
 
 def test_signatures_and_rejected_messages_are_shared_counters(redis_url: str) -> None:

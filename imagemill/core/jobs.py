@@ -46,7 +46,6 @@ class JobState(StrEnum):
 # attempts hash; then the shared ACTIVE hash, JOBS_EXPIRING and JOBS_INDEX. `finish` ends a job in
 # the same script that changes its state: every key of the job gets EXPIRE(retention), its
 # idempotency key is released, and index entries of jobs expired by now are dropped.
-_JOB_KEYS = 6
 _FINISH = """
 local function prune(now)
   local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, 1000)
@@ -366,11 +365,16 @@ class JobRegistry(Closing):
 
     def begin_attempt(self, job_id: str, chunk_id: str) -> int:
         """Count a delivery of a chunk; returns 1 + how many earlier deliveries died mid-chunk."""
-        return int(self._attempt(keys=self.job_keys(job_id)[:3:2], args=[chunk_id, 1]))
+        return int(self._attempt(keys=self._attempt_keys(job_id), args=[chunk_id, 1]))
 
     def end_attempt(self, job_id: str, chunk_id: str) -> None:
         """The attempt ended in this process (done or raised): it was not a worker death."""
-        self._attempt(keys=self.job_keys(job_id)[:3:2], args=[chunk_id, -1])
+        self._attempt(keys=self._attempt_keys(job_id), args=[chunk_id, -1])
+
+    def _attempt_keys(self, job_id: str) -> list[str]:
+        """The KEYS of the attempt script: the job's hash and its attempts hash."""
+        key, _chunks, attempts, *_shared = self.job_keys(job_id)
+        return [key, attempts]
 
     def publish_signature(self, pipeline: str, signature: str) -> None:
         """What the models a worker loaded for a pipeline make of it (producers skip by it)."""
