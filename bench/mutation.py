@@ -120,7 +120,8 @@ TARGETS = {
                 "_check_version",
             }
         ),
-        "tests/test_postgres_store.py",
+        # with the migration and view tests of test_current_records (not its 30 s resubmission run)
+        "tests/test_postgres_store.py tests/test_current_records.py -k 'not resubmit'",
     ),
     "file-writes": Target(
         "imagemill/core/stores/files.py",
@@ -243,6 +244,52 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "core/ReplaceComparisonOperator_Eq_LtE",
         'if outcome <= "annotated":',
     ): "every other outcome is an error kind, and every error kind sorts after 'annotated'",
+    **{
+        ("postgres-writes", "core/NumberReplacer", f"{name} = {value}"): why
+        for name, value, why in (
+            *(
+                (
+                    "KEYS_PER_QUERY",
+                    v,
+                    "how many keys one existence query holds (a tuning constant): the same keys found",
+                )
+                for v in (999, 1001)
+            ),
+            *(
+                ("LISTED_PER_COPY", v, "how many listed uris one COPY sends (a tuning constant): the same marks")
+                for v in (9999, 10001)
+            ),
+            *(
+                (
+                    "_SCHEMA_LOCK",
+                    v,
+                    "the advisory lock's number is arbitrary: any number every imagemill agrees on"
+                    " serialises the DDL the same",
+                )
+                for v in (29675163539303531, 29675163539303533)
+            ),
+        )
+    },
+    (
+        "postgres-writes",
+        "core/ReplaceTrueWithFalse",
+        "columns = [list(column) for column in zip(*stored, strict=False)]",
+    ): "every stored key is a 3-tuple (`_stored_key`), so the columns are always the same length",
+    (
+        "postgres-writes",
+        "core/NumberReplacer",
+        "value = row[ -1] if row else None",
+    ): "the query selects one column: its first is its last",
+    (
+        "postgres-writes",
+        "core/ReplaceComparisonOperator_Eq_Is",
+        "if value is not None and value.isdigit() and int(value) is SCHEMA_VERSION:",
+    ): "CPython keeps one object for each small integer (-5 to 256): `int('3') is 3`",
+    (
+        "postgres-writes",
+        "core/ReplaceComparisonOperator_Gt_GtE",
+        "if value is not None and value.isdigit() and int(value) >= SCHEMA_VERSION:",
+    ): "the version equal to this one returned on the line before: `>=` and `>` differ only there",
     **{
         ("incremental-skip", "core/NumberReplacer", f"CHECK_BATCH = {size}"): "the batch size only sets how many"
         " keys one store question holds (a tuning constant): the same refs skipped, in the same order"

@@ -13,7 +13,7 @@ from psycopg import sql
 from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.redaction import redact_url
 from imagemill.core.schemas import Caption, ImageInfo, Moderation, Record, Tags, TagScore
-from imagemill.core.stores import open_writer
+from imagemill.core.stores import open_writer, postgres
 from imagemill.core.stores.postgres import SCHEMA_VERSION, PostgresStore, SchemaVersionError
 from tests.fixtures.postgres import admin_connection, admin_url, fresh_database
 from tests.fixtures.s3 import free_port
@@ -155,6 +155,28 @@ def test_existing_keys_returns_only_keys_with_error_free_records_in_bulk(
     assert store.existing_keys([]) == set()
 
 
+def test_a_single_stored_key_is_found(store: PostgresStore) -> None:
+    done = record("s3://b/only.jpg", etag="e")
+    store.write([done], "job/0")
+    assert store.existing_keys([done.key]) == {done.key}
+    assert store.existing_keys([done.key, done.key]) == {done.key}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (None, "imagemill_meta has schema_version None, expected 3"),
+        ("0", "imagemill_meta has schema_version '0', expected 3"),
+        ("three", "imagemill_meta has schema_version 'three', expected 3"),
+        ("4", "database schema version 4 is newer than this imagemill knows (3); upgrade imagemill"),
+    ],
+)
+def test_a_schema_version_this_imagemill_does_not_write_is_refused_naming_it(value: str | None, message: str) -> None:
+    with pytest.raises(SchemaVersionError) as refused:
+        postgres._check_version(value, "postgresql://db")
+    assert str(refused.value) == f"postgresql://db: {message}"
+
+
 def test_two_stores_creating_tables_concurrently_both_succeed() -> None:
     with fresh_database(admin_url()) as url:
         start = threading.Barrier(6)
@@ -179,7 +201,7 @@ def test_two_stores_creating_tables_concurrently_both_succeed() -> None:
         assert PostgresStore(url).count() == 6
         with psycopg.connect(url) as conn:
             meta = conn.execute("SELECT key, value FROM imagemill_meta").fetchall()
-            assert meta == [("schema_version", str(SCHEMA_VERSION))]
+            assert meta == [("schema_version", "3")]  # this imagemill's schema: a new version is a deliberate change
             query = "SELECT indexname FROM pg_indexes WHERE tablename = 'imagemill_records'"
             indexes = {row[0] for row in conn.execute(query)}
         assert {f"imagemill_records_{c}_idx" for c in ("job_id", "error_kind", "flagged")} <= indexes
