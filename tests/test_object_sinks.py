@@ -124,7 +124,9 @@ def test_read_all_pages_through_more_than_a_thousand_objects(s3_endpoint: str, b
     assert len(sink(s3_endpoint, f"s3://{bucket}/out/").read_all()) == 1005
 
 
-@pytest.mark.parametrize("chunk", ["../escape", "a/../../b", "..", "/abs", "", "a//b", "./a", "a/"])
+@pytest.mark.parametrize(
+    "chunk", ["../escape", "a/../../b", "..", "/abs", "", "a//b", "./a", "a/", "a\\b", "a\0b", "..\\x\0"]
+)
 def test_a_chunk_name_that_could_escape_the_prefix_is_refused(s3_endpoint: str, bucket: str, chunk: str) -> None:
     with pytest.raises(ValueError, match="chunk name"):
         sink(s3_endpoint, f"s3://{bucket}/out/").write([record("s3://in/1.jpg")], chunk)
@@ -196,8 +198,8 @@ def test_a_failed_directory_write_leaves_the_old_file_and_no_temp_file(
 
 def test_directory_sink_files_are_readable_by_others_and_writable_only_by_the_owner(tmp_path: Path) -> None:
     out = DirectorySink(tmp_path, "jsonl")
-    out.write([], "job/c1")
-    assert stat.S_IMODE((tmp_path / "job" / "c1.jsonl").stat().st_mode) == 0o644  # rw-r--r--, never executable
+    out.write([], "job/part/c1")  # the folders a chunk name asks for are made
+    assert stat.S_IMODE((tmp_path / "job" / "part" / "c1.jsonl").stat().st_mode) == 0o644  # rw-r--r--, never executable
 
 
 def test_the_directory_sink_refuses_an_escaping_chunk_name(tmp_path: Path) -> None:
@@ -206,6 +208,17 @@ def test_the_directory_sink_refuses_an_escaping_chunk_name(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="chunk name"):
         DirectorySink(inner, "jsonl").write([record("s3://in/1.jpg")], "../escape")
     assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("scheme", ["http", "dir", "s3"])
+def test_the_directory_sink_takes_only_local_file_urls(tmp_path: Path, scheme: str) -> None:
+    with pytest.raises(UserError, match=r"expected file:///absolute/directory/$"):
+        DirectorySink.from_url(f"{scheme}://{tmp_path}/")
+    with pytest.raises(UserError, match=r"expected file:///absolute/directory/$"):
+        DirectorySink.from_url(f"file://elsewhere{tmp_path}/")  # another host's disk is not ours to write
+    with pytest.raises(UserError, match=r"^sink file://\[: expected file:///absolute/directory/$"):
+        DirectorySink.from_url("file://[")
+    assert DirectorySink.from_url(f"file://localhost{tmp_path}/?format=parquet").directory == tmp_path
 
 
 def test_the_directory_sink_needs_an_existing_directory(tmp_path: Path) -> None:
