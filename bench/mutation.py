@@ -293,6 +293,22 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "if value is not None and value.isdigit() and int(value) >= SCHEMA_VERSION:",
     ): "the version equal to this one returned on the line before: `>=` and `>` differ only there",
     **{
+        ("file-writes", "core/NumberReplacer", f"HOLD_ROWS = {rows}"): "how many rows without an embedding are"
+        " held before the file begins with a plain list (a tuning constant): the test sets its own to see both sides"
+        for rows in (16383, 16385)
+    },
+    (
+        "file-writes",
+        "core/ReplaceComparisonOperator_Eq_GtE",
+        'if path.suffix.lower() >= ".parquet":',
+    ): "only .jsonl and .parquet get past the suffix check above, and '.jsonl' sorts before '.parquet'",
+    (
+        "object-writes",
+        "core/ReplaceTrueWithFalse",
+        "Path(temp).unlink(missing_ok=False)",
+    ): "the temporary file exists whenever this runs: mkstemp made it and os.replace, which moves it, is the"
+    " try block's last call",
+    **{
         ("incremental-skip", "core/NumberReplacer", f"CHECK_BATCH = {size}"): "the batch size only sets how many"
         " keys one store question holds (a tuning constant): the same refs skipped, in the same order"
         for size in (999, 1001)

@@ -20,6 +20,7 @@ from imagemill.core.stores.files import (
     open_file_writer,
     read_records,
 )
+from imagemill.core.stores.objects import split_format
 
 FORMATS = ("jsonl", "parquet")
 
@@ -156,13 +157,13 @@ def test_parquet_rows_without_embeddings_are_held_until_enough_show_none(
     writer = open_file_writer(str(target))
     writer.write([annotated(f"file:///p/{i}.jpg", dim=None) for i in range(5)])
     assert not writer.partial.exists()  # a later record may still show the vector's length
-    writer.write([annotated("file:///p/5.jpg", dim=None)])
-    assert writer.partial.exists()  # HOLD_ROWS without one: a plain list it is
-    writer.write([annotated("file:///p/6.jpg", dim=3)])  # a plain list takes any length
+    writer.write([annotated(f"file:///p/{i}.jpg", dim=None) for i in (5, 6)])
+    assert writer.partial.exists()  # HOLD_ROWS or more without one: a plain list it is
+    writer.write([annotated("file:///p/7.jpg", dim=3)])  # a plain list takes any length
     writer.close()
     records = read_records(target)
     vector = pq.ParquetFile(target).schema_arrow.field("embedding").type.field("vector").type
-    assert len(records) == 7 and records[6].embedding is not None and records[6].embedding.dim == 3
+    assert len(records) == 8 and records[7].embedding is not None and records[7].embedding.dim == 3
     assert pa.types.is_list(vector)  # a plain list, not a fixed-size one
 
 
@@ -184,14 +185,16 @@ def test_the_embedding_column_has_the_configured_type_and_is_byte_stream_split(t
     columns = {meta.metadata.row_group(0).column(i).path_in_schema: i for i in range(meta.metadata.num_columns)}
     encodings = meta.metadata.row_group(0).column(columns[VECTOR_COLUMN]).encodings
     assert "BYTE_STREAM_SPLIT" in encodings
-    caption = meta.metadata.row_group(0).column(columns["caption.text"])
-    assert caption.compression == "ZSTD" and any("DICTIONARY" in e for e in caption.encodings)
+    for name in ("caption.text", "signature"):  # the other columns, before and after the vector's
+        column = meta.metadata.row_group(0).column(columns[name])
+        assert column.compression == "ZSTD" and any("DICTIONARY" in e for e in column.encodings)
     back = read_records(target)[0].embedding
     assert back is not None and np.allclose(back.array(), record.embedding.array(), atol=1e-3)  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_a_chunk_document_round_trips_as_one_object_per_chunk(fmt: str) -> None:
+@pytest.mark.parametrize("named", ["jsonl", "JSONL", "parquet", "Parquet"])
+def test_a_chunk_document_round_trips_as_one_object_per_chunk(named: str) -> None:
+    fmt = split_format(f"file:///d/?format={named}")[1]  # as a sink's URL names it
     records = [annotated("file:///p/a.jpg", seed=1), failed("file:///p/b.jpg"), annotated("file:///p/c.jpg", dim=None)]
     assert decode_records(encode_records(records, fmt), fmt) == records
     assert decode_records(encode_records([], fmt), fmt) == []
@@ -207,3 +210,16 @@ def test_a_parquet_chunk_document_takes_the_configured_embedding_type() -> None:
 def test_an_unknown_chunk_format_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown record format 'csv'"):
         encode_records([failed("file:///p/a.jpg")], "csv")
+
+
+def test_columnar_tables_are_written_as_they_are_under_the_first_tables_schema(tmp_path: Path) -> None:
+    first = pa.table({"uri": ["file:///p/a.jpg"], "score": [0.5]})
+    second = pa.table({"uri": ["file:///p/b.jpg", "file:///p/c.jpg"], "score": [0.25, 0.125]})
+    target = tmp_path / "retagged.parquet"
+    with ParquetWriter(target, keep_existing=False) as writer:
+        writer.write_table(first)
+        writer.write_table(second)
+    assert pq.read_table(target).to_pydict() == {
+        "uri": ["file:///p/a.jpg", "file:///p/b.jpg", "file:///p/c.jpg"],
+        "score": [0.5, 0.25, 0.125],
+    }
