@@ -308,6 +308,16 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "Path(temp).unlink(missing_ok=False)",
     ): "the temporary file exists whenever this runs: mkstemp made it and os.replace, which moves it, is the"
     " try block's last call",
+    (
+        "job-registry",
+        "core/ReplaceComparisonOperator_Eq_Is",
+        'if seen is None or listing_done is "1" or time.time() - float(seen) < stale_after_s:',
+    ): "CPython keeps one object for each one-character string, so a '1' read from Redis is the literal '1'",
+    (
+        "file-writes",
+        "core/ReplaceFalseWithTrue",
+        'row["embedding"]["vector"] = record.embedding.array().astype(embedding_dtype, copy=True)',
+    ): "a copy of the vector holds the same values: it only costs memory",
     **{
         ("incremental-skip", "core/NumberReplacer", f"CHECK_BATCH = {size}"): "the batch size only sets how many"
         " keys one store question holds (a tuning constant): the same refs skipped, in the same order"

@@ -207,9 +207,10 @@ def test_a_parquet_chunk_document_takes_the_configured_embedding_type() -> None:
     assert (vector.list_size, str(vector.value_type)) == (8, "halffloat")
 
 
-def test_an_unknown_chunk_format_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown record format 'csv'"):
-        encode_records([failed("file:///p/a.jpg")], "csv")
+@pytest.mark.parametrize("fmt", ["csv", "xml"])  # sorting before and after the known ones
+def test_an_unknown_chunk_format_is_refused(fmt: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown record format '{fmt}'"):
+        encode_records([failed("file:///p/a.jpg")], fmt)
 
 
 def test_columnar_tables_are_written_as_they_are_under_the_first_tables_schema(tmp_path: Path) -> None:
