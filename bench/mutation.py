@@ -404,10 +404,13 @@ def config(tree: Path, target: Target) -> str:
 
 
 def keep_only(session: Path, functions: frozenset[str]) -> int:
-    """Drop the mutants outside the guarantee's functions; returns how many are left."""
+    """Drop the mutants in functions outside the guarantee's; returns how many are left."""
     with sqlite3.connect(session) as db:
         marks = ",".join("?" * len(functions))
-        outside = f"SELECT job_id FROM mutation_specs WHERE definition_name NOT IN ({marks})"
+        # top-level code (no definition: constants, module flags) always counts
+        outside = (
+            f"SELECT job_id FROM mutation_specs WHERE definition_name IS NOT NULL AND definition_name NOT IN ({marks})"
+        )
         jobs = [row[0] for row in db.execute(outside, tuple(functions))]
         db.executemany("DELETE FROM mutation_specs WHERE job_id = ?", [(j,) for j in jobs])
         db.executemany("DELETE FROM work_items WHERE job_id = ?", [(j,) for j in jobs])
