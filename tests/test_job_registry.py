@@ -110,6 +110,15 @@ def test_a_producer_silent_for_exactly_the_stale_time_is_taken_over(
     assert registry.take_over("job1", stale_after_s=30) is True
 
 
+def test_a_heartbeat_keeps_a_producer_from_being_taken_over(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    registry.redis.hset(registry.key("job1"), "producer_seen", 0)
+    registry.heartbeat("job1")
+    assert registry.take_over("job1", stale_after_s=30) is False
+    assert registry.get("job1").producer_seen > 0
+
+
 def test_a_producer_that_finished_listing_is_never_taken_over(redis_url: str) -> None:
     registry = JobRegistry(redis_url)
     new_job(registry)
