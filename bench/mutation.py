@@ -185,17 +185,6 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ): "as with default 2: an untagged picture is copied, not changed",
     (
         "decode",
-        "core/ReplaceComparisonOperator_Eq_Is",
-        'if min_side and fmt is "JPEG":',
-    ): "Pillow's `format` is the interned literal 'JPEG', the same object as ours: `is` is `==` here",
-    (
-        "decode",
-        "core/ReplaceComparisonOperator_Eq_LtE",
-        'if min_side and fmt <= "JPEG":',
-    ): "it also asks formats sorting before 'JPEG' (BMP, GIF, ICO …) for a draft, which Pillow ignores for"
-    " every format but JPEG: the same pictures",
-    (
-        "decode",
         "core/ReplaceComparisonOperator_NotEq_Gt",
         "if image.getexif().get(ORIENTATION_TAG, 1) > 1:",
     ): "EXIF orientations are 1 to 8: `> 1` and `!= 1` agree on every valid value",
