@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,169 +171,19 @@ TARGETS = {
 }
 
 # Survivors no test can tell apart from the original, keyed by (target, operator, the mutated line as
-# cosmic-ray wrote it, stripped); the value says why. A survivor not listed here is a missing test.
-EQUIVALENT: dict[tuple[str, str, str], str] = {
-    (
-        "decode",
-        "core/NumberReplacer",
-        "if image.getexif().get(ORIENTATION_TAG, 2) != 1:",
-    ): "a picture without an orientation tag is then transposed too, and exif_transpose of an upright picture"
-    " is a copy with the same pixels: the check only saves that copy",
-    (
-        "decode",
-        "core/NumberReplacer",
-        "if image.getexif().get(ORIENTATION_TAG, 0) != 1:",
-    ): "as with default 2: an untagged picture is copied, not changed",
-    (
-        "decode",
-        "core/ReplaceComparisonOperator_NotEq_Gt",
-        "if image.getexif().get(ORIENTATION_TAG, 1) > 1:",
-    ): "EXIF orientations are 1 to 8: `> 1` and `!= 1` agree on every valid value",
-    **{
-        ("decode", "core/NumberReplacer", f"WHITE = {white}"): "Pillow clamps a channel value of 256 to 255: the"
-        " same white canvas"
-        for white in ("( 256, 255, 255)", "(255, 256, 255)", "(255, 255, 256)")
-    },
-    (
-        "decode",
-        "core/ReplaceTrueWithFalse",
-        "@dataclass(frozen=True, kw_only=False)",
-    ): "keyword-only fields turned positional-or-keyword: every construction passes keywords",
-    **{
-        ("decode", operator, f"if image.getexif().get(ORIENTATION_TAG, 1) {test}:"): "every valid orientation"
-        " (1 to 8) then transposes, and transposing an upright picture is a copy with the same pixels"
-        for operator, test in (("core/ReplaceComparisonOperator_NotEq_GtE", ">= 1"), ("core/NumberReplacer", "!= 0"))
-    },
-    (
-        "job-registry",
-        "core/ReplaceAndWithOr",
-        'if existing or pipe.hget(self.key(existing), "state") == JobState.RUNNING.value:',
-    ): "with no job holding the key, `or` asks for the state of a job named 'None', which no job id (twelve hex"
-    " digits) can be: nothing is running there, so the key is claimed as before",
-    (
-        "job-registry",
-        "core/ReplaceComparisonOperator_Eq_Is",
-        'fields["listing_done"] = fields.get("listing_done") is "1"',
-    ): "CPython keeps one object for each one-character string, so a '1' read from Redis is the literal '1'",
-    **{
-        (
-            "job-registry",
-            operator,
-            "fields: dict[str, Any] = {k: v for k, v in data.items() if not"
-            f' k.startswith(FAILED_PREFIX) and v {test} ""}}',
-        ): why
-        for operator, test, why in (
-            (
-                "core/ReplaceComparisonOperator_NotEq_IsNot",
-                "is not",
-                "CPython has one empty string: `is not ''` is `!= ''`",
-            ),
-            ("core/ReplaceComparisonOperator_NotEq_Gt", ">", "every string but the empty one sorts after it"),
-        )
-    },
-    (
-        "job-registry",
-        "core/ReplaceComparisonOperator_Eq_LtE",
-        'if outcome <= "annotated":',
-    ): "every other outcome is an error kind, and every error kind sorts after 'annotated'",
-    **{
-        ("postgres-writes", "core/NumberReplacer", f"{name} = {value}"): why
-        for name, value, why in (
-            *(
-                (
-                    "KEYS_PER_QUERY",
-                    v,
-                    "how many keys one existence query holds (a tuning constant): the same keys found",
-                )
-                for v in (999, 1001)
-            ),
-            *(
-                ("LISTED_PER_COPY", v, "how many listed uris one COPY sends (a tuning constant): the same marks")
-                for v in (9999, 10001)
-            ),
-            *(
-                (
-                    "_SCHEMA_LOCK",
-                    v,
-                    "the advisory lock's number is arbitrary: any number every imagemill agrees on"
-                    " serialises the DDL the same",
-                )
-                for v in (29675163539303531, 29675163539303533)
-            ),
-        )
-    },
-    (
-        "postgres-writes",
-        "core/ReplaceTrueWithFalse",
-        "columns = [list(column) for column in zip(*stored, strict=False)]",
-    ): "every stored key is a 3-tuple (`_stored_key`), so the columns are always the same length",
-    (
-        "postgres-writes",
-        "core/NumberReplacer",
-        "value = row[ -1] if row else None",
-    ): "the query selects one column: its first is its last",
-    (
-        "postgres-writes",
-        "core/ReplaceComparisonOperator_Eq_Is",
-        "if value is not None and value.isdigit() and int(value) is SCHEMA_VERSION:",
-    ): "CPython keeps one object for each small integer (-5 to 256): `int('3') is 3`",
-    (
-        "postgres-writes",
-        "core/ReplaceComparisonOperator_Gt_GtE",
-        "if value is not None and value.isdigit() and int(value) >= SCHEMA_VERSION:",
-    ): "the version equal to this one returned on the line before: `>=` and `>` differ only there",
-    **{
-        ("file-writes", "core/NumberReplacer", f"HOLD_ROWS = {rows}"): "how many rows without an embedding are"
-        " held before the file begins with a plain list (a tuning constant): the test sets its own to see both sides"
-        for rows in (16383, 16385)
-    },
-    (
-        "file-writes",
-        "core/ReplaceComparisonOperator_Eq_GtE",
-        'if path.suffix.lower() >= ".parquet":',
-    ): "only .jsonl and .parquet get past the suffix check above, and '.jsonl' sorts before '.parquet'",
-    (
-        "object-writes",
-        "core/ReplaceTrueWithFalse",
-        "Path(temp).unlink(missing_ok=False)",
-    ): "the temporary file exists whenever this runs: mkstemp made it and os.replace, which moves it, is the"
-    " try block's last call",
-    (
-        "job-registry",
-        "core/ReplaceComparisonOperator_Eq_Is",
-        'if seen is None or listing_done is "1" or time.time() - float(seen) < stale_after_s:',
-    ): "CPython keeps one object for each one-character string, so a '1' read from Redis is the literal '1'",
-    (
-        "file-writes",
-        "core/ReplaceFalseWithTrue",
-        'row["embedding"]["vector"] = record.embedding.array().astype(embedding_dtype, copy=True)',
-    ): "a copy of the vector holds the same values: it only costs memory",
-    **{
-        ("incremental-skip", "core/NumberReplacer", f"CHECK_BATCH = {size}"): "the batch size only sets how many"
-        " keys one store question holds (a tuning constant): the same refs skipped, in the same order"
-        for size in (999, 1001)
-    },
-    (
-        "storage-limits",
-        "core/NumberReplacer",
-        "return Blob(handle.read(self._max_bytes + 0), file_etag(stat))",
-    ): "the open file's size was checked against the limit just before: reading max or max+1 bytes reads it whole",
-    (
-        "storage-limits",
-        "core/ReplaceBinaryOperator_Add_Pow",
-        "return Blob(handle.read(self._max_bytes ** 1), file_etag(stat))",
-    ): "max ** 1 is max: as above, the file was checked to be no larger",
-    **{
-        ("storage-limits", operator, f"return Blob(handle.read(self._max_bytes {change}), file_etag(stat))"): why
-        for operator, change, why in (
-            ("core/ReplaceBinaryOperator_Add_FloorDiv", "// 1", "max // 1 is max: the checked file is read whole"),
-            ("core/ReplaceBinaryOperator_Add_Mul", "* 1", "max * 1 is max: the checked file is read whole"),
-            ("core/ReplaceBinaryOperator_Add_BitOr", "| 1", "the limit the tests use is odd: max | 1 is max"),
-            ("core/NumberReplacer", "+ 2", "reading more than the checked size still reads the file whole"),
-            ("core/ReplaceBinaryOperator_Add_LShift", "<< 1", "reading more than the checked size reads it whole"),
-        )
-    },
-}
+# cosmic-ray wrote it, stripped), with why: a table of data, kept beside this file. A survivor not
+# listed there is a missing test.
+EQUIVALENTS_FILE = Path(__file__).with_name("mutation_equivalents.toml")
+
+
+def load_equivalents(path: Path = EQUIVALENTS_FILE) -> dict[tuple[str, str, str], str]:
+    """The equivalent mutants of the table at `path`."""
+    with path.open("rb") as handle:
+        entries = tomllib.load(handle)["equivalent"]
+    return {(e["target"], e["operator"], e["mutant"]): e["why"] for e in entries}
+
+
+EQUIVALENT = load_equivalents()
 
 
 # Two kinds of mutant no test can notice, recognised by their shape wherever they occur.
