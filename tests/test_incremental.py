@@ -181,6 +181,14 @@ def test_when_the_beat_holding_the_lock_stops_the_waiting_one_takes_over(dist_en
         stop_beats(beats)
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT back to its default, as a terminal's foreground job has it.
+
+    A runner started in the background (`cmd &` in a script, nohup, some CI agents) ignores SIGINT,
+    and children inherit that: Python then never turns Ctrl-C into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_an_interrupted_run_leaves_the_earlier_output_untouched(model_env: dict[str, str], tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -198,6 +206,7 @@ def test_an_interrupted_run_leaves_the_earlier_output_untouched(model_env: dict[
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ctrl_c_as_in_a_terminal,
     )
     try:
         wait_for(partial.exists, 120, "the run to open its output")  # models loaded, annotating
