@@ -7,6 +7,8 @@ own view of what was asked), not by the client.
 
 import dataclasses
 import io
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +110,30 @@ def test_a_local_file_over_the_limit_is_refused_from_its_size(tmp_path: Path) ->
     small = tmp_path / "small.jpg"
     small.write_bytes(b"s" * 10)
     assert read.read(ImageRef(uri=file_uri(small))).data == b"s" * 10
+
+
+def test_a_file_whose_size_says_nothing_is_read_no_further_than_the_limit(tmp_path: Path) -> None:
+    # a named pipe (or a file still growing) reports a size of 0 or less than it yields: the bytes
+    # read decide, as for an S3 answer without a length
+    pipe = tmp_path / "stream.jpg"
+    os.mkfifo(pipe)
+
+    def feed(data: bytes) -> threading.Thread:
+        def write() -> None:
+            with pipe.open("wb") as handle:
+                handle.write(data)
+
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        return thread
+
+    read = reader("http://127.0.0.1:1")
+    writer = feed(b"p" * (LIMIT + 2))
+    assert "1,002 bytes" in refused(read, ImageRef(uri=file_uri(pipe)))
+    writer.join(timeout=10)
+    writer = feed(b"q" * LIMIT)
+    assert read.read(ImageRef(uri=file_uri(pipe))).data == b"q" * LIMIT
+    writer.join(timeout=10)
 
 
 def test_the_setting_reaches_a_real_run(model_env: dict[str, str], tmp_path: Path) -> None:

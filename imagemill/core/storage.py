@@ -164,6 +164,12 @@ class ObjectReader:
             f"object is {size:,} bytes, over the limit of {self._max_bytes:,} (IMAGEMILL_MAX_IMAGE_BYTES)",
         )
 
+    def _within_limit(self, data: bytes) -> bytes:
+        """What was read, whose length alone is trusted: the reads ask for one byte past the limit."""
+        if len(data) > self._max_bytes:
+            raise self._too_large(len(data))
+        return data
+
     def _read_file(self, ref: ImageRef) -> Blob:
         path = local_path(ref.uri)
         try:
@@ -171,7 +177,8 @@ class ObjectReader:
                 stat = os.fstat(handle.fileno())
                 if stat.st_size > self._max_bytes:
                     raise self._too_large(stat.st_size)
-                return Blob(handle.read(self._max_bytes + 1), file_etag(stat))
+                # the size is a hint: a pipe says 0 and a growing file says less than it yields
+                data = handle.read(self._max_bytes + 1)
         except FileNotFoundError:
             raise ImageError(ErrorKind.NOT_FOUND, f"no such file: {path}") from None
         except IsADirectoryError:
@@ -180,6 +187,7 @@ class ObjectReader:
             raise ImageError(ErrorKind.FETCH_FAILED, f"permission denied reading {path}") from None
         except OSError as exc:
             raise ImageError(ErrorKind.FETCH_FAILED, f"cannot read {path}: {exc}") from None
+        return Blob(self._within_limit(data), file_etag(stat))
 
     def _read_s3(self, ref: ImageRef) -> Blob:
         loc = parse_s3(ref.uri)
@@ -194,9 +202,7 @@ class ObjectReader:
             raise _s3_error(ref.uri, exc) from None
         except BotoCoreError as exc:
             raise ImageError(ErrorKind.FETCH_FAILED, f"cannot fetch {ref.uri}: {exc}") from None
-        if len(data) > self._max_bytes:
-            raise self._too_large(len(data))
-        return Blob(data, response.get("ETag", "").strip('"') or ref.etag)
+        return Blob(self._within_limit(data), response.get("ETag", "").strip('"') or ref.etag)
 
 
 def _s3_error(uri: str, exc: ClientError) -> ImageError:
