@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from imagemill.core.settings import get_settings
 from imagemill.core.storage import file_uri
 from imagemill.core.stores.files import read_records
 from imagemill.worker.local_pool import LocalPool, child_env, plan_children
+from tests.fixtures.distributed import wait_for
 from tests.fixtures.images import photo_jpeg
 
 TASKS = "caption,moderation,tags"
@@ -65,6 +67,36 @@ def test_a_dead_child_costs_its_chunks_as_worker_lost_records_and_never_hangs(
     lost = [i for i, r in enumerate(records) if r.error and r.error.kind == ErrorKind.WORKER_LOST]
     assert lost == [4, 5, 6, 7]  # chunk 1, dealt to the dead child; chunks 0 and 2 went to the live one
     assert all(r.moderation for r in records[:4]) and records[8].error.kind == ErrorKind.TRUNCATED
+
+
+def test_a_stalled_child_holds_back_no_more_than_the_reorder_window(photos: Path, model_env: dict[str, str]) -> None:
+    # a GPU that hangs (here: a child stopped with SIGSTOP) must not make the parent buffer every
+    # other child's records for the rest of the listing while it waits for the stalled chunk
+    slots = plan_children("cpu:2")
+    assert slots is not None
+    files = sorted(photos.iterdir())
+    with LocalPool(get_settings(), (Task.MODERATION,), slots) as pool:
+        chunks = pool.window + 8
+        refs = [ImageRef(uri=file_uri(files[i % len(files)])) for i in range(chunks * pool.chunk_size)]
+        stalled, running = pool.children
+        os.kill(stalled.process.pid, signal.SIGSTOP)
+        try:
+            records: list[Record] = []
+            annotating = threading.Thread(target=lambda: records.extend(pool.annotate(refs)), daemon=True)
+            annotating.start()
+            wait_for(lambda: pool.dealt >= pool.window, 120, "the running child to fill the window")
+            dealt = pool.dealt
+            # nothing more is dealt while the oldest chunk is stalled: the running child idles
+            with pytest.raises(AssertionError, match="timed out"):
+                wait_for(lambda: pool.dealt != dealt, 3, "another chunk dealt")
+            assert (dealt, pool.delivered) == (pool.window, 0)
+            assert running.process.is_alive()
+        finally:
+            os.kill(stalled.process.pid, signal.SIGCONT)
+        annotating.join(timeout=120)
+        assert not annotating.is_alive()
+    assert [r.uri for r in records] == [ref.uri for ref in refs]
+    assert pool.dealt == pool.delivered == chunks
 
 
 def test_each_child_sees_one_gpu_as_cuda_0() -> None:

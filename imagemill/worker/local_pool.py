@@ -89,7 +89,9 @@ class LocalPool:
 
     Each child is sent chunks until it holds `ahead` refs: more than its engine reads ahead of the
     records it yields (prefetch window, the batch being filled, the staged batch), so it never
-    waits for refs while the parent waits for its records. A child that dies costs the chunks it
+    waits for refs while the parent waits for its records. Chunks are dealt no further than
+    `window` past the oldest one not yet yielded: a stalled child holds back a bounded reorder
+    buffer, not the rest of the listing's records. A child that dies costs the chunks it
     held (`worker_lost` records, like a dead-lettered chunk: the chunk that killed it would kill
     another); the others go on. When none is left the run stops (EngineProcessLost)."""
 
@@ -99,6 +101,10 @@ class LocalPool:
         size = settings.batch_size
         self.chunk_size = size  # one model batch per chunk: small enough to balance
         self.ahead = max(2 * size, 2 * settings.fetch_threads) + 3 * size + size
+        # twice what the children hold at once: room for the fast ones to run on, never unbounded
+        self.window = 2 * len(slots) * -(-self.ahead // self.chunk_size)
+        self.dealt = 0  # chunks dealt out so far
+        self.delivered = 0  # chunks whose records were yielded: the oldest awaited one's index
         context = multiprocessing.get_context("spawn")
         self.children: list[_Child] = []
         self.visible: list[str] = []  # CUDA_VISIBLE_DEVICES as each child saw it, for logs and tests
@@ -147,17 +153,15 @@ class LocalPool:
         children exit when the refs run out). `job_id` is the pool's, given when it started."""
         chunks = _chunks(refs, self.chunk_size)
         done: dict[int, list[Record]] = {}  # the reorder buffer: finished chunks by index
-        next_out = 0
-        sent = 0
         checked = time.monotonic()
         listing_over = False
         while True:
             if not listing_over:
-                sent, listing_over = self._deal(chunks, sent)
-            while next_out in done:
-                yield from done.pop(next_out)
-                next_out += 1
-            if listing_over and next_out == sent:
+                listing_over = self._deal(chunks)
+            while self.delivered in done:
+                yield from done.pop(self.delivered)
+                self.delivered += 1
+            if listing_over and self.delivered == self.dealt:
                 return
             message = self._next_message()
             # looked for on every quiet poll and every POLL_S: busy siblings must not hide a death
@@ -178,20 +182,23 @@ class LocalPool:
             elif kind == "failed":
                 raise EngineProcessLost(f"engine process {index} failed: {payload}")
 
-    def _deal(self, chunks: Iterator[list[ImageRef]], sent: int) -> tuple[int, bool]:
-        """Top every live child up to `ahead` refs, one chunk each in turn; (chunks sent, listing over)."""
+    def _deal(self, chunks: Iterator[list[ImageRef]]) -> bool:
+        """Top every live child up to `ahead` refs, one chunk each in turn, within the reorder
+        window; True once the listing is over."""
         while True:
             hungry = [child for child in self.children if child.held_refs < self.ahead]
             if not hungry:
-                return sent, False
+                return False
             for child in hungry:
+                if self.dealt - self.delivered >= self.window:
+                    return False
                 chunk = next(chunks, None)
                 if chunk is None:
                     self._end_input()
-                    return sent, True
-                child.held.append((sent, chunk))
-                child.inbox.put((sent, chunk))
-                sent += 1
+                    return True
+                child.held.append((self.dealt, chunk))
+                child.inbox.put((self.dealt, chunk))
+                self.dealt += 1
 
     def _next_message(self) -> tuple[str, int, Any] | None:
         readers = [child.results for child in self.children if not child.results.closed]
