@@ -2,6 +2,7 @@
 real embeddings; on constructed vectors, connected components of pairs at or above the threshold,
 the largest image as representative, tiles smaller than n giving the same groups."""
 
+import io
 import json
 import secrets
 import sys
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 from typer.testing import CliRunner
 
-from imagemill.cli import app
+from imagemill.cli import app, display
 from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.schemas import Embedding, ImageInfo, Record, RecordError
 from imagemill.core.stores import open_writer
@@ -90,6 +92,19 @@ def record(uri: str, vector: list[float], size: tuple[int, int] = (100, 100), nb
 def grouped(records: list[Record], threshold: float, block: int = 4096) -> list[list[str]]:
     """Each group's uris, representative first."""
     return [[m.uri for m in g.members] for g in group(collect([records]), threshold, block)]
+
+
+def test_the_progress_of_dedup_counts_records_a_second_not_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "records.jsonl"
+    with open_writer(str(source)) as writer:
+        writer.write([record("file:///a.jpg", [1, 0]), record("file:///b.jpg", [0, 1])])
+    shown = io.StringIO()
+    monkeypatch.setattr(display, "console", Console(file=shown, force_terminal=True, width=200))
+    result = CliRunner().invoke(app, ["dedup", str(source), "--out", str(tmp_path / "groups.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "records/s" in shown.getvalue() and "img/s" not in shown.getvalue()
 
 
 def test_a_chain_of_similar_pairs_is_one_group_even_where_its_ends_are_not_alike() -> None:

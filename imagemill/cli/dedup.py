@@ -56,7 +56,7 @@ def _group(
     # the reader module imports pyarrow: loaded when a dedup runs, not for `imagemill --help`
     from imagemill.core.stores.reading import read_records
 
-    with progress_bar("reading records", disable=quiet) as (progress, task):
+    with progress_bar("reading records", disable=quiet, unit="records") as (progress, task):
 
         def counted() -> Iterator[list[Record]]:
             for batch in read_records(source, history=history):

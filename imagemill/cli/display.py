@@ -72,19 +72,26 @@ def run_reporting_errors(action: Callable[[], T]) -> T:
 
 
 class RateColumn(ProgressColumn):
+    """Items a second, named for what is counted: images, or records for the commands that read them."""
+
+    def __init__(self, unit: str = "img") -> None:
+        super().__init__()
+        self.unit = unit
+
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.1f} img/s" if speed else "– img/s", style="cyan")
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"– {self.unit}/s", style="cyan")
 
 
 @contextmanager
-def progress_bar(description: str, *, disable: bool = False) -> Iterator[tuple[Progress, TaskID]]:
-    """A bar of images done / total (total grows while the source is still being listed)."""
+def progress_bar(description: str, *, disable: bool = False, unit: str = "img") -> Iterator[tuple[Progress, TaskID]]:
+    """A bar of items (images unless `unit` says otherwise) done / total; the total grows while the
+    source is still being listed."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        RateColumn(),
+        RateColumn(unit),
         TextColumn("eta"),
         TimeRemainingColumn(),
         TimeElapsedColumn(),
