@@ -106,6 +106,10 @@ def test_a_local_file_over_the_limit_is_refused_from_its_size(tmp_path: Path) ->
     at.write_bytes(b"y" * LIMIT)
     read = reader("http://127.0.0.1:1")
     refused(read, ImageRef(uri=file_uri(over)))  # listed without a size (a manifest's bare path)
+    # far over: refused from its size before any read, so the answer names the whole size
+    far = tmp_path / "far.jpg"
+    far.write_bytes(b"f" * (3 * LIMIT))
+    assert "3,003 bytes" in refused(read, ImageRef(uri=file_uri(far)))
     assert read.read(ImageRef(uri=file_uri(at))).data == b"y" * LIMIT
     small = tmp_path / "small.jpg"
     small.write_bytes(b"s" * 10)
