@@ -6,7 +6,8 @@ guarantees, each against only its fast targeted tests, with a killed / survived 
 
 Never in CI: it mutates a private export of HEAD (`git archive`, never the working tree) and runs
 the tests once per mutant. Each surviving mutant is either listed in EQUIVALENT (with why no test
-can tell it apart) or is a missing test. The time box stops between mutants; the report says what ran.
+can tell it apart) or is a missing test; entries no survivor matched are reported stale. The time box
+stops between mutants; the report says what ran.
 """
 
 import argparse
@@ -265,6 +266,7 @@ def outcomes(session: Path, tree: Path, name: str, target: Target) -> dict[str, 
     )
     counts = {"killed": 0, "survived": 0, "equivalent": 0, "incompetent": 0, "not run": 0}
     survivors, equivalents = [], []
+    matched: set[tuple[str, str, str]] = set()
     with sqlite3.connect(session) as db:
         for operator, row, function, test_outcome, worker_outcome, diff in db.execute(query):
             text = lines[row - 1].strip() if 0 < row <= len(lines) else ""
@@ -280,12 +282,30 @@ def outcomes(session: Path, tree: Path, name: str, target: Target) -> dict[str, 
             elif why := EQUIVALENT.get((name, operator, mutant)) or (
                 function and equivalent_by_shape(operator, text, mutant)
             ):
+                matched.add((name, operator, mutant))
                 counts["equivalent"] += 1
                 equivalents.append({**entry, "why": why})
             else:
                 counts["survived"] += 1
                 survivors.append(entry)
-    return {"module": target.path, "tests": target.tests, **counts, "survivors": survivors, "equivalents": equivalents}
+    # only a whole run can say an entry matches nothing: the code it named changed, or a test now kills it
+    stale = (
+        []
+        if counts["not run"]
+        else [
+            {"operator": op, "mutant": mutant, "why": why}
+            for (target_name, op, mutant), why in EQUIVALENT.items()
+            if target_name == name and (target_name, op, mutant) not in matched
+        ]
+    )
+    return {
+        "module": target.path,
+        "tests": target.tests,
+        **counts,
+        "survivors": survivors,
+        "equivalents": equivalents,
+        "stale": stale,
+    }
 
 
 def mutate(name: str, target: Target, tree: Path, deadline: float) -> dict[str, object]:
@@ -366,6 +386,9 @@ def markdown(report: dict[str, object]) -> str:
                     out.append(
                         f"- line {s['line']} `{s['function']}` {s['operator']}: `{s['code']}` → `{s['mutant']}`{why}"
                     )
+        if r.get("stale"):
+            out += ["", f"## {name}: stale entries of mutation_equivalents.toml (no surviving mutant matches)", ""]
+            out += [f"- {s['operator']}: `{s['mutant']}`" for s in r["stale"]]
     return "\n".join(out) + "\n"
 
 
@@ -415,7 +438,11 @@ def main(argv: list[str] | None = None) -> int:
                 modules[name] = {"module": TARGETS[name].path, "tests": TARGETS[name].tests, "error": "time box spent"}
                 continue
             modules[name] = mutate(name, TARGETS[name], tree, deadline)
-            print(json.dumps({name: {k: v for k, v in modules[name].items() if k not in ("survivors", "equivalents")}}))
+            print(
+                json.dumps(
+                    {name: {k: v for k, v in modules[name].items() if k not in ("survivors", "equivalents", "stale")}}
+                )
+            )
     when = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     report = {
         "when": when,
