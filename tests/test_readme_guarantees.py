@@ -2,6 +2,7 @@
 test file and test function exists, and each line of the failure table names at least one."""
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ def guarantees() -> str:
     return readme[start : readme.index("\n## ", start + 1)]
 
 
+@functools.cache  # the section names some files many times: each is parsed once
 def functions_in(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}

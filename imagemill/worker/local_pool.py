@@ -5,6 +5,7 @@
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import multiprocessing.process
 import os
@@ -102,7 +103,7 @@ class LocalPool:
         self.chunk_size = size  # one model batch per chunk: small enough to balance
         self.ahead = max(2 * size, 2 * settings.fetch_threads) + 3 * size + size
         # twice what the children hold at once: room for the fast ones to run on, never unbounded
-        self.window = 2 * len(slots) * -(-self.ahead // self.chunk_size)
+        self.window = 2 * len(slots) * math.ceil(self.ahead / self.chunk_size)
         self.dealt = 0  # chunks dealt out so far
         self.delivered = 0  # chunks whose records were yielded: the oldest awaited one's index
         context = multiprocessing.get_context("spawn")
