@@ -1,8 +1,7 @@
-"""imagemill's throughput benchmarks: `python -m bench --help`.
-
-Generates photo-like JPEGs, builds model sets (tiny checkpoints, or the real architectures' sizes
-with random weights), runs each scenario in this process or in child processes it owns, and writes
-a report (Rich table, JSON and Markdown) under `bench/results/`. See `bench/README.md`.
+"""imagemill's benchmarks, by purpose: `throughput/` (`python -m bench`: the scenarios and the
+captioners), `scale/` (one probe per large job: `python -m bench.scale.<probe>`) and `gpu/` (the check
+for a lent device). Shared here: images and model sets, /proc memory and the machine's load, and
+`report.save_results`, which writes every report under `bench/results/`. See `bench/README.md`.
 """
 
 from pathlib import Path

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import REPO
+from bench.memory import descendants, stat_fields
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -36,8 +37,6 @@ def own_cpu_s() -> float:
 
 def live_children_cpu_s() -> float:
     """CPU seconds of this process's descendants still running (not yet in os.times())."""
-    from bench.memory import descendants, stat_fields
-
     total = 0.0
     for pid in descendants(os.getpid()):
         if pid == os.getpid():
@@ -84,6 +83,7 @@ def loadavg() -> list[float]:
 
 
 def describe() -> dict[str, Any]:
+    # for their versions: a probe that runs no model loads them here, never at import
     import PIL
     import torch
     import transformers

@@ -1,4 +1,4 @@
-"""Resident memory from /proc: one process, a process tree, and a sampler thread over time.
+"""Resident memory from /proc: one process, a process tree, and the one sampler thread over time.
 
 RSS is read from `/proc/<pid>/statm` (cheap enough to sample every fraction of a second); a tree
 is a process and all its descendants, found through the parent ids in `/proc/*/stat`. Each sample
@@ -87,18 +87,32 @@ class Sample:
 
 
 class Sampler:
-    """Samples the RSS of a process tree every `interval` seconds on a thread, with a progress probe."""
+    """The RSS of a process over a stretch of work, sampled every `interval` seconds on a thread (with
+    an optional progress probe): of its whole tree (`tree`, the default; VmHWM per member too), or of
+    the process alone, which reads one file per sample. Without a pid, this process."""
 
-    def __init__(self, pid: int, interval: float, probe: Callable[[], dict[str, Any]] | None = None) -> None:
-        self.pid, self.interval, self.probe = pid, interval, probe
+    def __init__(
+        self,
+        pid: int | None = None,
+        interval: float = 0.02,
+        probe: Callable[[], dict[str, Any]] | None = None,
+        tree: bool = True,
+    ) -> None:
+        self.pid, self.interval, self.probe, self.tree = pid or os.getpid(), interval, probe, tree
         self.samples: list[Sample] = []
-        self.peaks: dict[int, int] = {}  # VmHWM per process seen
+        self.peaks: dict[int, int] = {}  # VmHWM per process seen (tree sampling only)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
         self._started = time.monotonic()
 
+    @property
+    def peak(self) -> int:
+        """The largest RSS sampled (of the leaves, for a tree), in bytes."""
+        return max((s.rss for s in self.samples), default=0)
+
     def __enter__(self) -> "Sampler":
         self._started = time.monotonic()
+        self.sample()  # the starting size, before the thread's first turn
         self._thread.start()
         return self
 
@@ -107,19 +121,22 @@ class Sampler:
         self._thread.join()
 
     def _run(self) -> None:
-        while True:
+        while not self._stop.wait(self.interval):
             self.sample()
-            if self._stop.wait(self.interval):
-                self.sample()
-                return
+        self.sample()
 
     def sample(self) -> None:
-        total, leaves, members = tree_rss(self.pid)
-        if not members:
+        if self.tree:
+            total, leaves, members = tree_rss(self.pid)
+            if not members:
+                return
+            for pid in members:
+                if (hwm := peak_rss(pid)) is not None:
+                    self.peaks[pid] = max(self.peaks.get(pid, 0), hwm)
+        elif (own := rss(self.pid)) is not None:
+            total = leaves = own
+        else:
             return
-        for pid in members:
-            if (hwm := peak_rss(pid)) is not None:
-                self.peaks[pid] = max(self.peaks.get(pid, 0), hwm)
         try:
             progress = self.probe() if self.probe else {}
         except Exception as exc:  # noqa: BLE001 - a probe that fails must not end the sampling

@@ -121,6 +121,7 @@ def save_blip(
 ) -> Path:
     """A BLIP captioner with random weights around `tokenizer` (a BERT tokenizer with "[DEC]" as bos),
     initialised on `device` and saved with its processor in `out` (in float16 with `half`)."""
+    # torch and transformers only to build a set: a cached one (the usual case) needs neither
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
 
@@ -152,7 +153,7 @@ def save_blip(
 def build_blip_base(out: Path, tiny_caption: Path) -> Path:
     """BLIP-base captioning: BlipConfig's defaults are the base model (ViT-B/16 at 384 px, BERT-base);
     the only departure is the tiny tokenizer's vocabulary."""
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # only to build the set: a cached one needs none
 
     # BlipVisionConfig's default init (1e-10) embeds every image the same; a real init does not
     return save_blip(out, BertTokenizer.from_pretrained(tiny_caption), {"initializer_range": 0.02})
@@ -161,7 +162,7 @@ def build_blip_base(out: Path, tiny_caption: Path) -> Path:
 def build_blip_large(out: Path, tiny_caption: Path, device: str = "cpu") -> Path:
     """BLIP-large captioning (Salesforce/blip-image-captioning-large's shape: ViT-L/16 at 384 px, BERT-base
     decoder), random weights initialised on `device` (fast on a GPU) and saved in float16."""
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # only to build the set: a cached one needs none
 
     tokenizer = BertTokenizer.from_pretrained(tiny_caption)
     return save_blip(out, tokenizer, BLIP_LARGE_VISION, encoder_hidden_size=1024, device=device, half=True)
@@ -169,6 +170,7 @@ def build_blip_large(out: Path, tiny_caption: Path, device: str = "cpu") -> Path
 
 def build_vit_base_moderation(out: Path) -> Path:
     """ViT-B/16 224 px classifier with the labels of Falconsai/nsfw_image_detection (ViTConfig defaults)."""
+    # torch and transformers only to build a set: a cached one (the usual case) needs neither
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
@@ -184,6 +186,7 @@ def build_vit_base_moderation(out: Path) -> Path:
 
 def build_clip_b32_tags(out: Path, tiny_tags: Path) -> Path:
     """CLIP ViT-B/32 (CLIPConfig defaults: 512-wide text, 768-wide vision, 224 px)."""
+    # torch and transformers only to build a set: a cached one (the usual case) needs neither
     import torch
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 

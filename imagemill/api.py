@@ -1,10 +1,10 @@
-"""The Python API: `Annotator` runs the engine on paths, URIs, bytes and pictures, one record each.
+"""The Python API: `Annotator` runs the engine on paths, URIs, bytes and pictures, one record each;
+`submit` enqueues a distributed job in a lane, as `imagemill submit` does.
 
 It also owns the thin adapters to dataset libraries: `datasets.Dataset.map` and Ray Data `map_batches`.
 """
 
 import hashlib
-import importlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -16,16 +16,29 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from imagemill.core.schemas import DEFAULT_TASKS, ImageRef, Record, Task, parse_tasks
+from imagemill.core import layout
+from imagemill.core.images import is_s3
+from imagemill.core.lanes import DEFAULT_LANE, Lane, parse_lane
+from imagemill.core.schemas import ImageRef, Record
 from imagemill.core.settings import Settings, get_settings
-from imagemill.core.storage import is_s3
-from imagemill.pipeline.prefetch import InlineImage
+from imagemill.core.tasks import DEFAULT_TASKS, Task, parse_tasks
+from imagemill.pipeline.prepare.prefetch import InlineImage
 from imagemill.pipeline.sources import local_ref
 
 if TYPE_CHECKING:
     from imagemill.pipeline.engine import Engine
 
-__all__ = ["Annotator", "BatchAnnotator", "DatasetsMapper", "ImageItem", "InlineImage", "record_columns"]
+__all__ = [
+    "Annotator",
+    "BatchAnnotator",
+    "DatasetsMapper",
+    "ImageItem",
+    "InlineImage",
+    "Lane",
+    "record_columns",
+    "record_features",
+    "submit",
+]
 
 # what `Annotator.annotate` takes
 ImageItem: TypeAlias = (
@@ -101,6 +114,43 @@ class Annotator:
         return self._engine
 
 
+def submit(
+    source: str,
+    sink: str | None = None,
+    tasks: str | Iterable[str] = ALL_TASKS,
+    *,
+    priority: Lane | str = DEFAULT_LANE,
+    share: int = 1,
+    force: bool = False,
+    settings: Settings | None = None,
+) -> str:
+    """Enqueue a distributed job as `imagemill submit SOURCE` does, in the lane `priority` (urgent,
+    normal or backfill) with the weight `share` among its lane's jobs; returns the job's id once its
+    chunks are all enqueued (under backpressure: this waits while the lane is full). Submitting a
+    running job's source, sink and pipeline again attaches to it (it keeps its lane). `sink` defaults
+    to IMAGEMILL_SINK; a fault the caller can fix raises `imagemill.core.errors.UserError`."""
+    # here, not at the top: celery, redis, boto3 and the sinks' drivers load when a job is submitted
+    from imagemill.core.errors import UserError
+    from imagemill.core.jobs import JobRegistry
+    from imagemill.producer.submit import Submission, checked_source
+
+    chosen = settings if settings is not None else get_settings()
+    target = sink or chosen.sink
+    if not target:
+        raise UserError("no sink: pass sink='postgresql://…' or s3://bucket/prefix/, or set IMAGEMILL_SINK")
+    lane = priority if isinstance(priority, Lane) else parse_lane(priority)
+    parsed = parse_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
+    opened = checked_source(source, target, chosen)
+    with (
+        JobRegistry(chosen.registry_url) as registry,
+        Submission(opened, parsed, target, chosen, registry, force=force, lane=lane, share=share) as submission,
+    ):
+        registry.check()
+        job, _created = submission.register()
+        submission.run()
+    return job.id
+
+
 def with_overrides(settings: Settings, overrides: Mapping[str, Any]) -> Settings:
     """`settings` with `overrides` applied and validated; an unknown name raises TypeError."""
     unknown = sorted(set(overrides) - set(Settings.model_fields))
@@ -150,30 +200,14 @@ def array_picture(array: npt.NDArray[Any]) -> Image.Image:
 
 
 def record_columns(records: Sequence[Record], tasks: Sequence[Task]) -> dict[str, list[Any]]:
-    """Records -> columns, one value per record; a task's columns only if it was asked for.
-
-    caption (str), flagged (bool), moderation_scores ([{label, score}]), tags ([str]),
-    tag_scores ([float]), embedding (float32 array, unit norm), error_kind and error_message
-    (str). A failed image has None in every task column, so "no tags above the threshold" ([])
-    stays apart from "not annotated" (None).
+    """Records -> columns, one value per record, in the layout `export --format hf` writes too
+    (`core.layout`, the README's "Dataset columns"): a task's columns only if it was asked for:
+    caption (str), flagged (bool), moderation_scores ([{label, score}]), tags ([str]), tag_scores
+    ([float32], the tags' scores in the same order), embedding (float32 list, unit norm); then
+    error_kind and error_message (str). A failed image has None in every task column, so "no tags
+    above the threshold" ([]) stays apart from "not annotated" (None).
     """
-    columns: dict[str, list[Any]] = {}
-    if Task.CAPTION in tasks:
-        columns["caption"] = [r.caption.text if r.caption else None for r in records]
-    if Task.MODERATION in tasks:
-        columns["flagged"] = [r.moderation.flagged if r.moderation else None for r in records]
-        columns["moderation_scores"] = [
-            [{"label": label, "score": score} for label, score in r.moderation.scores.items()] if r.moderation else None
-            for r in records
-        ]
-    if Task.TAGS in tasks:
-        columns["tags"] = [[t.tag for t in r.tags.labels] if r.tags else None for r in records]
-        columns["tag_scores"] = [[t.score for t in r.tags.labels] if r.tags else None for r in records]
-    if Task.EMBEDDING in tasks:
-        columns["embedding"] = [r.embedding.array() if r.embedding else None for r in records]
-    columns["error_kind"] = [r.error.kind.value if r.error else None for r in records]
-    columns["error_message"] = [r.error.message if r.error else None for r in records]
-    return columns
+    return layout.columns_of(records, layout.api_columns(tasks))
 
 
 def column_item(value: Any) -> Any:
@@ -200,22 +234,13 @@ class DatasetsMapper:
 
     def features(self, existing: Mapping[str, Any] | None = None) -> Any:
         """`datasets.Features`: `existing` (the dataset's own) plus the result columns' types."""
-        # imported by name, here: datasets is optional, heavy, and ships no type information
-        datasets = importlib.import_module("datasets")
-        text, score = datasets.Value("string"), datasets.Value("float32")
-        types: dict[str, Any] = {}
-        if Task.CAPTION in self.annotator.tasks:
-            types["caption"] = text
-        if Task.MODERATION in self.annotator.tasks:
-            types["flagged"] = datasets.Value("bool")
-            types["moderation_scores"] = [{"label": text, "score": score}]
-        if Task.TAGS in self.annotator.tasks:
-            types["tags"] = [text]
-            types["tag_scores"] = [score]
-        if Task.EMBEDDING in self.annotator.tasks:
-            types["embedding"] = [score]
-        types |= {"error_kind": text, "error_message": text}
-        return datasets.Features({**(existing or {}), **types})
+        return record_features(self.annotator.tasks, existing)
+
+
+def record_features(tasks: Sequence[Task], existing: Mapping[str, Any] | None = None) -> Any:
+    """The `datasets.Features` of `record_columns(records, tasks)`, after `existing` (a dataset's own)."""
+    added = layout.features(layout.api_columns(tasks))
+    return type(added)({**(existing or {}), **added})  # datasets.Features, a dict
 
 
 class ColumnFrame(Protocol):

@@ -54,9 +54,14 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture
-def model_env(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """IMAGEMILL_* settings pointing at the tiny models; returned for subprocesses too."""
+def model_env(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """IMAGEMILL_* settings pointing at the tiny models; returned for subprocesses too. Local runs'
+    rate samples go to the test's own file: `estimate` must not read other tests' runs."""
     env = {
+        # beside the test's tmp_path, not in it: tests look at what a run leaves in their folders
+        "IMAGEMILL_RATES_FILE": str(tmp_path_factory.mktemp("rates") / "rates.jsonl"),
         "IMAGEMILL_CAPTION_MODEL": str(tiny_models["caption"]),
         "IMAGEMILL_MODERATION_MODEL": str(tiny_models["moderation"]),
         "IMAGEMILL_TAGS_MODEL": str(tiny_models["tags"]),

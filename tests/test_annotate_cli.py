@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
-from imagemill.core.storage import file_uri
-from imagemill.core.stores.files import read_records
+import pytest
+
+from imagemill.core.images import file_uri
+from imagemill.core.sinks.files import read_records
 from tests.fixtures.cli import run_cli
 from tests.fixtures.images import Case, write_mixed
 from tests.fixtures.s3 import s3_client
@@ -41,6 +43,7 @@ def test_annotate_folder_writes_one_record_per_file_with_error_kinds(
     assert all(json.loads(line)["uri"] for line in lines)
 
 
+@pytest.mark.slow
 def test_annotate_s3_prefix_reads_through_the_s3_protocol(
     s3_env: str, bucket: str, model_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -58,6 +61,7 @@ def test_annotate_s3_prefix_reads_through_the_s3_protocol(
     assert all(r.etag for r in records)
 
 
+@pytest.mark.slow
 def test_manifest_mixes_local_files_and_s3_objects_and_missing_ones(
     s3_env: str, bucket: str, model_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -90,6 +94,7 @@ def test_an_unknown_task_is_a_usage_error(model_env: dict[str, str], tmp_path: P
     assert "unknown task ocr" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_load_is_named(model_env: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "photo.jpg").write_bytes(b"x")
     env = {**model_env, "IMAGEMILL_CAPTION_MODEL": str(tmp_path / "no-such-model")}
@@ -100,6 +105,7 @@ def test_a_model_that_cannot_load_is_named(model_env: dict[str, str], tmp_path: 
     assert not (tmp_path / "o.jsonl").exists()  # nothing written before the models were ready
 
 
+@pytest.mark.slow
 def test_hub_models_without_a_cache_say_how_to_get_them(model_env: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "photo.jpg").write_bytes(b"x")
     env = {**model_env, "IMAGEMILL_MODERATION_MODEL": "Falconsai/nsfw_image_detection", "HF_HOME": str(tmp_path / "hf")}
@@ -108,6 +114,7 @@ def test_hub_models_without_a_cache_say_how_to_get_them(model_env: dict[str, str
     assert "imagemill models download" in result.stderr
 
 
+@pytest.mark.slow
 def test_models_download_skips_local_directories_and_fails_clearly_offline(
     model_env: dict[str, str], tmp_path: Path
 ) -> None:

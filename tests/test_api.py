@@ -16,9 +16,10 @@ from pydantic import ValidationError
 
 from imagemill import Annotator, BatchAnnotator, InlineImage
 from imagemill.core.errors import ErrorKind
-from imagemill.core.schemas import Record, Task
-from imagemill.core.storage import file_uri
-from imagemill.pipeline.decode import from_image
+from imagemill.core.images import file_uri
+from imagemill.core.schemas import Record
+from imagemill.core.tasks import Task
+from imagemill.pipeline.prepare.decode import from_image
 from tests.fixtures.images import mixed_cases, photo_image, photo_jpeg
 from tests.fixtures.s3 import s3_client
 

@@ -62,7 +62,7 @@ def test_bench_writes_a_report_with_a_rate_for_every_scenario(tmp_path: Path) ->
 
 def test_dedup_bench_finds_the_planted_pairs_and_writes_its_report(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "bench.dedup", "--records", "600", "--sweep", "300", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.scale.dedup", "--records", "600", "--sweep", "300", "--out", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,

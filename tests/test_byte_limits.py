@@ -16,10 +16,10 @@ import pytest
 from botocore.response import StreamingBody
 
 from imagemill.core.errors import ErrorKind, ImageError
+from imagemill.core.images import ObjectReader, file_uri, parse_s3
 from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings
-from imagemill.core.storage import ObjectReader, file_uri, parse_s3
-from imagemill.core.stores.files import read_records
+from imagemill.core.sinks.files import read_records
 from tests.fixtures.cli import run_cli
 from tests.fixtures.faulty_s3 import FaultyProxy, faulty_proxy
 from tests.fixtures.images import photo_jpeg
@@ -140,6 +140,7 @@ def test_a_file_whose_size_says_nothing_is_read_no_further_than_the_limit(tmp_pa
     writer.join(timeout=10)
 
 
+@pytest.mark.slow
 def test_the_setting_reaches_a_real_run(model_env: dict[str, str], tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -15,10 +15,11 @@ from transformers import (
 )
 
 from imagemill.core.errors import ModelLoadError
-from imagemill.core.schemas import ImageRef, Task
+from imagemill.core.images import file_uri
+from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings, SettingsError
-from imagemill.core.storage import file_uri
-from imagemill.core.stores.files import read_records
+from imagemill.core.sinks.files import read_records
+from imagemill.core.tasks import Task
 from imagemill.pipeline.engine import Engine
 from imagemill.pipeline.models import load_runners
 from imagemill.pipeline.models.caption import CHAT_PROMPT, video_dependencies_missing
@@ -168,6 +169,7 @@ def test_the_prompt_enters_the_signature(
     assert signatures[prompts[0]] != signatures[prompts[1]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "prompt"), [("florence", "<MORE_DETAILED_CAPTION>"), ("chat", "Any text here?")])
 def test_annotate_writes_the_prompt_to_parquet(
     captioners: dict[str, Path], model: str, prompt: str, tmp_path: Path
@@ -183,6 +185,7 @@ def test_annotate_writes_the_prompt_to_parquet(
     assert pq.read_schema(out).field("caption").type.get_field_index("prompt") >= 0
 
 
+@pytest.mark.slow
 def test_annotate_refuses_a_prompt_the_model_cannot_take_in_one_line(florence: Path, tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     write_photos(folder, 1, 160, 120)

@@ -15,10 +15,11 @@ from psycopg import sql
 
 from imagemill.core.errors import SourceError
 from imagemill.core.jobs import JobRegistry
-from imagemill.core.schemas import ImageRef, Record, Task
+from imagemill.core.schemas import ImageRef, Record
 from imagemill.core.settings import Settings
-from imagemill.core.stores import ListingMarks, MarksDeleted, open_writer
-from imagemill.core.stores.postgres import SCHEMA_VERSION, PostgresStore, current_view, like_prefix
+from imagemill.core.sinks import ListingMarks, MarksDeleted, open_sink
+from imagemill.core.sinks.postgres import SCHEMA_VERSION, PostgresSink, current_view, like_prefix
+from imagemill.core.tasks import Task
 from imagemill.pipeline.sources import PrefixSource
 from imagemill.producer.submit import Submission
 from tests.fixtures.cli import run_cli
@@ -48,21 +49,21 @@ def refs(*pairs: tuple[str, str]) -> list[ImageRef]:
     return [ImageRef(uri=uri, etag=etag) for uri, etag in pairs]
 
 
-def listed(store: PostgresStore, prefix: str, items: list[ImageRef]) -> ListingMarks | None:
+def listed(store: PostgresSink, prefix: str, items: list[ImageRef]) -> ListingMarks | None:
     """Follow a complete listing of `prefix` that yields `items`, and mark."""
     with store.listing(prefix) as listing:
         assert list(listing.record(iter(items))) == items
         return listing.finish()
 
 
-def current(store: PostgresStore, url: str) -> dict[str, tuple[str, str]]:
+def current(store: PostgresSink, url: str) -> dict[str, tuple[str, str]]:
     """uri -> (etag, signature) of the view."""
     query = sql.SQL("SELECT uri, etag, signature FROM {}").format(sql.Identifier(store.view))
     with psycopg.connect(url) as conn:
         return {uri: (etag, signature) for uri, etag, signature in conn.execute(query)}
 
 
-def marked(store: PostgresStore, url: str) -> dict[tuple[str, str, str], tuple[bool, bool]]:
+def marked(store: PostgresSink, url: str) -> dict[tuple[str, str, str], tuple[bool, bool]]:
     """(uri, etag, signature) -> (deleted, superseded) of every row of the table."""
     query = sql.SQL("SELECT uri, etag, signature, deleted_at IS NOT NULL, superseded_at IS NOT NULL FROM {}").format(
         sql.Identifier(store.table)
@@ -72,9 +73,9 @@ def marked(store: PostgresStore, url: str) -> dict[tuple[str, str, str], tuple[b
 
 
 @pytest.fixture
-def store(pg_url: str) -> Iterator[PostgresStore]:
+def store(pg_url: str) -> Iterator[PostgresSink]:
     """A store on its own table, so tests sharing the session database never see each other's rows."""
-    with PostgresStore(f"{pg_url}?table=t_{secrets.token_hex(4)}") as writer:
+    with PostgresSink(f"{pg_url}?table=t_{secrets.token_hex(4)}") as writer:
         yield writer
 
 
@@ -84,7 +85,7 @@ def store(pg_url: str) -> Iterator[PostgresStore]:
 def test_the_view_is_named_after_the_table() -> None:
     assert current_view("imagemill_records") == "imagemill_current"
     assert current_view("photos") == "photos_current"
-    assert PostgresStore("postgresql://h/db?table=photos").view == "photos_current"
+    assert PostgresSink("postgresql://h/db?table=photos").view == "photos_current"
 
 
 def test_a_prefix_pattern_escapes_like_wildcards() -> None:
@@ -92,15 +93,15 @@ def test_a_prefix_pattern_escapes_like_wildcards() -> None:
 
 
 def test_only_postgresql_marks_deletions(tmp_path: Path) -> None:
-    assert isinstance(PostgresStore("postgresql://h/db"), MarksDeleted)
+    assert isinstance(PostgresSink("postgresql://h/db"), MarksDeleted)
     for sink in (f"file://{tmp_path}/", "s3://bucket/prefix/"):
-        assert not isinstance(open_writer(sink), MarksDeleted)
+        assert not isinstance(open_sink(sink), MarksDeleted)
 
 
 # -- the view and the marks, on the store --------------------------------------------------------
 
 
-def test_the_view_has_one_row_per_uri_with_the_table_columns(store: PostgresStore, pg_url: str) -> None:
+def test_the_view_has_one_row_per_uri_with_the_table_columns(store: PostgresSink, pg_url: str) -> None:
     store.write([record("s3://b/p/a.jpg", signature="sig-a", minutes=0)], "c1")
     store.write([record("s3://b/p/a.jpg", signature="sig-b", minutes=5)], "c2")  # a newer pipeline
     store.write([record("s3://b/p/b.jpg", moderation={"model": "m", "flagged": True, "scores": {"nsfw": 0.9}})], "c3")
@@ -115,7 +116,7 @@ def test_the_view_has_one_row_per_uri_with_the_table_columns(store: PostgresStor
         ]
 
 
-def test_a_replaced_object_supersedes_its_older_rows(store: PostgresStore, pg_url: str) -> None:
+def test_a_replaced_object_supersedes_its_older_rows(store: PostgresSink, pg_url: str) -> None:
     store.write([record("s3://b/p/a.jpg", "old"), record("s3://b/p/b.jpg", "e1")], "c1")
     marks = listed(store, "s3://b/p/", refs(("s3://b/p/a.jpg", "new"), ("s3://b/p/b.jpg", "e1")))
     assert marks == ListingMarks(superseded=1)
@@ -131,7 +132,7 @@ def test_a_replaced_object_supersedes_its_older_rows(store: PostgresStore, pg_ur
     assert current(store, pg_url)["s3://b/p/a.jpg"] == ("old", "sig-a")
 
 
-def test_a_complete_listing_marks_what_it_no_longer_lists(store: PostgresStore, pg_url: str) -> None:
+def test_a_complete_listing_marks_what_it_no_longer_lists(store: PostgresSink, pg_url: str) -> None:
     store.write([record(f"s3://b/p/{n}.jpg") for n in "abc"] + [record("s3://b/other/x.jpg")], "c1")
     marks = listed(store, "s3://b/p/", refs(("s3://b/p/a.jpg", "e1"), ("s3://b/p/c.jpg", "e1")))
     assert marks == ListingMarks(deleted=1)
@@ -149,7 +150,7 @@ def test_a_complete_listing_marks_what_it_no_longer_lists(store: PostgresStore, 
     ]
 
 
-def test_an_incomplete_listing_marks_nothing(store: PostgresStore, pg_url: str) -> None:
+def test_an_incomplete_listing_marks_nothing(store: PostgresSink, pg_url: str) -> None:
     store.write([record(f"s3://b/p/{n}.jpg") for n in "abc"], "c1")
     with store.listing("s3://b/p/") as listing:
         passing = listing.record(iter(refs(("s3://b/p/a.jpg", "e2"))))
@@ -159,7 +160,7 @@ def test_an_incomplete_listing_marks_nothing(store: PostgresStore, pg_url: str) 
     assert all(state == (False, False) for state in marked(store, pg_url).values())
 
 
-def test_a_failing_listing_marks_nothing(store: PostgresStore, pg_url: str) -> None:
+def test_a_failing_listing_marks_nothing(store: PostgresSink, pg_url: str) -> None:
     store.write([record("s3://b/p/a.jpg")], "c1")
 
     def broken() -> Iterator[ImageRef]:
@@ -173,7 +174,7 @@ def test_a_failing_listing_marks_nothing(store: PostgresStore, pg_url: str) -> N
     assert marked(store, pg_url) == {("s3://b/p/a.jpg", "e1", "sig-a"): (False, False)}
 
 
-def test_like_wildcards_in_a_prefix_match_only_themselves(store: PostgresStore, pg_url: str) -> None:
+def test_like_wildcards_in_a_prefix_match_only_themselves(store: PostgresSink, pg_url: str) -> None:
     prefix = "s3://b/100%_done\\/"
     neighbours = ["s3://b/100%Xdone\\/a.jpg", "s3://b/100XYdone\\/a.jpg", "s3://b/100%_done/a.jpg"]
     store.write([record(prefix + "a.jpg"), record(prefix + "gone.jpg")] + [record(uri) for uri in neighbours], "c1")
@@ -181,7 +182,7 @@ def test_like_wildcards_in_a_prefix_match_only_themselves(store: PostgresStore, 
     assert sorted(current(store, pg_url)) == sorted([prefix + "a.jpg", *neighbours])
 
 
-def test_rows_written_after_the_listing_started_are_left_to_the_next_listing(store: PostgresStore, pg_url: str) -> None:
+def test_rows_written_after_the_listing_started_are_left_to_the_next_listing(store: PostgresSink, pg_url: str) -> None:
     with store.listing("s3://b/p/") as listing:
         passing = listing.record(iter(refs(("s3://b/p/a.jpg", "e1"))))
         next(passing)
@@ -192,7 +193,7 @@ def test_rows_written_after_the_listing_started_are_left_to_the_next_listing(sto
     assert "s3://b/p/new.jpg" in current(store, pg_url)
 
 
-def test_many_listed_objects_go_to_the_database_in_batches(store: PostgresStore, pg_url: str) -> None:
+def test_many_listed_objects_go_to_the_database_in_batches(store: PostgresSink, pg_url: str) -> None:
     count = 25_000  # more than one COPY batch
     items = [ImageRef(uri=f"s3://b/p/{n:06d}.jpg", etag="e1") for n in range(count)]
     store.write([record(item.uri) for item in items[:3]] + [record("s3://b/p/zz-gone.jpg")], "c1")
@@ -231,7 +232,7 @@ def test_a_version_1_table_is_migrated_in_place() -> None:
                 " '{}')",
                 (T0 + timedelta(hours=1),),
             )
-        with PostgresStore(url) as store:
+        with PostgresSink(url) as store:
             assert store.count() == 11  # history kept
             assert current(store, url) == {f"s3://b/p/{n}.jpg": ("e2" if n == 3 else "e1", "sig-a") for n in range(10)}
             # the first complete listing after the migration marks the rows of before it
@@ -324,7 +325,7 @@ class BrokenListing:
 
 def test_a_submission_whose_listing_fails_marks_nothing(redis_url: str, pg_url: str) -> None:
     sink = f"{pg_url}?table=t_{secrets.token_hex(4)}"
-    with PostgresStore(sink) as store:
+    with PostgresSink(sink) as store:
         store.write([record("s3://b/broken/a.jpg"), record("s3://b/broken/b.jpg")], "c1")
     settings = Settings(broker_url=redis_url)
     assert isinstance(BrokenListing(), PrefixSource)
@@ -335,7 +336,7 @@ def test_a_submission_whose_listing_fails_marks_nothing(redis_url: str, pg_url: 
         submission.register()
         with pytest.raises(SourceError):
             submission.run()
-    with PostgresStore(sink) as store:
+    with PostgresSink(sink) as store:
         assert marked(store, pg_url) == {
             ("s3://b/broken/a.jpg", "e1", "sig-a"): (False, False),
             ("s3://b/broken/b.jpg", "e1", "sig-a"): (False, False),

@@ -7,9 +7,9 @@ import zlib
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
-import imagemill.pipeline.decode as decoding
+import imagemill.pipeline.prepare.decode as decoding
 from imagemill.core.errors import ErrorKind, ImageError
-from imagemill.pipeline.decode import decode, from_image, to_rgb
+from imagemill.pipeline.prepare.decode import decode, from_image, to_rgb
 from tests.fixtures.images import mixed_cases, photo_jpeg
 
 LIMIT = 64_000_000

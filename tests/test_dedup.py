@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
@@ -19,11 +20,23 @@ from typer.testing import CliRunner
 from imagemill.cli import app, display
 from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.schemas import Embedding, ImageInfo, Record, RecordError
-from imagemill.core.stores import open_writer
-from imagemill.core.stores.files import read_records
-from imagemill.pipeline.near_duplicates import Embeddings, collect, components, group, similar_pairs
+from imagemill.core.sinks import open_sink
+from imagemill.core.sinks import read_records as read_stored
+from imagemill.core.sinks.files import read_records
+from imagemill.records.near_duplicates import (
+    Embeddings,
+    ImageFacts,
+    Plan,
+    against,
+    choose_plan,
+    collect,
+    components,
+    group,
+    parquet_embeddings,
+    similar_pairs,
+)
 from tests.fixtures.cli import run_cli
-from tests.fixtures.images import write_near_duplicates
+from tests.fixtures.images import photo_jpeg, write_near_duplicates
 
 # The tiny CLIP's random weights put every photo near one direction (distinct photos measured at
 # cosine 0.58-0.98), but its embedding is a deterministic function of the 64-pixel input, which a
@@ -33,6 +46,7 @@ from tests.fixtures.images import write_near_duplicates
 TINY_CLIP_THRESHOLD = 0.99
 
 
+@pytest.mark.slow
 def test_dedup_groups_resized_and_recompressed_copies_under_their_original(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -98,7 +112,7 @@ def test_the_progress_of_dedup_counts_records_a_second_not_images(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = tmp_path / "records.jsonl"
-    with open_writer(str(source)) as writer:
+    with open_sink(str(source)) as writer:
         writer.write([record("file:///a.jpg", [1, 0]), record("file:///b.jpg", [0, 1])])
     shown = io.StringIO()
     monkeypatch.setattr(display, "console", Console(file=shown, force_terminal=True, width=200))
@@ -175,7 +189,7 @@ def test_tiles_smaller_than_n_give_the_groups_of_one_tile(n: int, block: int, se
 
 
 def test_pending_pairs_are_folded_without_changing_the_groups(monkeypatch: pytest.MonkeyPatch) -> None:
-    import imagemill.pipeline.near_duplicates as near
+    import imagemill.records.near_duplicates as near
 
     vectors = np.repeat(np.eye(3, dtype=np.float32), 40, axis=0)  # three groups of 40: 2,340 pairs
     unfolded = components(len(vectors), similar_pairs(vectors, 0.9, block=7))
@@ -230,7 +244,7 @@ def test_dedup_reads_the_current_records_of_postgresql_unless_history(pg_url: st
         update={"etag": "e2", "processed_at": old_x.processed_at + timedelta(hours=1)}
     )
     url = f"{pg_url}?table=dedup_{secrets.token_hex(4)}"
-    with open_writer(url) as store:
+    with open_sink(url) as store:
         store.write([old_x, record("file:///y.jpg", [1, 0, 0])], "job-1/000000")
         store.write([new_x], "job-2/000000")
     runner = CliRunner()
@@ -244,3 +258,170 @@ def test_dedup_reads_the_current_records_of_postgresql_unless_history(pg_url: st
         ("file:///x.jpg", "e"),
         ("file:///y.jpg", "e"),
     ]
+
+
+# -- at a million: the plan, the approximate search, the corpus check --------------------------------
+
+
+def planted(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """n random unit vectors, every 25th followed by a near-copy of itself (cosine ≈ 0.98)."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    originals = np.arange(0, n - 1, 25)
+    vectors[originals + 1] = vectors[originals] + rng.normal(scale=0.2 / np.sqrt(dim), size=(len(originals), dim))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors
+
+
+def embedded(vectors: np.ndarray, prefix: str = "s3://b/") -> Embeddings:
+    images = [ImageFacts(f"{prefix}{i:06d}.jpg", "e", 64, 64, 100) for i in range(len(vectors))]
+    return Embeddings(vectors.copy(), images, "clip")
+
+
+@pytest.mark.parametrize(
+    ("method", "n", "faiss", "gpus", "cuda", "expected"),
+    [
+        ("auto", 10_000, True, 0, False, Plan("exact", "cpu", "numpy")),
+        ("auto", 1_000_000, True, 0, False, Plan("ivf", "cpu", "faiss")),
+        ("auto", 1_000_000, True, 0, True, Plan("exact", "cuda", "torch")),  # a GPU: exact is minutes
+        ("exact", 1_000_000, True, 0, False, Plan("exact", "cpu", "numpy")),
+        ("approximate", 10, True, 1, True, Plan("ivf", "cuda", "faiss")),  # faiss-gpu sees a GPU
+        ("approximate", 10, True, 0, True, Plan("ivf", "cpu", "faiss")),  # faiss-cpu beside a GPU
+    ],
+)
+def test_the_search_is_chosen_by_size_method_and_the_gpus_faiss_and_torch_see(
+    method: str, n: int, faiss: bool, gpus: int, cuda: bool, expected: Plan
+) -> None:
+    assert choose_plan(method, n, faiss=faiss, faiss_gpus=gpus, cuda=cuda) == expected
+
+
+def test_an_approximate_search_without_faiss_is_one_line_naming_the_extra() -> None:
+    with pytest.raises(UserError, match=r"needs faiss \(not installed\): pip install 'imagemill\[dedup\]'") as caught:
+        choose_plan("auto", 2_000_000, faiss=False, faiss_gpus=0, cuda=False)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow  # faiss's index: seconds on a busy machine
+def test_the_approximate_search_finds_the_planted_groups_the_exact_one_finds() -> None:
+    found = embedded(planted(2_000, 32))
+    exact = group(found, 0.95)
+    approximate = group(found, 0.95, plan=Plan("ivf", "cpu", "faiss"))
+    assert len(exact) == 80 and all(g.size == 2 for g in exact)
+    assert [g.model_dump() for g in approximate] == [g.model_dump() for g in exact]
+
+
+@pytest.mark.parametrize("plan", [Plan("exact", "cpu", "numpy"), Plan("ivf", "cpu", "faiss")])
+def test_against_names_the_new_images_that_duplicate_the_corpus_and_not_the_corpus_s_own(plan: Plan) -> None:
+    corpus_vectors = planted(2_000, 32)  # the corpus holds duplicates of its own: not reported
+    rng = np.random.default_rng(7)
+    copies = corpus_vectors[[3, 502, 1_234]] + rng.normal(scale=0.2 / np.sqrt(32), size=(3, 32))
+    new_vectors = np.concatenate([planted(300, 32, seed=9), copies]).astype(np.float32)
+    new_vectors /= np.linalg.norm(new_vectors, axis=1, keepdims=True)
+    matched = against(embedded(corpus_vectors), embedded(new_vectors, "s3://new/"), 0.95, plan)
+    assert [m.uri for m in matched] == ["s3://new/000300.jpg", "s3://new/000301.jpg", "s3://new/000302.jpg"]
+    assert [m.matches[0].uri for m in matched] == ["s3://b/000003.jpg", "s3://b/000502.jpg", "s3://b/001234.jpg"]
+    assert all(0.95 <= m.matches[0].similarity < 1 for m in matched)
+
+
+def test_a_parquet_file_is_read_as_columns_into_the_embeddings_the_records_give(tmp_path: Path) -> None:
+    vectors = planted(40, 16)
+    records = [
+        Record(
+            uri=f"s3://b/{i:04d}.jpg", etag=f"e{i}", bytes=1000 + i,
+            image=ImageInfo(width=10 + i, height=20, format="PNG"),
+            embedding=Embedding.of(v, model="clip"), signature="s",
+        )
+        for i, v in enumerate(vectors)
+    ] + [
+        Record(uri="s3://b/plain.jpg", signature="s"),
+        Record(uri="s3://b/bad.jpg", signature="s", error=RecordError(kind=ErrorKind.TRUNCATED, message="cut")),
+    ]  # fmt: skip
+    path = tmp_path / "r.parquet"
+    with open_sink(str(path)) as sink:
+        sink.write(records)
+    columns, built = parquet_embeddings(str(path)), collect([read_records(path)])
+    assert columns.images == built.images and np.array_equal(columns.vectors, built.vectors)
+    assert (columns.without_embedding, columns.failed, columns.without_embedding_shown) == (1, 1, ["s3://b/plain.jpg"])
+
+
+@pytest.mark.slow  # the command asks torch whether it sees a GPU: importing it takes seconds
+def test_dedup_against_a_corpus_writes_one_line_per_new_duplicate(tmp_path: Path) -> None:
+    corpus, new = tmp_path / "corpus.jsonl", tmp_path / "new.jsonl"
+    vectors = planted(50, 16)
+    corpus.write_text(
+        "".join(
+            Record(uri=f"s3://b/{i}.jpg", embedding=Embedding.of(v, model="clip"), signature="s").model_dump_json()
+            + "\n"
+            for i, v in enumerate(vectors)
+        )
+    )
+    fresh = [Embedding.of(vectors[7], model="clip"), Embedding.of(planted(1, 16, seed=3)[0], model="clip")]
+    new.write_text(
+        "".join(
+            Record(uri=f"s3://new/{i}.jpg", embedding=e, signature="s").model_dump_json() + "\n"
+            for i, e in enumerate(fresh)
+        )
+    )
+    out = tmp_path / "dupes.jsonl"
+    result = CliRunner().invoke(app, ["dedup", str(new), "--against", str(corpus), "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(line["uri"], [m["uri"] for m in line["matches"]]) for line in lines] == [
+        ("s3://new/0.jpg", ["s3://b/7.jpg"])
+    ]
+    assert "1 of 2 new images duplicate the corpus's" in result.stderr
+
+
+# -- marks written back into the store ----------------------------------------------------------------
+
+
+@pytest.mark.slow  # the command asks torch whether it sees a GPU: importing it takes seconds
+@pytest.mark.parametrize("store", ["jsonl", "parquet", "postgresql"])
+def test_write_back_marks_every_record_so_an_export_keeps_one_per_group_from_the_store_alone(
+    store: str, pg_url: str, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    vectors = {"a": [1, 0, 0], "b": [0.999, 0.04, 0], "c": [0, 1, 0], "d": [0, 0, 1]}
+    records = []
+    for n, (name, vector) in enumerate(vectors.items()):
+        (photos / f"{name}.jpg").write_bytes(photo_jpeg(64, 48, seed=n))
+        size = (640, 480) if name == "a" else (64, 48)  # a is the larger of a and b: their representative
+        records.append(record((photos / f"{name}.jpg").as_uri(), vector, size).model_copy(update={"etag": None}))
+    (photos / "plain.jpg").write_bytes(photo_jpeg(64, 48, seed=9))
+    records.append(Record(uri=(photos / "plain.jpg").as_uri(), signature="s"))  # no embedding: never marked
+    url = {"jsonl": str(tmp_path / "r.jsonl"), "parquet": str(tmp_path / "r.parquet")}.get(
+        store, f"{pg_url}?table=marks_{secrets.token_hex(4)}"
+    )
+    with open_sink(url) as sink:
+        sink.write(records, "job/000000")
+    runner = CliRunner()
+
+    def dedup(threshold: str) -> dict[str, tuple[str | None, bool] | None]:
+        args = ["dedup", url, "--threshold", threshold, "--write-back", "--out", str(tmp_path / "g.jsonl"), "-q"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "4 records marked with their group and role" in result.stderr
+        stored = [r for batch in read_stored(url) for r in batch]
+        assert len(stored) == len(records)  # rewritten or updated in place: no record more, none less
+        return {Path(r.uri).name[0]: None if r.dedup is None else (r.dedup.group, r.dedup.representative)
+                for r in stored}  # fmt: skip
+
+    a = (photos / "a.jpg").as_uri()
+    assert dedup("0.95") == {"a": (a, True), "b": (a, False), "c": (None, True), "d": (None, True), "p": None}
+    out = tmp_path / "kept"
+    exported = runner.invoke(
+        app, ["export", url, "--format", "webdataset", "--out", str(out), "--where", "not duplicate", "-q"]
+    )
+    assert exported.exit_code == 0, exported.output
+    assert "1 records carry no dedup mark" in exported.stderr  # plain.jpg: counted as no duplicate, said so
+    samples = webdataset.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False)
+    assert sorted(Path(json.loads(s["json"])["uri"]).name for s in samples) == ["a.jpg", "c.jpg", "d.jpg", "plain.jpg"]
+    # a stricter dedup replaces the marks: b is alone now
+    assert dedup("0.99999")["b"] == (None, True)
+
+
+def test_write_back_to_an_object_store_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["dedup", f"file://{tmp_path}/", "--write-back", "--out", "g.jsonl"])
+    assert result.exit_code == 2 and result.stderr.count("error:") == 1
+    assert "--write-back: marks go back to a .jsonl or .parquet file or a postgresql:// store" in result.stderr

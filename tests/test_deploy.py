@@ -40,11 +40,18 @@ from dockerfile_parse import DockerfileParser
 from dotenv import dotenv_values
 from dotenv.variables import Variable, parse_variables
 from markdown_it import MarkdownIt
+from packaging.specifiers import SpecifierSet
+from typer.testing import CliRunner
 
+import imagemill
 from imagemill.cli import app as cli_app
+from imagemill.core.gpus import Slot, plan_slots
+from imagemill.core.keda import render_scaled_object
+from imagemill.core.lanes import Lane
 from imagemill.core.settings import Settings
 from imagemill.review.settings import ReviewSettings
-from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
+from imagemill.worker.supervisor import celery_argv, own_status_file
+from tests.fixtures.cli import run_main
 from tests.fixtures.redis import redis_server_binary
 
 pytestmark = pytest.mark.slow  # probes the Celery app in subprocesses and starts a redis-server
@@ -288,7 +295,7 @@ def deployed_commands() -> list[tuple[str, list[str]]]:
     found = [
         (f"compose {name}", argv_of(service["command"]))
         for name, service in services.items()
-        if name in {"worker", "worker-cpu", "producer"}
+        if name in {"worker", "worker-cpu", "producer", "watch"}
     ]
     for path in DOCKERFILES:
         found.append((f"{dockerfile_id(path)} CMD", exec_form(values(path, "CMD")[-1])))
@@ -363,7 +370,7 @@ def test_configmap_and_secret_values_validate(monkeypatch: pytest.MonkeyPatch) -
     assert settings.visibility_timeout > settings.soft_shutdown_timeout
 
 
-@pytest.mark.parametrize("service", ["worker", "worker-cpu", "producer"])
+@pytest.mark.parametrize("service", ["worker", "worker-cpu", "producer", "watch"])
 def test_compose_environment_validates(services: dict, service: str, monkeypatch: pytest.MonkeyPatch) -> None:
     env = env_of(services[service])
     settings = _settings_from({k: v for k, v in env.items() if k.startswith("IMAGEMILL_")}, monkeypatch)
@@ -376,7 +383,7 @@ def test_compose_environment_validates(services: dict, service: str, monkeypatch
 
 def test_compose_has_the_services(services: dict) -> None:
     assert {"redis", "s3", "s3-init", "postgres", "worker", "worker-cpu", "producer"} <= set(services)
-    assert services["redis"]["image"].split(":")[0] == "redis" and services["redis"]["image"].startswith("redis:7")
+    assert services["redis"]["image"].split(":")[0] == "redis"
     assert services["postgres"]["image"] == "postgres:16"
     assert services["producer"]["profiles"] == ["tools"]
     assert services["worker-cpu"]["profiles"] == ["cpu"]
@@ -509,9 +516,53 @@ def deployed_images() -> list[tuple[str, str]]:
         pod = (obj.get("spec") or {}).get("template", {}).get("spec", {})
         for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
             found.append((f"k8s {obj['kind']}/{obj['metadata']['name']}", container["image"]))
-    for path in DOCKERFILES:
-        found += [(dockerfile_id(path), base) for base in dockerfile(path).parent_images]
+    for path in DOCKERFILES:  # FROM lines with their ARG defaults filled in, as `docker build` reads them
+        found += [(dockerfile_id(path), base) for base in DockerfileParser(str(path), env_replace=True).parent_images]
     return found
+
+
+def built_here(where: str) -> bool:
+    """A compose service's image that compose builds itself (`build:`) rather than pulls."""
+    kind, _, name = where.partition(" ")
+    return kind == "compose" and "build" in load_yaml(COMPOSE)["services"][name]
+
+
+def image_tag(image: str) -> str | None:
+    """`registry:5000/name:tag@digest` -> `tag` (None when untagged)."""
+    name = image.split("@")[0].rsplit("/", 1)[-1]
+    return name.partition(":")[2] or None
+
+
+# Tags whose publisher has superseded them and deletes them: NVIDIA supports only the latest update
+# release of each CUDA version (13.0.3 for 13.0) and removes the others' tags
+# (gitlab.com/nvidia/container-images/cuda, doc/support-policy.md).
+SUPERSEDED_TAG_PREFIXES = {"nvidia/cuda": ("13.0.0-", "13.0.1-", "13.0.2-")}
+
+
+def test_every_image_is_pinned_to_a_release_tag() -> None:
+    """Every image a deployment file pulls names a release: a tag that starts with its version, never
+    `latest` nor none (either moves under a running deployment, or vanishes, as MinIO's did). Images
+    compose builds from this tree are tagged, not pulled."""
+    images = deployed_images()
+    assert any(where.startswith("worker/") for where, _ in images), "the Dockerfiles' FROM lines are read"
+    for where, image in images:
+        tag = image_tag(image)
+        assert tag and tag != "latest", f"{where}: {image} is not pinned to a tag"
+        if not built_here(where):
+            assert re.match(r"\d+(\.\d+)*\b", tag), f"{where}: {image}: not a release tag"
+        assert not tag.startswith(SUPERSEDED_TAG_PREFIXES.get(image_repository(image), ())), (
+            f"{where}: {image} is superseded by a later update release and no longer supported"
+        )
+
+
+def test_the_release_images_are_tagged_with_the_package_version() -> None:
+    """The Kubernetes manifests run the images of this release: their tag is imagemill.__version__,
+    the one place the version is written (pyproject.toml reads it from there too)."""
+    ours = [(w, i) for w, i in deployed_images() if image_repository(i).rsplit("/", 1)[-1].startswith("imagemill-")]
+    released = [(w, i) for w, i in ours if w.startswith("k8s")]
+    assert {image_repository(i).rsplit("/", 1)[-1] for _, i in released} == {"imagemill-worker", "imagemill-producer"}
+    for where, image in released:
+        assert image_tag(image) == imagemill.__version__, f"{where}: {image}, but this is {imagemill.__version__}"
 
 
 def test_no_deployment_file_names_an_image_known_to_be_gone() -> None:
@@ -650,12 +701,37 @@ def test_worker_image_is_cuda_torch_and_the_worker_extra() -> None:
     assert dockerfile(WORKER_DOCKERFILE).envs["HF_HOME"] == "/models"
 
 
+def test_worker_image_installs_the_torchvision_of_its_torch_and_the_tested_transformers() -> None:
+    """IMAGEMILL_DECODE_DEVICE=cuda needs torchvision's nvjpeg decoder: the image installs the
+    torchvision released with its torch (torch 2.N pairs with torchvision 0.(N+15), PyTorch's
+    compatibility table), from the same CUDA index in the same pip call, so pip cannot pair it
+    with another torch; and transformers at a pinned release within the worker extra's bounds."""
+    args = build_args(WORKER_DOCKERFILE)
+    torch_major, torch_minor, _ = map(int, args["TORCH_VERSION"].split("."))
+    vision = re.fullmatch(r"0\.(\d+)\.\d+", args["TORCHVISION_VERSION"])
+    assert torch_major == 2 and vision and int(vision.group(1)) == torch_minor + 15, args
+    runs = values(WORKER_DOCKERFILE, "RUN", stage=None)
+    (torch_install,) = [run for run in runs if re.search(r"torch==\$\{?TORCH_VERSION", run)]
+    assert re.search(r'--index-url "?\$\{?TORCH_INDEX_URL', torch_install)
+    assert re.search(r"torchvision==\$\{?TORCHVISION_VERSION", torch_install)
+    assert any("torchvision.io" in run and "decode_jpeg" in run for run in runs), "the build checks the decoder"
+    # the torch release is the one CI tests (its CPU build)
+    ci_torch = re.search(r"pip install -q torch==(\S+)", (ROOT / ".ci" / "run").read_text(encoding="utf-8"))
+    assert ci_torch and ci_torch.group(1) == args["TORCH_VERSION"]
+    # transformers is pinned, installed with the project, and allowed by the worker extra
+    transformers = args["TRANSFORMERS_VERSION"]
+    assert any(re.search(r"transformers==\$\{?TRANSFORMERS_VERSION", run) and "[worker" in run for run in runs)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    (bound,) = [r for r in pyproject["project"]["optional-dependencies"]["worker"] if r.startswith("transformers")]
+    assert SpecifierSet(bound.removeprefix("transformers")).contains(transformers), (bound, transformers)
+
+
 def test_producer_image_has_no_torch() -> None:
     runs = " ".join(values(PRODUCER_DOCKERFILE, "RUN", stage=None))
     assert "[worker]" not in runs and "torch==" not in runs and "pip install torch" not in runs
     assert build_args(PRODUCER_DOCKERFILE, stage=0)["PYTHON_IMAGE"].startswith("python:3.11")
     # the project with the review app's web libraries (`imagemill review` runs from this image)
-    assert "pip install '/src[review]'" in runs
+    assert "pip install '/src[review,watch]'" in runs
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=dockerfile_id)
@@ -796,12 +872,30 @@ def test_k8s_producer_job_submits_and_waits_once() -> None:
     assert args[1] == "submit" and ctx.params["wait"] is True
 
 
-def test_keda_watches_the_default_queue() -> None:
+def lane_triggers(scaled: dict) -> dict[str, dict]:
+    """The ScaledObject's triggers by lane (their names): one redis trigger for each lane."""
+    triggers = {trigger["name"]: trigger for trigger in scaled["spec"]["triggers"]}
+    assert (
+        sorted(triggers) == sorted(lane.value for lane in Lane) == sorted(t["name"] for t in scaled["spec"]["triggers"])
+    )
+    return triggers
+
+
+def test_keda_watches_every_lane_of_the_default_queue_and_scales_on_their_sum() -> None:
     scaled = k8s_object("ScaledObject")
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis"
+    triggers = lane_triggers(scaled)
+    assert all(trigger["type"] == "redis" for trigger in triggers.values())
     queue = Settings().queue
-    assert trigger["metadata"]["listName"] == queue == Settings.model_fields["queue"].default
+    assert queue == Settings.model_fields["queue"].default
+    # the lists kombu's Redis transport keeps for the lanes' priority steps
+    assert {name: t["metadata"]["listName"] for name, t in triggers.items()} == {
+        "urgent": queue,
+        "normal": f"{queue}\x06\x163",
+        "backfill": f"{queue}\x06\x166",
+    }
+    modifiers = scaled["spec"]["advanced"]["scalingModifiers"]
+    assert sorted(re.findall(r"[a-z]+", modifiers["formula"])) == sorted(triggers)
+    assert "+" in modifiers["formula"] and modifiers["metricType"] == "AverageValue"
     configmap = configmap_data()
     if "IMAGEMILL_QUEUE" in configmap:
         assert configmap["IMAGEMILL_QUEUE"] == queue
@@ -812,28 +906,28 @@ def test_keda_watches_the_default_queue() -> None:
 
 def test_keda_reaches_the_broker_redis() -> None:
     scaled = k8s_object("ScaledObject")
-    (trigger,) = scaled["spec"]["triggers"]
     broker = urlsplit(secret_data("imagemill-secrets")["IMAGEMILL_BROKER_URL"])
-    meta = trigger["metadata"]
-    assert meta["address"] == f"{broker.hostname}:{broker.port or 6379}"
-    assert int(meta.get("databaseIndex", "0")) == int(broker.path.lstrip("/") or 0)
-    auth = k8s_object("TriggerAuthentication", trigger["authenticationRef"]["name"])
-    (ref,) = [r for r in auth["spec"]["secretTargetRef"] if r["parameter"] == "password"]
-    password = secret_data(ref["name"])[ref["key"]]
-    assert password == broker.password, "the KEDA password and the broker URL's password differ"
+    for trigger in lane_triggers(scaled).values():
+        meta = trigger["metadata"]
+        assert meta["address"] == f"{broker.hostname}:{broker.port or 6379}"
+        assert int(meta.get("databaseIndex", "0")) == int(broker.path.lstrip("/") or 0)
+        auth = k8s_object("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        (ref,) = [r for r in auth["spec"]["secretTargetRef"] if r["parameter"] == "password"]
+        password = secret_data(ref["name"])[ref["key"]]
+        assert password == broker.password, "the KEDA password and the broker URL's password differ"
 
 
 def test_keda_scaling_bounds() -> None:
     scaled = k8s_object("ScaledObject")
     spec = scaled["spec"]
-    (trigger,) = spec["triggers"]
-    list_length = int(trigger["metadata"]["listLength"])
+    lane_triggers(scaled)
+    list_length = int(spec["advanced"]["scalingModifiers"]["target"])
     assert spec["minReplicaCount"] == 0
     assert spec["maxReplicaCount"] >= 1
-    # the producer never queues more than the high-water mark, so the metric can ask for at
-    # most high_water / listLength replicas: a higher maximum would never be reached
+    # the producers never queue more than the high-water mark in a lane, so one busy lane can ask
+    # for at most high_water / target replicas, all lanes for three times that
     high_water = int(configured("queue_high_water"))
-    assert spec["maxReplicaCount"] <= math.ceil(high_water / list_length)
+    assert spec["maxReplicaCount"] <= math.ceil(len(Lane) * high_water / list_length)
     # the list is empty while the last chunks still run: don't scale to zero under them
     grace = k8s_object("Deployment", "imagemill-worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert spec["cooldownPeriod"] >= grace
@@ -1013,10 +1107,11 @@ def test_submit_and_the_supervisor_import_no_torch(tmp_path: Path) -> None:
         sys.meta_path.insert(0, Block())
         from typer.testing import CliRunner
         from imagemill.cli import app
-        import imagemill.core.stores.postgres, imagemill.core.stores.objects
+        import imagemill.core.sinks.postgres, imagemill.core.sinks.objects
         import imagemill.producer.submit, imagemill.pipeline.sources
         result = CliRunner().invoke(app, ["submit", sys.argv[1], "--sink", "bogus://nowhere"])
-        from imagemill.worker.supervisor import plan_slots, celery_argv
+        from imagemill.core.gpus import plan_slots
+        from imagemill.worker.supervisor import celery_argv
         plan_slots("cpu")
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print(json.dumps({"exit": result.exit_code, "output": result.output,
@@ -1087,8 +1182,12 @@ def test_worker_probes_run_the_worker_check() -> None:
     assert parse_cli(live).params["check"] is True and parse_cli(ready).params["ready"] is True
     for probe in (container["livenessProbe"], container["readinessProbe"]):
         assert probe["timeoutSeconds"] >= 10, "the probe starts a Python process"
-    # the status file the probe reads is on the writable /tmp
-    status = Path(str(Settings.model_fields["worker_status_file"].default))
+    # the status file the supervisor writes and the probes read is on a writable mount (the
+    # supervisor's own file in the temporary directory, unless the setting names one)
+    env = {**configmap_data(), **{e["name"]: e.get("value", "") for e in container["env"]}}
+    assert Settings.model_fields["worker_status_file"].default is None
+    named = env.get("IMAGEMILL_WORKER_STATUS_FILE")
+    status = Path(named) if named else own_status_file(1, "pod", Path(env.get("TMPDIR", "/tmp")))
     assert any(status.is_relative_to(m["mountPath"]) for m in container["volumeMounts"])
 
 
@@ -1098,6 +1197,20 @@ def test_worker_pods_have_a_disruption_budget() -> None:
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert "minAvailable" not in pdb["spec"], "KEDA scales to zero: a minimum would block every drain"
     assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_a_broker_outage_leaves_the_worker_pods_free_to_drain() -> None:
+    """In a Redis outage a probe that pings the broker fails in every worker pod at once. Liveness
+    never asks the broker (an outage is waited out, not a reason to restart every pod); and where
+    readiness asks it, the budget lets pods that are not Ready be evicted, or it would count all
+    of them as disrupted and refuse every node drain until Redis came back (deploy/README.md)."""
+    container = worker_container()
+    assert parse_cli(container["livenessProbe"]["exec"]["command"]).params["ready"] is False
+    readiness = container.get("readinessProbe")
+    asks_the_broker = readiness is not None and parse_cli(readiness["exec"]["command"]).params["ready"]
+    pdb = k8s_object("PodDisruptionBudget", "imagemill-worker")["spec"]
+    if asks_the_broker:
+        assert pdb.get("unhealthyPodEvictionPolicy") == "AlwaysAllow", "NotReady workers would block drains"
 
 
 def test_worker_metrics_port_is_exposed_and_annotated_for_scraping() -> None:
@@ -1122,19 +1235,53 @@ def test_torch_threads_follow_the_cpu_limit() -> None:
     assert "cpu" in container["resources"]["limits"], "without a CPU limit the node's core count is used"
 
 
-@pytest.mark.parametrize("scheme", ["redis", "rediss"])
-def test_keda_speaks_tls_exactly_when_the_broker_does(scheme: str) -> None:
-    """enableTLS follows the broker URL's scheme (rediss:// is Redis over TLS); the example uses
-    redis://, and the rule is checked for both."""
-    (trigger,) = k8s_object("ScaledObject")["spec"]["triggers"]
+KEDA_MANIFEST = K8S / "keda-scaledobject.yaml"
+
+
+def keda_rendered(broker_url: str, queue: str = "imagemill") -> dict:
+    """`imagemill deploy keda deploy/k8s/keda-scaledobject.yaml` run with these settings (the real
+    command, in this process); its ScaledObject."""
+    env = {"IMAGEMILL_BROKER_URL": broker_url, "IMAGEMILL_QUEUE": queue}
+    result = CliRunner().invoke(cli_app, ["deploy", "keda", str(KEDA_MANIFEST)], env=env)
+    assert result.exit_code == 0, result.output
+    (scaled,) = [doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] == "ScaledObject"]
+    return scaled
+
+
+def test_the_shipped_scaled_object_is_what_imagemill_renders_for_the_example_secret() -> None:
+    """deploy/k8s/keda-scaledobject.yaml holds exactly what `imagemill deploy keda` renders for the
+    example Secret's broker URL and the ConfigMap's queue, comments and all."""
     broker = secret_data("imagemill-secrets")["IMAGEMILL_BROKER_URL"]
-    tls = trigger["metadata"].get("enableTLS", "false") == "true"
-    assert tls == (urlsplit(broker).scheme == "rediss")
-    assert keda_tls_for(f"{scheme}://:p@redis:6379/0") == (scheme == "rediss")
+    shipped = KEDA_MANIFEST.read_text(encoding="utf-8")
+    assert render_scaled_object(shipped, broker, configmap_data()["IMAGEMILL_QUEUE"]) == shipped
 
 
-def keda_tls_for(broker_url: str) -> bool:
-    return urlsplit(broker_url).scheme == "rediss"
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_keda_speaks_tls_exactly_when_the_broker_does(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """enableTLS follows the broker URL's scheme (rediss:// is Redis over TLS), and the address and
+    database follow its host, port and path, as the command renders them."""
+    for key in list(os.environ):
+        if key.startswith("IMAGEMILL_"):
+            monkeypatch.delenv(key)
+    triggers = lane_triggers(keda_rendered(f"{scheme}://:pw@redis.example.net:6380/3", queue="bulk"))
+    for trigger in triggers.values():
+        assert trigger["metadata"]["enableTLS"] == ("true" if scheme == "rediss" else "false")
+        assert trigger["metadata"]["address"] == "redis.example.net:6380"
+        assert trigger["metadata"]["databaseIndex"] == "3"
+    assert triggers["urgent"]["metadata"]["listName"] == "bulk"
+    assert triggers["backfill"]["metadata"]["listName"] == "bulk\x06\x166"
+
+
+def test_keda_refuses_a_broker_it_cannot_watch(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key in list(os.environ):
+        if key.startswith("IMAGEMILL_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("IMAGEMILL_BROKER_URL", "amqp://guest@rabbit//")
+    code, lines = run_main(["deploy", "keda", str(KEDA_MANIFEST)], monkeypatch, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: IMAGEMILL_BROKER_URL=") and "amqp" in lines[0] and "rediss://" in lines[0]
 
 
 def test_a_models_job_fills_the_volume_the_offline_workers_read() -> None:
@@ -1172,3 +1319,21 @@ def test_worker_image_pins_a_cuda_build_pytorch_publishes() -> None:
     base = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu\d+\.\d+", args["CUDA_IMAGE"])
     assert index and base, (args["TORCH_INDEX_URL"], args["CUDA_IMAGE"])
     assert index.groups() == base.groups(), "the CUDA runtime image and the wheels' CUDA differ"
+
+
+# =========================================================================== review app
+
+
+def test_the_shipped_review_app_believes_its_tls_proxy_so_cookies_are_secure(services: dict) -> None:
+    """Behind TLS the scheme comes from the proxy's X-Forwarded-Proto, believed only from
+    IMAGEMILL_REVIEW_FORWARDED_ALLOW_IPS: the Deployment and the compose service set it to where
+    their proxy connects from (an Ingress controller's pod; the host through Docker's bridge)."""
+    from uvicorn.middleware.proxy_headers import _TrustedHosts  # the app's own middleware decides by it
+
+    (container,) = k8s_object("Deployment", "imagemill-review")["spec"]["template"]["spec"]["containers"]
+    k8s_env = {item["name"]: item["value"] for item in container.get("env", [])}
+    for env, proxy in ((k8s_env, "10.244.3.17"), (env_of(services["review"]), "172.18.0.1")):
+        value = env["IMAGEMILL_REVIEW_FORWARDED_ALLOW_IPS"]
+        assert ReviewSettings(forwarded_allow_ips=value).forwarded_allow_ips == value
+        trusted = _TrustedHosts(value)
+        assert proxy in trusted and "203.0.113.9" not in trusted

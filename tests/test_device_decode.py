@@ -15,15 +15,22 @@ import torch
 from PIL import Image
 
 from imagemill.core.errors import ErrorKind, ImageError
-from imagemill.core.schemas import ImageRef, Task
+from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings
-from imagemill.pipeline.decode import decode
-from imagemill.pipeline.device_decode import DeviceBatch, DeviceDecoder, orient, pillow_decoder, resolve_decode_device
+from imagemill.core.tasks import Task
 from imagemill.pipeline.engine import Engine
-from imagemill.pipeline.jpeg_header import PendingJpeg, read_header
-from imagemill.pipeline.prefetch import InlineImage, Prepared
-from imagemill.pipeline.preprocess import Preprocessor
-from imagemill.pipeline.staging import Staged, Stager
+from imagemill.pipeline.prepare.decode import decode
+from imagemill.pipeline.prepare.device_decode import (
+    DeviceBatch,
+    DeviceDecoder,
+    orient,
+    pillow_decoder,
+    resolve_decode_device,
+)
+from imagemill.pipeline.prepare.jpeg_header import PendingJpeg, read_header
+from imagemill.pipeline.prepare.prefetch import InlineImage, Prepared
+from imagemill.pipeline.prepare.preprocess import Preprocessor
+from imagemill.pipeline.prepare.staging import Staged, Stager
 from tests.fixtures.images import mixed_cases, photo_image, photo_jpeg
 
 LIMIT = 64_000_000

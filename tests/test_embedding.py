@@ -15,14 +15,15 @@ import pytest
 from psycopg import sql
 
 from imagemill.api import Annotator
-from imagemill.cli.annotate import run_local
 from imagemill.core.errors import ErrorKind, ModelLoadError
-from imagemill.core.schemas import Embedding, ImageRef, Record, RecordError, Task, parse_tasks
+from imagemill.core.images import file_uri
+from imagemill.core.schemas import Embedding, ImageRef, Record, RecordError
 from imagemill.core.settings import Settings, get_settings
-from imagemill.core.storage import file_uri
-from imagemill.core.stores import files, open_writer
-from imagemill.core.stores.files import ParquetWriter, decode_records, encode_records, open_file_writer, read_records
-from imagemill.core.stores.postgres import PostgresStore, embedding_type
+from imagemill.core.sinks import files, open_sink
+from imagemill.core.sinks.files import ParquetSink, decode_records, encode_records, open_file_sink, read_records
+from imagemill.core.sinks.postgres import PostgresSink, embedding_type
+from imagemill.core.tasks import Task, parse_tasks
+from imagemill.local.run import annotate_local
 from imagemill.pipeline.engine import Engine
 from imagemill.pipeline.models import load_runners
 from tests.fixtures.images import photo_image
@@ -126,7 +127,7 @@ def test_jsonl_holds_base64_of_little_endian_float32_that_plain_numpy_reads(
     embedded: list[Record], tmp_path: Path
 ) -> None:
     out = tmp_path / "records.jsonl"
-    with open_file_writer(str(out)) as writer:
+    with open_file_sink(str(out)) as writer:
         writer.write(embedded)
     line = json.loads(out.read_text().splitlines()[0])
     assert set(line["embedding"]) == {"model", "revision", "dim", "vector"}
@@ -142,7 +143,7 @@ def test_parquet_holds_a_fixed_size_list_of_the_configured_precision(
     embedded: list[Record], tmp_path: Path, dtype: str, tolerance: float
 ) -> None:
     out = tmp_path / "records.parquet"
-    with open_file_writer(str(out), embedding_dtype=dtype) as writer:
+    with open_file_sink(str(out), embedding_dtype=dtype) as writer:
         writer.write(embedded)
     dim = embedded[0].embedding.dim
     column = pq.read_schema(out).field("embedding").type.field("vector").type
@@ -159,7 +160,7 @@ def test_a_parquet_file_whose_first_rows_have_no_embedding_still_holds_the_later
 ) -> None:
     """The schema needs the vector's length: rows wait for one that shows it, up to HOLD_ROWS, and
     then the file takes a plain list (as a file of no embeddings does)."""
-    monkeypatch.setattr(ParquetWriter, "ROW_GROUP", 2)
+    monkeypatch.setattr(ParquetSink, "ROW_GROUP", 2)
     monkeypatch.setattr(files, "HOLD_ROWS", hold)
     failed = [
         Record(
@@ -170,7 +171,7 @@ def test_a_parquet_file_whose_first_rows_have_no_embedding_still_holds_the_later
         for i in range(4)
     ]
     out = tmp_path / "records.parquet"
-    with open_file_writer(str(out)) as writer:
+    with open_file_sink(str(out)) as writer:
         writer.write(failed)
         writer.write(embedded)
     vector = pq.read_schema(out).field("embedding").type.field("vector").type
@@ -188,7 +189,7 @@ def test_a_file_sink_takes_its_parquet_precision_from_the_environment(
     embedded: list[Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("IMAGEMILL_EMBEDDING_DTYPE", "float16")
-    with open_writer(f"file://{tmp_path}/?format=parquet") as sink:
+    with open_sink(f"file://{tmp_path}/?format=parquet") as sink:
         sink.write(embedded, "job-e/000000")
     (chunk,) = tmp_path.rglob("*.parquet")
     assert pq.read_schema(chunk).field("embedding").type.field("vector").type.value_type == pa.float16()
@@ -214,7 +215,7 @@ def test_annotate_writes_tags_and_embeddings_to_parquet(
     out = tmp_path / "annotations.parquet"
     # in this process (a subprocess costs seconds of imports): what `imagemill annotate
     # FOLDER --tasks tags,embedding --out annotations.parquet` runs after parsing its options
-    counts = run_local(str(folder), parse_tasks("tags,embedding"), out, get_settings(), quiet=True)
+    counts = annotate_local(str(folder), parse_tasks("tags,embedding"), out, get_settings())
     assert counts["annotated"] == len(photos)
     records = read_records(out)
     assert len(records) == len(photos) and all(r.tags and r.embedding for r in records)
@@ -232,14 +233,14 @@ def test_an_embedding_whose_bytes_do_not_match_its_dim_is_refused() -> None:
 
 
 @pytest.fixture
-def store(pg_url: str) -> Iterator[PostgresStore]:
-    writer = PostgresStore(f"{pg_url}?table=e_{secrets.token_hex(4)}")
+def store(pg_url: str) -> Iterator[PostgresSink]:
+    writer = PostgresSink(f"{pg_url}?table=e_{secrets.token_hex(4)}")
     yield writer
     writer.close()
 
 
 def test_postgresql_keeps_the_vector_in_a_real_array_column_and_in_the_record(
-    store: PostgresStore, pg_url: str, embedded: list[Record]
+    store: PostgresSink, pg_url: str, embedded: list[Record]
 ) -> None:
     store.write(embedded, "job-e/000000")
     assert [r.embedding for r in store.records()] == [r.embedding for r in sorted(embedded, key=lambda r: r.uri)]
@@ -259,13 +260,13 @@ def test_postgresql_keeps_the_vector_in_a_real_array_column_and_in_the_record(
 
 def test_a_version_2_table_gains_the_embedding_column_in_place(pg_url: str, embedded: list[Record]) -> None:
     table = f"e_{secrets.token_hex(4)}"
-    with PostgresStore(f"{pg_url}?table={table}") as store:
+    with PostgresSink(f"{pg_url}?table={table}") as store:
         store.write(embedded[:1], "a/1")
         view = store.view
     with psycopg.connect(pg_url, autocommit=True) as conn:  # back to what schema version 2 made
         conn.execute(sql.SQL("DROP VIEW {}").format(sql.Identifier(view)))
         conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN embedding").format(sql.Identifier(table)))
-    with PostgresStore(f"{pg_url}?table={table}") as store:
+    with PostgresSink(f"{pg_url}?table={table}") as store:
         store.write(embedded[1:2], "a/2")
         assert store.count() == 2
     with psycopg.connect(pg_url) as conn:

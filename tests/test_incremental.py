@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from imagemill.cli.annotate import WRITE_EVERY
 from imagemill.cli.schedules import parse_every
 from imagemill.core.jobs import JobRegistry, JobState
-from imagemill.core.stores.files import read_records
+from imagemill.core.sinks.files import read_records
+from imagemill.local.run import WRITE_EVERY
 from imagemill.producer.beat import SCHEDULE_KEY_PREFIX
 from tests.fixtures.cli import REPO, run_cli
 from tests.fixtures.distributed import rows, submitted, upload_photos, wait_for
@@ -158,7 +158,7 @@ def test_scheduled_scans_annotate_only_what_was_added_between_firings_and_a_seco
         stop_beats(beats)
     uris = [r[0] for r in rows(pg_url)]
     expected = [f"s3://{bucket}/{k}" for k in keys] + [f"s3://{bucket}/sched/new-{i}.jpg" for i in (1, 2)]
-    assert sorted(u for u in uris if "/sched/" in u) == sorted(expected)
+    assert sorted(u for u in uris if u.startswith(f"s3://{bucket}/sched/")) == sorted(expected)
     removed = run_cli("schedule", "remove", "nightly", env=env)
     assert removed.returncode == 0 and "nightly" not in run_cli("schedule", "list", env=env).stdout
 
@@ -178,6 +178,54 @@ def test_when_the_beat_holding_the_lock_stops_the_waiting_one_takes_over(dist_en
         holder[0].wait(timeout=30)
         wait_for(lambda: "Sending due task nightly" in standby[1].read_text(), 120, "the waiting beat to take over")
     finally:
+        stop_beats(beats)
+
+
+FIRING = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/\w+\] Scheduler: Sending due task nightly", re.M)
+
+
+def timed_firings(beats: list[tuple[subprocess.Popen, Path]]) -> dict[str, list[str]]:
+    """Each beat's firings of `nightly`, by the time its log gives them: who sent what, when."""
+    return {path.stem: FIRING.findall(path.read_text()) for _, path in beats}
+
+
+def test_a_beat_whose_lock_lapsed_fires_nothing_while_the_other_holds_it_then_stands_by(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A beat paused (SIGSTOP: a long GC, a frozen VM) past its lock's timeout loses the lock to the
+    waiting beat. Resumed, it must not fire while the other holds the lock, and it must wait for
+    the lock again, so that it takes over when the other one stops."""
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    out.mkdir()
+    env = {"IMAGEMILL_BROKER_URL": redis_url, "IMAGEMILL_BEAT_INTERVAL_S": "0.5", "IMAGEMILL_BEAT_LOCK_TIMEOUT_S": "4"}
+    added = run_cli("schedule", "add", "nightly", str(photos), "--every", "1s", "--sink", out.as_uri(), env=env)
+    assert added.returncode == 0, added.stderr
+    beats = start_beats(env, tmp_path, ("beat-a", "beat-b"))
+    try:
+        wait_for(lambda: max(firings(beats)) >= 2, 120, "one beat to fire twice")
+        assert min(firings(beats)) == 0, timed_firings(beats)
+        holder, standby = beats if firings(beats)[0] else beats[::-1]
+        os.killpg(holder[0].pid, signal.SIGSTOP)  # the whole `imagemill beat`: its worker and beat process
+        fired_before_the_pause = firings([holder])[0]
+        wait_for(lambda: firings([standby])[0] >= 1, 120, "the waiting beat to take the lapsed lock")
+        logged_before_the_resume = len(holder[1].read_text())
+        os.killpg(holder[0].pid, signal.SIGCONT)
+        # its first tick after the pause renews the lock, or finds it gone, and says so
+        wait_for(lambda: "lock" in holder[1].read_text()[logged_before_the_resume:], 120, "the resumed beat to tick")
+        after_resume = firings([standby])[0]
+        wait_for(lambda: firings([standby])[0] >= after_resume + 2, 120, "the new holder to go on firing")
+        assert firings([holder])[0] == fired_before_the_pause, (
+            f"fired while the other held the lock: {timed_firings(beats)}"
+        )
+
+        standby[0].terminate()  # the new holder goes (releasing the lock): the resumed beat stood by for it
+        standby[0].wait(timeout=30)
+        wait_for(lambda: firings([holder])[0] > fired_before_the_pause, 120, "the resumed beat to take the lock back")
+    finally:
+        for process, _ in beats:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGCONT)
         stop_beats(beats)
 
 

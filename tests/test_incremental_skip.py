@@ -1,20 +1,20 @@
 """Incremental skip in process: which refs a store's records let a run skip, asked in bulk, in order.
 
-The fast specification of `imagemill.pipeline.incremental` (the end-to-end runs are in
-tests/test_incremental.py); `python -m bench.mutation` runs it against that module's mutants.
+The fast specification of `imagemill.pipeline.sources.incremental` (the end-to-end runs are in
+tests/test_incremental.py); `python -m tools.mutation` runs it against that module's mutants.
 """
 
 from collections.abc import Iterable
 
 from imagemill.core.schemas import ImageRef
-from imagemill.pipeline import incremental
-from imagemill.pipeline.incremental import mark_existing, skip_existing
+from imagemill.pipeline.sources import incremental
+from imagemill.pipeline.sources.incremental import mark_existing, skip_existing
 
 Key = tuple[str, str | None, str]
 
 
 class Store:
-    """A KeyedStore holding these keys; it remembers every bulk question it was asked."""
+    """A KeyedSink holding these keys; it remembers every bulk question it was asked."""
 
     def __init__(self, keys: set[Key]) -> None:
         self.keys = keys

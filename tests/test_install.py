@@ -17,6 +17,7 @@ import pytest
 
 import imagemill
 from imagemill.cli.display import WORKER_EXTRA_MODULES
+from tests.fixtures.cli import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 HINT = "pip install 'imagemill[worker]'"
@@ -70,6 +71,7 @@ def test_annotate_without_the_worker_extra_is_one_line_naming_it(
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_the_rest_of_the_cli_works_without_the_worker_extra(
     without_worker_extra: dict[str, str], tmp_path: Path
 ) -> None:
@@ -89,6 +91,7 @@ def test_the_rest_of_the_cli_works_without_the_worker_extra(
 DEV_ONLY_STUBS = ("mypy_boto3_s3", "botocore_stubs", "types_s3transfer")
 
 
+@pytest.mark.slow
 def test_every_module_imports_without_the_dev_only_type_stubs(tmp_path: Path) -> None:
     site = tmp_path / "no-stubs"
     site.mkdir()
@@ -162,3 +165,21 @@ def test_a_wheel_from_a_clean_tree_holds_only_the_imagemill_package(tmp_path: Pa
     assert metadata["License-Expression"] == "Apache-2.0"
     assert "imagemill = imagemill.cli:main" in entry_points
     assert "imagemill/core/data/tags.txt" in names  # package data travels too
+
+
+def test_worker_without_the_worker_extra_is_one_line_naming_it_and_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # in this process (fast): the modules are hidden as the subprocess fixture hides them; .ci/run
+    # runs the same command from a real bare install. Without the check, each Celery child died at
+    # import ("Module 'imagemill.worker' has no attribute 'celery'") and was restarted 5 times
+    for name in WORKER_EXTRA_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+    for key in [key for key in os.environ if key.upper().startswith("IMAGEMILL_")]:
+        monkeypatch.delenv(key)
+    status_file = tmp_path / "worker.json"
+    monkeypatch.setenv("IMAGEMILL_WORKER_STATUS_FILE", str(status_file))
+    code, lines = run_main(["worker", "--gpus", "cpu"], monkeypatch, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and HINT in lines[0], lines
+    assert not status_file.exists()  # the supervisor never ran

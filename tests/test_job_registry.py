@@ -11,10 +11,13 @@ from imagemill.core import jobs
 from imagemill.core.connections import PROBE_TIMEOUT_S, RETRIES, check_reachable, redis_client
 from imagemill.core.errors import SourceError, UserError
 from imagemill.core.jobs import Job, JobRegistry, JobState, new_job_id
+from imagemill.core.lanes import Lane
 from imagemill.core.pipeline_key import pipeline_key
-from imagemill.core.schemas import ImageRef, Record, Task
+from imagemill.core.rates import RateSample, read_from_redis
+from imagemill.core.schemas import ImageRef, Record
 from imagemill.core.settings import Settings
-from imagemill.core.stores import Key, WriterContext
+from imagemill.core.sinks import Key, SinkContext
+from imagemill.core.tasks import Task
 from imagemill.pipeline.sources import RefListSource
 from imagemill.producer import submit
 from imagemill.producer.submit import Submission
@@ -148,6 +151,64 @@ def test_attempts_count_only_deliveries_that_died_mid_chunk(redis_url: str) -> N
     registry.end_attempt("job1", "job1/000000")
     assert registry.begin_attempt("job1", "job1/000000") == 2  # an attempt that ended is not a death
     assert registry.begin_attempt("job1", "job1/000001") == 1  # each chunk counts its own
+
+
+def test_a_job_created_without_a_share_weighs_one_in_its_lanes_fair_share(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    assert new_job(registry).share == 1 and registry.get("job1").share == 1
+    registry.create("job2", "s3://b/p", (Task.CAPTION,), "postgresql://u:secret@db/x", "imagemill", share=3)
+    assert registry.get("job2").share == 3
+
+
+def test_latency_samples_keep_the_newest_thousand_for_the_job_and_for_its_lane(redis_url: str) -> None:
+    """However they arrive (the separate call, a delivery's end, its beginning), a kind's samples are
+    the newest 1,000, newest first, for the job and for its lane alike."""
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    registry.add_latencies("job1", Lane.URGENT, "upload_to_record", [float(i) for i in range(1005)])
+    registry.begin_chunk("job1", "job1/000000", "sig-a", Lane.URGENT, queue_wait_s=0.5)
+    registry.end_chunk("job1", "job1/000000", {"annotated": 1}, lane=Lane.URGENT, upload_to_record_s=[2000.0, 2001.0])
+    for owner in ({"job_id": "job1"}, {"lane": Lane.URGENT}):
+        samples = registry.latencies("upload_to_record", **owner)
+        assert (len(samples), samples[:3], samples[-1]) == (1000, [2001.0, 2000.0, 1004.0], 7.0)
+    for i in range(1001):
+        registry.begin_chunk("job1", f"job1/{i + 1:06d}", "sig-a", Lane.URGENT, queue_wait_s=float(i))
+    for owner in ({"job_id": "job1"}, {"lane": Lane.URGENT}):
+        samples = registry.latencies("queue_wait", **owner)
+        assert (len(samples), samples[0], samples[-1]) == (1000, 1000.0, 1.0)
+
+
+def test_a_delivery_begins_and_ends_in_one_step_each_with_what_the_separate_calls_do(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    assert registry.begin_chunk("job1", "job1/000000", "sig-a", Lane.URGENT, queue_wait_s=0.25) == 1
+    assert registry.begin_chunk("job1", "job1/000001", "sig-b", Lane.URGENT) == 1  # no queue wait known
+    job = registry.get("job1")
+    assert job.started_at is not None and job.signature == "sig-a"
+    assert registry.latencies("queue_wait", job_id="job1") == [0.25]
+    assert registry.latencies("queue_wait", lane=Lane.URGENT) == [0.25]
+    rate = RateSample("caption", images=2, seconds=0.5, where="worker", at=1.0)
+    for _ in range(2):  # the second is a redelivery: counted once, its upload latencies kept once
+        registry.begin_chunk("job1", "job1/000000", "sig-a", Lane.URGENT)
+        counted = registry.end_chunk(
+            "job1",
+            "job1/000000",
+            {"annotated": 2},
+            lane=Lane.URGENT,
+            figures={"images": 2.0, "wall_s": 0.5},
+            worker="host:1",
+            upload_to_record_s=[1.5, 2.5],
+            rate=rate,
+        )
+    assert counted is False
+    job = registry.get("job1")
+    assert (job.annotated, job.chunks_done, job.accounting["images"], job.workers["host:1"]["wall_s"]) == (2, 1, 2, 0.5)
+    assert sorted(registry.latencies("upload_to_record", job_id="job1")) == [1.5, 2.5]
+    assert sorted(registry.latencies("upload_to_record", lane=Lane.URGENT)) == [1.5, 2.5]
+    assert read_from_redis(registry.redis, "caption") == [rate, rate]  # one per delivery: each one ran
+    # every delivery ended: none counts as a death; an end sent again never leaves a negative count
+    registry.end_attempt("job1", "job1/000000")
+    assert registry.begin_chunk("job1", "job1/000000", "sig-a", Lane.URGENT) == 1
 
 
 def test_a_failed_chunk_outcome_is_counted_by_kind_and_a_dead_letter_by_itself(redis_url: str) -> None:
@@ -289,7 +350,7 @@ def test_an_unreachable_redis_is_one_line_without_the_password() -> None:
 # a submission closes the sink it searched for what to skip
 
 
-class RecordingSink(WriterContext):
+class RecordingSink(SinkContext):
     """A searchable sink that holds the first two refs and records how it was left."""
 
     def __init__(self) -> None:
@@ -332,7 +393,7 @@ def test_a_submission_closes_the_sink_it_searched_when_the_listing_ends(
     refs = tuple(ImageRef(uri=f"s3://b/{i}.jpg", etag="e") for i in range(5))
     source = BreakingSource(refs) if breaks else RefListSource("five", refs)
     sinks: list[RecordingSink] = []
-    monkeypatch.setattr(submit, "open_writer", lambda url: sinks.append(RecordingSink()) or sinks[-1])
+    monkeypatch.setattr(submit, "open_sink", lambda url: sinks.append(RecordingSink()) or sinks[-1])
     with JobRegistry(redis_url) as registry:
         registry.publish_signature(pipeline_key(tasks, settings), "sig")
         with Submission(source, tasks, "file:///shared/", settings, registry) as submission:
@@ -347,3 +408,38 @@ def test_a_submission_closes_the_sink_it_searched_when_the_listing_ends(
     expected = (["abort"], JobState.FAILED, 0) if breaks else (["existing_keys", "close"], JobState.RUNNING, 2)
     assert final is not None
     assert (sinks[0].events, final.state, final.skipped) == expected
+
+
+def test_a_chunk_whose_cost_reaches_the_budget_ends_the_job_over_budget_and_chunks_in_flight_still_count(
+    redis_url: str,
+) -> None:
+    registry = JobRegistry(redis_url)
+    registry.create("job1", "s3://b/p", (Task.CAPTION,), "postgresql://db/x", "imagemill", budget=1.0)
+    registry.add_queued("job1", listed=12, queued=12)
+    figures = {"images": 4.0, "wall_s": 0.6, "stage:decode": 0.25, "cost": 0.6}
+    assert registry.chunk_done("job1", "job1/000000", {"annotated": 4}, figures=figures, worker="a:1")
+    assert registry.state("job1") == JobState.RUNNING  # 0.6 of 1.0
+    registry.chunk_done("job1", "job1/000001", {"annotated": 4}, figures=figures, worker="b:2")
+    job = registry.get("job1")
+    assert job.state == JobState.OVER_BUDGET and job.error == "spent 1.20 of its budget 1.00"
+    # a chunk that was running when the job stopped is written whole and counted, its cost too
+    assert registry.chunk_done("job1", "job1/000002", {"annotated": 4}, figures=figures, worker="a:1")
+    job = registry.get("job1")
+    assert job.state == JobState.OVER_BUDGET and job.annotated == 12
+    assert job.cost == pytest.approx(1.8) and job.cost_per_1000 == pytest.approx(150.0)
+    assert job.figures.images == 12 and job.figures.stage("decode") == pytest.approx(0.75)
+    assert job.workers["a:1"]["images"] == 8 and job.workers["b:2"]["cost"] == pytest.approx(0.6)
+    # a redelivery adds nothing
+    assert not registry.chunk_done("job1", "job1/000002", {"annotated": 4}, figures=figures, worker="a:1")
+    assert registry.get("job1").cost == pytest.approx(1.8)
+
+
+def test_a_running_jobs_budget_can_change_and_the_last_chunk_ends_it_done_not_over_budget(redis_url: str) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    assert registry.set_budget("job1", 0.5)
+    registry.add_queued("job1", listed=4, queued=4)
+    registry.end_listing("job1", 1)
+    registry.chunk_done("job1", "job1/000000", {"annotated": 4}, figures={"cost": 2.0})
+    assert registry.state("job1") == JobState.DONE  # all its work was done: nothing was stopped
+    assert not registry.set_budget("job1", 5.0)

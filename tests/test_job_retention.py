@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from imagemill.core.jobs import JobRegistry, JobState
-from imagemill.core.schemas import Task
+from imagemill.core.tasks import Task
 from tests.fixtures.cli import run_cli
 from tests.fixtures.distributed import wait_for
 
@@ -77,6 +77,19 @@ def test_a_finished_job_and_all_its_keys_expire_after_the_retention(
     registry.add_queued(job.id, listed=1, queued=1)
     assert registry.get(job.id) is None and not registry.take_over(job.id, 0.001)
     assert [j.id for j in registry.recent()] == ["job2"]
+
+
+def test_an_attempt_begun_after_its_job_finished_expires_with_the_job(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    registry = JobRegistry(redis_url, retention_s=600)
+    job, _ = registry.create("job1", "s3://b/p", (Task.CAPTION,), "postgresql://db/x", "imagemill")
+    registry.fail(job.id, "AccessDenied")  # before any chunk started: the job has no attempts hash yet
+    attempts = registry.job_keys(job.id)[2]
+    assert client.exists(attempts) == 0
+    # a chunk queued before the failure and delivered after it makes the attempts hash now
+    assert registry.begin_attempt(job.id, "job1/000003") == 1
+    job_ttl = client.pttl(registry.key(job.id))
+    assert 0 < client.pttl(attempts) <= job_ttl <= 600_000, "the attempts hash outlives its job"
 
 
 def test_a_running_job_never_expires(redis_url: str) -> None:

@@ -21,15 +21,17 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from imagemill.core.accounting import Figures
 from imagemill.core.broker import celery_config, make_celery
 from imagemill.core.errors import ErrorKind
+from imagemill.core.gpus import Slot, plan_slots
 from imagemill.core.jobs import JobRegistry, JobState
 from imagemill.core.logs import ContextFilter, JsonFormatter, log_context
 from imagemill.core.schemas import Record, RecordError, Timings
 from imagemill.core.settings import Settings
 from imagemill.worker import metrics
 from imagemill.worker.chunks import ChunkResult
-from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
+from imagemill.worker.supervisor import celery_argv
 from tests.fixtures.cli import REPO
 from tests.fixtures.distributed import job_id_of, upload, upload_photos, wait_for
 from tests.fixtures.images import write_mixed
@@ -409,18 +411,61 @@ def test_a_redelivered_chunk_is_not_counted_twice() -> None:
     assert get("imagemill_stage_seconds_count", stage="write") - start["write"] == 2
 
 
+def test_images_per_task_are_counted_by_queue_and_lane_once_per_chunk() -> None:
+    from prometheus_client import REGISTRY
+
+    def get(task: str, lane: str) -> float:
+        labels = {"task": task, "queue": "imagemill", "lane": lane}
+        return REGISTRY.get_sample_value("imagemill_task_images_total", labels) or 0.0
+
+    before = {lane: get("tags", lane) for lane in ("urgent", "backfill")}
+
+    def chunk(chunk_id: str, first_time: bool, lane: str) -> ChunkResult:
+        return ChunkResult(chunk_id, "annotated", {}, first_time, queue="imagemill", tasks=("tags",), lane=lane)
+
+    # an upload's chunk of one image, a backfill's of 64, and that one again (a redelivery)
+    for result, images in ((chunk("j/0", True, "urgent"), 1), (chunk("b/0", True, "backfill"), 64),
+                           (chunk("b/0", False, "backfill"), 64)):  # fmt: skip
+        metrics.record_accounting(result, images, Figures())
+    assert (get("tags", "urgent") - before["urgent"], get("tags", "backfill") - before["backfill"]) == (1, 64)
+
+
+def test_queue_wait_and_upload_to_record_are_histograms_by_lane_in_seconds() -> None:
+    from prometheus_client import REGISTRY
+
+    def get(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    hooks = metrics.PrometheusMiddleware()
+    before = {lane: get("imagemill_queue_wait_seconds_count", lane=lane) for lane in ("urgent", "backfill")}
+    uploads = get("imagemill_upload_to_record_seconds_count", lane="urgent")
+    under_five = get("imagemill_upload_to_record_seconds_bucket", lane="urgent", le="5.0")
+    hooks.chunk_started("urgent", 0.3)
+    hooks.chunk_started("backfill", 3600.0)
+    hooks.uploads_recorded("urgent", [1.5, 4.0, 12.0])
+    assert get("imagemill_queue_wait_seconds_count", lane="urgent") - before["urgent"] == 1
+    assert get("imagemill_queue_wait_seconds_count", lane="backfill") - before["backfill"] == 1
+    assert get("imagemill_upload_to_record_seconds_count", lane="urgent") - uploads == 3
+    assert get("imagemill_upload_to_record_seconds_bucket", lane="urgent", le="5.0") - under_five == 2
+
+
 def test_queue_depth_is_read_at_scrape_time_and_an_outage_reports_nothing(redis_url: str) -> None:
     import redis
 
     collector = metrics.QueueDepthCollector(redis_url, ["imagemill", "captions"])
-    redis.Redis.from_url(redis_url).rpush("captions", "a", "b")
-    (family,) = list(collector.collect())
-    assert {s.labels["queue"]: s.value for s in family.samples} == {"imagemill": 0, "captions": 2}
+    redis.Redis.from_url(redis_url).rpush("captions", "a", "b")  # urgent: the queue's own list
+    redis.Redis.from_url(redis_url).rpush("captions\x06\x166", "c")  # backfill: kombu's list for step 6
+    family, lanes = list(collector.collect())
+    assert {s.labels["queue"]: s.value for s in family.samples} == {"imagemill": 0, "captions": 3}
+    by_lane = {(s.labels["queue"], s.labels["lane"]): s.value for s in lanes.samples}
+    assert by_lane[("captions", "urgent")] == 2 and by_lane[("captions", "backfill")] == 1
+    assert by_lane[("captions", "normal")] == 0 and by_lane[("imagemill", "urgent")] == 0
     port = free_port()  # nothing listens there
     down = metrics.QueueDepthCollector(f"redis://127.0.0.1:{port}/0", ["imagemill"])
     assert list(down.collect()) == []
 
 
+@pytest.mark.slow
 def test_gpu_memory_is_reported_only_where_cuda_is_in_use_and_never_starts_it() -> None:
     import subprocess
     import sys

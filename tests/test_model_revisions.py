@@ -3,8 +3,8 @@
 import pytest
 
 from imagemill.core.pipeline_key import pipeline_key
-from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
+from imagemill.core.tasks import Task
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,7 @@
 """Model runners on tiny real checkpoints: thresholds, top-k, signatures, failure isolation."""
 
+import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
@@ -8,15 +10,18 @@ import torch
 from PIL import Image
 
 from imagemill.core.errors import ErrorKind, ModelLoadError
-from imagemill.core.schemas import ImageRef, Task
+from imagemill.core.images import file_uri
+from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings
-from imagemill.core.storage import file_uri
+from imagemill.core.tasks import TASKS, Task
 from imagemill.pipeline.engine import Engine
-from imagemill.pipeline.models import RUNNERS, load_runners
+from imagemill.pipeline.models import load_runners, runner_class
 from imagemill.pipeline.models.device import pins_memory, resolve_device, resolve_dtype
 from imagemill.pipeline.models.moderation import ModerationRunner
-from imagemill.pipeline.models.runner import ModelId, weights_hash
+from imagemill.pipeline.models.runner import ModelId, Runner, weights_hash
+from imagemill.pipeline.models.zero_shot import TagOptions
 from tests.fixtures.images import photo_image
+from tests.fixtures.tiny_models import build_tags_siglip_with_bias, quiet_transformers
 
 
 def settings_for(models: dict[str, Path], **overrides) -> Settings:
@@ -70,7 +75,7 @@ def test_flagged_comes_from_the_thresholded_labels_only_at_or_over_their_limit(t
     ],
 )
 def test_judging_one_row_of_scores(thresholds: dict[str, float], row: list[float], flagged: bool) -> None:
-    """The threshold rule alone, without a model (fast: what `python -m bench.mutation` runs)."""
+    """The threshold rule alone, without a model (fast: what `python -m tools.mutation` runs)."""
     runner = ModerationRunner.__new__(ModerationRunner)  # no model: `_judge` reads only these
     runner.labels, runner.thresholds, runner.model_id = ["normal", "nsfw"], thresholds, ModelId("m", "r")
     judged = runner._judge(row)
@@ -97,6 +102,58 @@ def test_tags_are_top_k_above_threshold_in_score_order(tiny_models, model: str) 
         assert all(label.tag in vocabulary for label in result.labels)
     (strict,) = load_runners(settings.model_copy(update={"tags_threshold": 1.0}), (Task.TAGS,))
     assert all(result.labels == [] for result in strict.run(pictures()))
+    # a score at the threshold itself is kept (scores are stored rounded, so the threshold can equal one)
+    first = runner.run(pictures(1))[0].labels
+    (at,) = load_runners(settings.model_copy(update={"tags_threshold": first[1].score}), (Task.TAGS,))
+    assert at.run(pictures(1))[0].labels == first[:2]
+
+
+def test_a_tag_longer_than_the_text_tower_reads_is_cut_to_fit_not_refused(tiny_models, tmp_path: Path) -> None:
+    words = tmp_path / "words.txt"
+    words.write_text("dog\ncat\n" + " ".join(["enormous"] * 400) + " beach\n")
+    settings = settings_for(tiny_models, tags_vocabulary=words, tags_top_k=3, tags_threshold=0.0)
+    (runner,) = load_runners(settings, (Task.TAGS,))
+    (result,) = runner.run(pictures()[:1])
+    assert len(result.labels) == 3
+
+
+@pytest.fixture(scope="module")
+def siglip_with_bias(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    with quiet_transformers():
+        return build_tags_siglip_with_bias(tmp_path_factory.mktemp("models") / "siglip-bias")
+
+
+@pytest.mark.parametrize("model", ["tags", "tags_siglip_with_bias"])
+def test_tag_scores_are_the_models_own_zero_shot_probabilities(
+    tiny_models, siglip_with_bias: Path, model: str, tmp_path: Path
+) -> None:
+    """Tags and retag share the scorer, so only the model itself can say it is right: CLIP's
+    `logits_per_image` softmaxed over the vocabulary, SigLIP's (temperature and bias in) through a sigmoid."""
+    path = siglip_with_bias if model == "tags_siglip_with_bias" else tiny_models[model]
+    words = ["dog", "cat", "beach", "sky", "car", "tree"]
+    vocabulary = tmp_path / "tags.txt"
+    vocabulary.write_text("\n".join(words))
+    settings = settings_for(
+        tiny_models, tags_model=str(path), tags_vocabulary=vocabulary, tags_top_k=len(words), tags_threshold=0.0
+    )
+    (runner,) = load_runners(settings, (Task.TAGS,))
+    sigmoid = runner.model.config.model_type == "siglip"
+    # neither is the neutral exp(0) = 1 nor a zero bias, or a scorer without them would pass
+    assert runner.model.logit_scale.exp().item() > 2 and (not sigmoid or runner.model.logit_bias.item() < -1)
+    pixels = runner.batch([runner.preprocess(picture) for picture in pictures()])
+    prompts = [settings.tags_prompt.format(word) for word in words]
+    tokens = runner.processor.tokenizer(
+        prompts, padding="max_length" if sigmoid else True, truncation=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        logits = runner.model(**tokens, pixel_values=pixels).logits_per_image
+    expected = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+    for tags, row in zip(runner.infer(pixels), expected.tolist(), strict=True):
+        # stored to six decimals: within rounding (5e-7) and float32 noise of the model's own
+        assert {label.tag: label.score for label in tags.labels} == pytest.approx(
+            dict(zip(words, row, strict=True)), abs=1e-6
+        )
+        assert all(label.score == round(label.score, 6) for label in tags.labels)
 
 
 def test_tag_text_embeddings_are_computed_once_per_vocabulary(tiny_models, tmp_path: Path) -> None:
@@ -153,6 +210,23 @@ def test_signature_changes_with_vocabulary_prompt_caption_length_and_beams(tiny_
     assert Engine(settings_for(tiny_models, tags_vocabulary=words), tasks).signature == signatures["base"]
 
 
+def test_the_signature_names_the_tag_vocabulary_by_the_first_16_hex_digits_of_its_sha256() -> None:
+    # stored in every record's signature: another length or hash would make every stored record stale
+    options = TagOptions(("dog", "cat"), "a photo of {}", 5, 0.1)
+    assert options.signature_options() == {
+        "vocabulary": hashlib.sha256(b"dog\ncat").hexdigest()[:16],
+        "prompt": "a photo of {}",
+        "top_k": 5,
+        "threshold": 0.1,
+    }
+
+
+def test_tag_options_cannot_change_once_made_as_the_signature_was_taken_from_them() -> None:
+    options = TagOptions(("dog",), "a photo of {}", 5, 0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.top_k = 1  # type: ignore[misc]
+
+
 def test_one_image_that_breaks_a_model_fails_alone(tiny_models, tmp_path: Path) -> None:
     widths = [160, 170, 180, 190]
     for width in widths:
@@ -194,7 +268,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tiny_models) -> None:
 def test_preprocessing_on_decode_threads_equals_the_hugging_face_processor(tiny_models, model: str) -> None:
     from transformers import AutoImageProcessor
 
-    from imagemill.pipeline.preprocess import from_processor
+    from imagemill.pipeline.prepare.preprocess import from_processor
 
     processor = AutoImageProcessor.from_pretrained(tiny_models[model])
     recipe = from_processor(processor)
@@ -204,6 +278,56 @@ def test_preprocessing_on_decode_threads_equals_the_hugging_face_processor(tiny_
         expected = processor(images=[picture], return_tensors="np")["pixel_values"][0]
         assert recipe(picture).shape == expected.shape
         assert abs(recipe(picture) - expected).max() < 1e-4
+
+
+def test_a_small_cpu_batch_runs_each_model_on_one_thread_and_a_large_one_on_torchs(tiny_models, tmp_path: Path) -> None:
+    """A batch of one image (an upload's chunk) on two threads waits for the second thread at every
+    tiny operation: on one, the models' fixed cost per batch is a fraction of it."""
+    for i in range(40):
+        photo_image(96, 64, seed=i).save(tmp_path / f"{i:02d}.png")
+    engine = Engine(settings_for(tiny_models, batch_size=40), (Task.MODERATION, Task.TAGS))
+    threads: list[tuple[int, int]] = []
+    for runner in engine.runners:
+        infer = runner.infer
+
+        def counted(pixels: torch.Tensor, infer=infer):
+            threads.append((len(pixels), torch.get_num_threads()))
+            return infer(pixels)
+
+        runner.infer = counted
+    assert all(r.one_thread_for(1) and not r.one_thread_for(40) for r in engine.runners)  # the tiny models
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        list(engine.annotate([ImageRef(uri=file_uri(tmp_path / "00.png"))]))
+        list(engine.annotate([ImageRef(uri=file_uri(path)) for path in sorted(tmp_path.glob("*.png"))]))
+        assert threads == [(1, 1), (1, 1), (40, 2), (40, 2)]
+        assert torch.get_num_threads() == 2  # given back after each small batch
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(
+    ("scale", "mean", "std"),
+    [(1 / 255, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)), (1 / 255, None, None)],
+)
+def test_the_byte_table_gives_the_arithmetics_floats_bit_for_bit(scale, mean, std) -> None:
+    """An RGB picture is normalised by looking its bytes up: the same float32 operations, once per byte
+    value, so every pixel of every picture is bit for bit what the arithmetic on the picture gives."""
+    import numpy as np
+
+    from imagemill.pipeline.prepare.preprocess import Preprocessor
+
+    recipe = Preprocessor((64, 64), None, None, int(Image.Resampling.BICUBIC), scale, mean, std)
+    every_byte = np.arange(256 * 3, dtype=np.uint8).reshape(16, 16, 3)  # each value in each channel
+    for picture in (Image.fromarray(every_byte), photo_image(97, 131, seed=3)):
+        resized = picture.resize((64, 64), resample=Image.Resampling.BICUBIC)
+        arithmetic = np.asarray(resized, dtype=np.float32) * np.float32(scale)
+        if mean is not None:
+            arithmetic = (arithmetic - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+        looked_up = recipe(picture)
+        assert looked_up.dtype == np.float32 and looked_up.flags.c_contiguous
+        assert looked_up.tobytes() == np.ascontiguousarray(arithmetic.transpose(2, 0, 1)).tobytes()
 
 
 def test_batches_are_pinned_and_copied_asynchronously_only_towards_a_gpu() -> None:
@@ -218,7 +342,13 @@ def test_runners_infer_without_autograd_in_the_configured_dtype(tiny_models) -> 
         assert len(runner.infer(pixels)) == 2  # inference_mode inside: no graph is built
 
 
-@pytest.mark.parametrize("task", list(RUNNERS))
+@pytest.mark.parametrize("task", list(TASKS))
+def test_the_task_table_names_each_tasks_own_runner(task: Task) -> None:
+    kind = runner_class(task)
+    assert issubclass(kind, Runner) and kind.task is task
+
+
+@pytest.mark.parametrize("task", list(TASKS))
 def test_every_runner_runs_its_model_in_inference_mode(tiny_models, task: Task) -> None:
     """Every module call a runner makes (tags' text embeddings at load included) is in inference mode:
     its outputs are inference tensors (no autograd graph, no version counters) even under enable_grad."""

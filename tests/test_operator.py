@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,24 +19,30 @@ import pytest
 import redis
 from PIL import Image
 from psycopg import sql
+from redbeat import RedBeatSchedulerEntry
+from typer.testing import CliRunner
 
-from imagemill.cli import annotate as annotate_cli
+from imagemill.cli import app as cli_app
 from imagemill.core.credentials import with_own_credentials, without_credentials
 from imagemill.core.errors import ErrorKind
 from imagemill.core.jobs import JobRegistry, JobState
-from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
-from imagemill.core.stores import open_writer
-from imagemill.core.stores.files import JsonlWriter
-from imagemill.core.stores.s3tags import ObjectTagsSink
-from imagemill.pipeline.decode import decode
+from imagemill.core.sinks import open_sink
+from imagemill.core.sinks.files import JsonlSink
+from imagemill.core.sinks.s3tags import ObjectTagsSink
+from imagemill.core.tasks import Task
+from imagemill.local.run import LocalRun
 from imagemill.pipeline.engine import Engine
+from imagemill.pipeline.prepare.decode import decode
 from imagemill.pipeline.run import run
 from imagemill.pipeline.sources import open_source
+from imagemill.producer.beat import SCHEDULE_KEY_PREFIX, make_producer_app
+from imagemill.producer.scans import scan
 from tests.fixtures.cli import REPO, run_cli
 from tests.fixtures.distributed import submitted, upload_photos, wait_for
 from tests.fixtures.faults import FAULTS_DIR
 from tests.fixtures.images import write_photos
+from tests.fixtures.postgres import private_postgres
 from tests.fixtures.workers import start_worker
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:9/0"  # nothing listens: a command that asks Redis fails differently
@@ -140,24 +145,18 @@ def test_the_local_progress_bar_advances_once_per_image_before_the_write(
 ) -> None:
     write_photos(tmp_path / "photos", 52, 48, 32)
     bar = RecordingProgress()
+    write = JsonlSink.write
 
-    @contextmanager
-    def recording_bar(_description: str, *, disable: bool = False) -> Iterator[tuple[Any, int]]:
-        yield bar, 0
-
-    write = JsonlWriter.write
-
-    def noting_write(self: JsonlWriter, records: Any, chunk: str = "") -> None:
+    def noting_write(self: JsonlSink, records: Any, chunk: str = "") -> None:
         if bar.at_first_write is None:
             bar.at_first_write = len(bar.advances)
         write(self, records, chunk)
 
-    monkeypatch.setattr(annotate_cli, "progress_bar", recording_bar)
-    monkeypatch.setattr(JsonlWriter, "write", noting_write)
+    monkeypatch.setattr(JsonlSink, "write", noting_write)
     settings = Settings()
-    outcomes = annotate_cli.run_local(
-        str(tmp_path / "photos"), (Task.MODERATION,), tmp_path / "out.jsonl", settings, quiet=False
-    )
+    # what `imagemill annotate` hands the local run: the bar moves on each record as it leaves the engine
+    local = LocalRun(str(tmp_path / "photos"), (Task.MODERATION,), tmp_path / "out.jsonl", settings)
+    outcomes = local.run(on_record=lambda _: bar.advance(0)).outcomes
     assert outcomes["annotated"] == 52
     assert bar.advances == [1] * 52  # one step per image as it leaves the engine
     # 52 records are one write batch (64): the bar had moved 52 times before anything was written
@@ -199,6 +198,7 @@ def test_a_file_uri_in_a_manifest_is_the_same_ref_as_its_path(tmp_path: Path) ->
     assert by_uri == by_path and by_uri.etag is not None and by_uri.size == photo.stat().st_size
 
 
+@pytest.mark.slow
 def test_a_manifest_of_file_uris_is_skipped_on_the_second_run(model_env: dict[str, str], tmp_path: Path) -> None:
     photos = write_photos(tmp_path / "photos", 3, 32, 24)
     manifest = tmp_path / "list.txt"
@@ -257,7 +257,7 @@ def test_a_heic_photo_without_the_plugin_is_unsupported_naming_the_extra(tmp_pat
     script = (
         "import sys; sys.modules['pillow_heif'] = None\n"
         "from imagemill.core.errors import ImageError\n"
-        "from imagemill.pipeline.decode import decode\n"
+        "from imagemill.pipeline.prepare.decode import decode\n"
         "try:\n    decode(open(sys.argv[1], 'rb').read(), max_pixels=10**8)\n"
         "except ImageError as exc:\n    print(exc.kind.value, exc.message)\n"
     )
@@ -271,6 +271,7 @@ def test_a_heic_photo_without_the_plugin_is_unsupported_naming_the_extra(tmp_pat
     assert out.startswith("unsupported ") and "imagemill[heic]" in out
 
 
+@pytest.mark.slow
 def test_a_caption_model_path_that_does_not_exist_says_no_such_directory(tmp_path: Path) -> None:
     write_photos(tmp_path / "photos", 1, 32, 24)
     result = run_cli(
@@ -316,7 +317,7 @@ def password_role(pg_url: str) -> tuple[str, str, str]:
         conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(sql.Identifier(role)))
     # the store's schema-version table is one per database, made by whoever came first (the owner
     # here, as a DBA would): the role gets to read and stamp it, as the README's Security section says
-    with open_writer(pg_url) as store:
+    with open_sink(pg_url) as store:
         store.check()
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON imagemill_meta TO {}").format(sql.Identifier(role)))
@@ -399,6 +400,44 @@ def test_a_json_worker_whose_pool_child_is_killed_logs_only_json_and_redis_never
     started = time.monotonic()
     assert worker.stop(timeout=60) == 0
     assert time.monotonic() - started < 6, worker.log[-3000:]
+
+
+def test_a_schedule_keeps_no_sink_password_in_redis_and_its_scan_logs_in_with_the_beats_own(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`schedule add --sink postgresql://user:password@…`: the schedule in Redis names the sink
+    without the password, and the scan the beat fires with it logs in with the beat's IMAGEMILL_SINK
+    (on a server that asks for passwords: trust auth would let a scan without one pass)."""
+    folder = tmp_path / "photos"
+    write_photos(folder, 2, 32, 24)
+    password = f"Pw-{secrets.token_hex(8)}"
+    with private_postgres(passwords=True) as server:
+        with server.admin() as admin:
+            admin.execute(sql.SQL("CREATE ROLE scheduler LOGIN PASSWORD {}").format(sql.Literal(password)))
+            admin.execute("CREATE DATABASE annotations OWNER scheduler")
+        sink = f"postgresql://scheduler:{password}@127.0.0.1:{server.port}/annotations"
+        with pytest.raises(psycopg.OperationalError, match=r"no password supplied|password authentication failed"):
+            psycopg.connect(without_credentials(sink), connect_timeout=5).close()
+
+        monkeypatch.setenv("IMAGEMILL_BROKER_URL", redis_url)
+        monkeypatch.delenv("IMAGEMILL_SINK", raising=False)
+        added = CliRunner().invoke(
+            cli_app, ["schedule", "add", "nightly", str(folder), "--tasks", "moderation", "--sink", sink]
+        )
+        assert added.exit_code == 0, added.output
+        dump = redis_dump(redis_url)
+        key = f"{SCHEDULE_KEY_PREFIX}nightly"
+        assert not [k for k, value in dump.items() if password in k or password in value]
+        assert without_credentials(sink) in dump[key]
+
+        # what the beat's worker runs when the schedule fires: the stored arguments, its own environment
+        monkeypatch.setenv("IMAGEMILL_SINK", sink)
+        entry = RedBeatSchedulerEntry.from_key(key, app=make_producer_app(Settings()))
+        fired = scan(*entry.args)
+        assert fired["chunks"] == 1
+        job = JobRegistry(redis_url).get(fired["job_id"])
+        assert job is not None and job.sink == without_credentials(sink)
+        assert not [k for k, value in redis_dump(redis_url).items() if password in k or password in value]
 
 
 def test_a_busy_worker_stopped_finishes_its_chunk_and_exits_without_waiting_out_the_timeout(

@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,7 +17,14 @@ import redis
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 
 from imagemill.core.jobs import JobRegistry, JobState
-from imagemill.worker.retries import ChunkTask, PermanentFault, classified, expected_backoff_s, permanent_reason
+from imagemill.worker.retries import (
+    ChunkTask,
+    PermanentFault,
+    backoff_s,
+    classified,
+    expected_backoff_s,
+    permanent_reason,
+)
 from tests.fixtures.cli import run_cli
 from tests.fixtures.distributed import submitted, upload_photos, wait_for
 from tests.fixtures.s3 import s3_client
@@ -37,6 +45,7 @@ def client_error(code: str, status: int) -> ClientError:
         client_error("ServiceUnavailable", 503),
         client_error("RequestTimeout", 400),
         client_error("TooManyRequests", 429),
+        client_error("SomethingUnlisted", 429),  # a 429 asks for a later try whatever its code
         EndpointConnectionError(endpoint_url="http://s3"),
         ReadTimeoutError(endpoint_url="http://s3"),
         ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
@@ -59,6 +68,13 @@ def test_transient_faults_are_retried(exc: Exception) -> None:
         (client_error("NoSuchBucket", 404), "NoSuchBucket"),
         (client_error("InvalidAccessKeyId", 403), "InvalidAccessKeyId"),
         (client_error("SignatureDoesNotMatch", 403), "SignatureDoesNotMatch"),
+        # a 4xx in neither list is an answer about the request, not an outage: permanent by its status
+        (client_error("InvalidArgument", 400), "InvalidArgument"),
+        (client_error("MethodNotAllowed", 405), "MethodNotAllowed"),
+        (client_error("", 400), "S3 400"),
+        # past 429 too: of the 4xx statuses only 429 asks for a later try
+        (client_error("", 451), "S3 451"),
+        (client_error("", 499), "S3 499"),
         (NoCredentialsError(), "credentials"),
         (OSError(errno.ENOSPC, "No space left on device"), "disk full"),
         (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
@@ -83,6 +99,19 @@ def test_backoff_is_jittered_and_the_default_retries_wait_about_ten_minutes() ->
     assert 8 * 60 <= expected_backoff_s(ChunkTask.max_retries) <= 12 * 60
 
 
+def test_an_s3_error_without_a_4xx_status_is_retried() -> None:
+    # nothing says it is an answer about the request (a 4xx) rather than a broken exchange
+    no_status = ClientError({"Error": {"Code": "Unexpected", "Message": "?"}}, "PutObject")
+    assert permanent_reason(no_status) is None
+    for status in (0, 304, 399):  # none, and under the 4xx range's first status
+        assert permanent_reason(client_error("Unexpected", status)) is None, status
+
+
+def test_each_pause_bound_doubles_from_two_seconds_up_to_two_minutes() -> None:
+    assert backoff_s(9) == [2, 4, 8, 16, 32, 64, 120, 120, 120]
+    assert (ChunkTask.retry_backoff, ChunkTask.retry_backoff_max) == (2, 120)
+
+
 @pytest.mark.slow
 def test_a_sink_bucket_deleted_mid_job_fails_the_job_quickly_with_the_reason(
     dist_env, bucket, workers, tmp_path: Path
@@ -101,9 +130,7 @@ def test_a_sink_bucket_deleted_mid_job_fails_the_job_quickly_with_the_reason(
     job_id = submitted(run_cli("submit", f"s3://{bucket}/in/", "--tasks", "moderation", "--chunk-size", "3", env=env))
     registry = JobRegistry(env["IMAGEMILL_BROKER_URL"])
     wait_for(lambda: registry.get(job_id).chunks_done >= 1, 120, "a first chunk written")
-    for entry in s3.list_objects_v2(Bucket=sink_bucket).get("Contents", []):
-        s3.delete_object(Bucket=sink_bucket, Key=entry["Key"])
-    s3.delete_bucket(Bucket=sink_bucket)
+    delete_bucket_while_written(s3, sink_bucket)
     deleted = time.monotonic()
     wait_for(lambda: registry.state(job_id) != JobState.RUNNING, 60, "the job to end")
     assert time.monotonic() - deleted < 30
@@ -112,3 +139,18 @@ def test_a_sink_bucket_deleted_mid_job_fails_the_job_quickly_with_the_reason(
     status = run_cli("status", job_id, env=env)
     assert "failed" in status.stdout and "NoSuchBucket" in status.stdout
     assert "Retry in" not in workers[0].log
+
+
+def delete_bucket_while_written(s3: Any, name: str) -> None:
+    """Empty the bucket and delete it; the worker keeps writing chunk objects meanwhile, so one that
+    lands between the listing and the delete (BucketNotEmpty) means emptying it once more."""
+    for _ in range(20):
+        for entry in s3.list_objects_v2(Bucket=name).get("Contents", []):
+            s3.delete_object(Bucket=name, Key=entry["Key"])
+        try:
+            s3.delete_bucket(Bucket=name)
+            return
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "BucketNotEmpty":
+                raise
+    raise AssertionError(f"bucket {name} kept receiving objects through 20 deletes")

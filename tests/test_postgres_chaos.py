@@ -19,7 +19,7 @@ import pytest
 
 from imagemill.core.jobs import JobRegistry, JobState
 from imagemill.core.schemas import Record
-from imagemill.core.stores.postgres import DEFAULT_TABLE, PostgresStore
+from imagemill.core.sinks.postgres import DEFAULT_TABLE, PostgresSink
 from tests.fixtures.cli import REPO, run_cli
 from tests.fixtures.distributed import submitted, upload_photos, wait_for
 from tests.fixtures.images import photo_jpeg
@@ -48,8 +48,8 @@ def chaos_db(private_pg: PrivatePostgres) -> Iterator[str]:
 
 
 @pytest.fixture
-def store(chaos_db: str) -> Iterator[PostgresStore]:
-    writer = PostgresStore(chaos_db)
+def store(chaos_db: str) -> Iterator[PostgresSink]:
+    writer = PostgresSink(chaos_db)
     writer.check()
     yield writer
     writer.close()
@@ -90,7 +90,7 @@ def with_retries(write: Callable[[], None], attempts: int = 6) -> int:
 
 
 def test_store_writes_resume_after_postgres_restarts(
-    private_pg: PrivatePostgres, store: PostgresStore, chaos_db: str
+    private_pg: PrivatePostgres, store: PostgresSink, chaos_db: str
 ) -> None:
     chunk_a, chunk_b = records("a", 10), records("b", 10)
     store.write(chunk_a, "job/000001")
@@ -104,7 +104,7 @@ def test_store_writes_resume_after_postgres_restarts(
 
 
 def test_no_partial_chunk_is_visible_when_postgres_dies_mid_write(
-    private_pg: PrivatePostgres, store: PostgresStore, chaos_db: str
+    private_pg: PrivatePostgres, store: PostgresSink, chaos_db: str
 ) -> None:
     chunk = records("big", 5000)
     blocker = chunk[2500]

@@ -11,10 +11,10 @@ import pytest
 from imagemill.core.errors import UserError
 from imagemill.core.schemas import Caption, ImageInfo, Record, Tags, TagScore
 from imagemill.core.settings import Settings
-from imagemill.core.stores.files import open_file_writer
-from imagemill.core.stores.objects import DirectorySink, ObjectStoreSink
-from imagemill.core.stores.postgres import PostgresStore
-from imagemill.core.stores.reading import read_records
+from imagemill.core.sinks import read_records
+from imagemill.core.sinks.files import open_file_sink
+from imagemill.core.sinks.objects import DirectorySink, ObjectStoreSink
+from imagemill.core.sinks.postgres import PostgresSink
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -39,7 +39,7 @@ def everything(source: str, history: bool = False, batch_size: int = 4096) -> li
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_a_file_is_read_in_batches_of_at_most_batch_size(tmp_path: Path, suffix: str) -> None:
     written = [record(f"file:///p/{i}.jpg", caption=f"c{i}") for i in range(10)]
-    with open_file_writer(str(tmp_path / f"out{suffix}")) as writer:
+    with open_file_sink(str(tmp_path / f"out{suffix}")) as writer:
         writer.write(written)
     sizes = [len(batch) for batch in read_records(str(tmp_path / f"out{suffix}"), batch_size=3)]
     assert sizes == [3, 3, 3, 1]
@@ -82,7 +82,7 @@ def test_an_unknown_scheme_is_refused() -> None:
 @pytest.fixture
 def pg_records(pg_url: str) -> str:
     url = f"{pg_url}?table=read_{secrets.token_hex(4)}"
-    with PostgresStore(url) as store:
+    with PostgresSink(url) as store:
         store.write(
             [
                 record("s3://b/p/a.jpg", signature="sig-a", minutes=0),
@@ -105,7 +105,7 @@ def test_postgresql_reads_the_current_view_unless_history_is_asked(pg_records: s
 def test_postgresql_rows_written_while_reading_are_not_read(pg_records: str) -> None:
     batches = read_records(pg_records, history=True, batch_size=2)
     seen = list(next(batches))
-    with PostgresStore(pg_records) as store:  # what retag does: new rows beside those it reads
+    with PostgresSink(pg_records) as store:  # what retag does: new rows beside those it reads
         store.write([record("s3://b/p/zz.jpg"), record("s3://b/p/06.jpg", signature="sig-z", minutes=9)])
     seen += [r for batch in batches for r in batch]
     assert len(seen) == 9

@@ -6,19 +6,11 @@ from pathlib import Path
 import pytest
 
 from imagemill.core.errors import ErrorKind, UserError
-from imagemill.core.schemas import (
-    Caption,
-    ImageInfo,
-    Moderation,
-    Record,
-    RecordError,
-    Tags,
-    TagScore,
-    Task,
-    parse_tasks,
-)
-from imagemill.core.stores import open_writer
-from imagemill.core.stores.files import read_records
+from imagemill.core.schemas import Caption, ImageInfo, ModelOutput, Moderation, Record, RecordError, Tags, TagScore
+from imagemill.core.settings import Settings
+from imagemill.core.sinks import open_sink
+from imagemill.core.sinks.files import read_records
+from imagemill.core.tasks import DEFAULT_TASKS, TASKS, Task, parse_tasks
 
 
 def full_record() -> Record:
@@ -56,7 +48,7 @@ def test_error_record_names_its_kind() -> None:
 def test_writers_round_trip_every_field(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"out{suffix}"
     records = [full_record(), error_record()]
-    writer = open_writer(str(path))
+    writer = open_sink(str(path))
     writer.write(records)
     writer.close()
     assert read_records(path) == records
@@ -64,10 +56,27 @@ def test_writers_round_trip_every_field(tmp_path: Path, suffix: str) -> None:
 
 def test_writer_refuses_an_unknown_suffix(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"\.jsonl or \.parquet"):
-        open_writer(str(tmp_path / "out.csv"))
+        open_sink(str(tmp_path / "out.csv"))
 
 
 def test_parse_tasks_orders_and_rejects() -> None:
     assert parse_tasks("tags,caption") == (Task.CAPTION, Task.TAGS)
     with pytest.raises(ValueError, match="unknown task ocr"):
         parse_tasks("caption,ocr")
+
+
+@pytest.mark.parametrize("task", list(Task))
+def test_every_task_has_one_row_naming_its_record_field_output_type_and_settings(task: Task) -> None:
+    spec = TASKS[task]
+    output = spec.output_type()
+    assert issubclass(output, ModelOutput) and output.COLUMNS
+    assert Record.model_fields[spec.field].annotation == output | None  # the record holds it under its field
+    assert {spec.model_setting, spec.revision_setting} <= set(Settings.model_fields)
+    assert spec.model_variable == f"IMAGEMILL_{spec.model_setting.upper()}"
+
+
+def test_the_embedding_is_the_tags_models_and_asked_for_by_name() -> None:
+    settings = Settings(tags_model="org/clip", tags_revision="abc", model_revision="old")
+    assert settings.model(Task.EMBEDDING) == "org/clip" and settings.revision(Task.EMBEDDING) == "abc"
+    assert TASKS[Task.EMBEDDING].model_variable == "IMAGEMILL_TAGS_MODEL"
+    assert DEFAULT_TASKS == (Task.CAPTION, Task.MODERATION, Task.TAGS)

@@ -16,19 +16,24 @@ import torch
 import transformers
 from psycopg import sql
 
-from imagemill.cli.annotate import run_local
-from imagemill.cli.retag import run_retag
 from imagemill.core.errors import UserError
-from imagemill.core.schemas import Embedding, Record, Task
+from imagemill.core.schemas import Embedding, Record
 from imagemill.core.settings import Settings
-from imagemill.core.stores.files import read_records as read_file
-from imagemill.core.stores.postgres import PostgresStore
+from imagemill.core.sinks.files import read_records as read_file
+from imagemill.core.sinks.postgres import PostgresSink
+from imagemill.core.tasks import Task
+from imagemill.local.run import annotate_local
 from imagemill.pipeline.models import load_runners
 from imagemill.pipeline.models import text_tower as text_tower_module
+from imagemill.pipeline.models.contrastive import projected
+from imagemill.pipeline.models.text_tower import TextTower
 from imagemill.pipeline.models.zero_shot import TagOptions
-from imagemill.pipeline.retag import Retagger
+from imagemill.pipeline.signature import pipeline_signature
+from imagemill.records.retag import retag
+from imagemill.records.retagger import Retagger
 from tests.fixtures.cli import run_cli
 from tests.fixtures.images import photo_image, write_photos
+from tests.fixtures.tiny_models import build_tags_clip_laion, quiet_transformers
 
 NEW_WORDS = ["dog", "cat", "beach", "snow", "pizza", "car", "tree"]
 TOP_K = 3
@@ -59,11 +64,11 @@ def annotated(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFac
     paths = {"vocabulary": vocabulary}
     for suffix in ("parquet", "jsonl"):
         paths[suffix] = root / f"annotated.{suffix}"
-        run_local(str(folder), (Task.TAGS, Task.EMBEDDING), paths[suffix], settings, quiet=True)
+        annotate_local(str(folder), (Task.TAGS, Task.EMBEDDING), paths[suffix], settings)
     paths["tags_only"] = root / "new-tags.jsonl"
     # fresh settings: a copy would carry the vocabulary the first ones already read
     new_tags = settings_for(tiny_models, tags_vocabulary=vocabulary, tags_top_k=TOP_K)
-    run_local(str(folder), (Task.TAGS,), paths["tags_only"], new_tags, quiet=True)
+    annotate_local(str(folder), (Task.TAGS,), paths["tags_only"], new_tags)
     shutil.rmtree(folder)
     return paths
 
@@ -76,6 +81,7 @@ def by_uri(path: Path) -> dict[str, Record]:
     return {record.uri: record for record in read_file(path)}
 
 
+@pytest.mark.slow
 def test_retag_from_parquet_without_the_images_gives_the_tags_task_s_labels(
     annotated: dict[str, Path], model_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -104,12 +110,23 @@ def test_retag_from_jsonl_builds_records_and_agrees_with_the_columnar_path(
     annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     settings = retag_settings(tiny_models, annotated)
-    counts = run_retag(str(annotated["jsonl"]), settings, tmp_path / "r.jsonl", history=False, quiet=True)
-    run_retag(str(annotated["parquet"]), settings, tmp_path / "r.parquet", history=False, quiet=True)
+    done = retag(str(annotated["jsonl"]), settings, tmp_path / "r.jsonl", history=False)
+    assert done.path == "json"  # JSONL to JSONL: JSON objects, one record object per old signature
+    counts = done.counts
+    assert retag(str(annotated["parquet"]), settings, tmp_path / "r.parquet", history=False).path == "columnar"
+    assert retag(str(annotated["jsonl"]), settings, tmp_path / "p.parquet", history=False).path == "records"
     assert counts.retagged == 5 and counts.without_embedding == 1 and counts.examples[0].endswith("notes.jpg")
     from_jsonl, from_parquet = by_uri(tmp_path / "r.jsonl"), by_uri(tmp_path / "r.parquet")
+    from_records = by_uri(tmp_path / "p.parquet")
     assert {uri: r.tags for uri, r in from_jsonl.items()} == {uri: r.tags for uri, r in from_parquet.items()}
+    assert {uri: r.tags for uri, r in from_records.items()} == {uri: r.tags for uri, r in from_parquet.items()}
     assert {r.signature for r in from_jsonl.values()} == {r.signature for r in from_parquet.values()}
+    # every field but the replaced ones is the input's, byte for byte through the JSON path
+    before = by_uri(annotated["jsonl"])
+    for uri, record in from_jsonl.items():
+        assert record.model_dump(exclude={"tags", "signature", "processed_at", "task_options"}) == before[
+            uri
+        ].model_dump(exclude={"tags", "signature", "processed_at", "task_options"})
     # the Parquet output keeps the input's columns, the embedding's fixed-size list included
     assert pq.read_schema(tmp_path / "r.parquet") == pq.read_schema(annotated["parquet"])
 
@@ -138,9 +155,18 @@ def test_only_the_text_tower_is_loaded(
     assert names and not [name for name in names if "vision" in name or "visual" in name]
 
 
-@pytest.mark.parametrize("model", ["tags", "tags_siglip"])
-def test_the_same_embedding_gets_the_same_labels_from_tags_and_retag(tiny_models: dict[str, Path], model: str) -> None:
-    settings = settings_for(tiny_models, model, tags_top_k=4, tags_threshold=0.0)
+@pytest.fixture(scope="module")
+def tags_models(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny tags checkpoints, and a CLIP whose text config's projection_dim is not the model's."""
+    with quiet_transformers():
+        laion = build_tags_clip_laion(tmp_path_factory.mktemp("models") / "clip-laion")
+    return {**tiny_models, "tags_laion": laion}
+
+
+# the LAION-like checkpoint's fast check is the text tower's own test below; this whole comparison is slow
+@pytest.mark.parametrize("model", ["tags", "tags_siglip", pytest.param("tags_laion", marks=pytest.mark.slow)])
+def test_the_same_embedding_gets_the_same_labels_from_tags_and_retag(tags_models: dict[str, Path], model: str) -> None:
+    settings = settings_for(tags_models, model, tags_top_k=4, tags_threshold=0.0)
     tags_runner, embedding_runner = load_runners(settings, (Task.TAGS, Task.EMBEDDING))
     pictures = [photo_image(96, 64, seed=i) for i in range(4)]
     pixels = tags_runner.batch([tags_runner.preprocess(p) for p in pictures])
@@ -153,12 +179,26 @@ def test_the_same_embedding_gets_the_same_labels_from_tags_and_retag(tiny_models
     assert [r.tags for r in retagged] == tags
 
 
+@pytest.mark.parametrize("model", ["tags", "tags_laion"])
+def test_the_text_tower_embeds_text_as_the_full_clip_model_does(tags_models: dict[str, Path], model: str) -> None:
+    """The text tower alone projects into the model's shared space, whatever its text config says."""
+    settings = settings_for(tags_models, model)
+    tower = TextTower(settings.tags_model, None, torch.device("cpu"))
+    full = transformers.CLIPModel.from_pretrained(settings.tags_model).eval()
+    tokens = tower.tokenizer(["a photo of a dog.", "a photo of snow."], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        expected = projected(full.get_text_features(**tokens))
+        got = tower.features(tokens)
+    assert got.shape == expected.shape == (2, full.config.projection_dim)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_records_of_another_model_than_the_configured_one_are_refused(
     annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     settings = retag_settings(tiny_models, annotated, tags_model=str(tiny_models["tags_siglip"]))
     with pytest.raises(UserError, match=r"IMAGEMILL_TAGS_MODEL=.*holds other weights") as caught:
-        run_retag(str(annotated["jsonl"]), settings, tmp_path / "r.jsonl", history=False, quiet=True)
+        retag(str(annotated["jsonl"]), settings, tmp_path / "r.jsonl", history=False)
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "r.jsonl").exists() and not list(tmp_path.iterdir())  # nothing left behind
 
@@ -199,13 +239,24 @@ def test_bad_arguments_are_one_line_and_exit_2(
     assert message in result.stderr
 
 
+def test_a_jsonl_line_that_is_not_a_record_is_one_line_on_the_json_path(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.jsonl"
+    good = annotated["jsonl"].read_text().splitlines()[0]
+    broken.write_text(good + "\n" + json.dumps({"uri": "s3://b/x.jpg", "embedding": {"dim": "many"}}) + "\n")
+    with pytest.raises(UserError, match=r"holds a row that is not a record \(") as caught:
+        retag(str(broken), retag_settings(tiny_models, annotated), tmp_path / "o.jsonl", history=False)
+    assert "\n" not in str(caught.value) and not (tmp_path / "o.jsonl").exists()
+
+
 def test_records_without_any_embedding_are_one_line(
     annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     plain = tmp_path / "plain.jsonl"
     plain.write_text(by_uri(annotated["tags_only"]).popitem()[1].model_dump_json() + "\n")
     with pytest.raises(UserError, match=r"no record of .* has an embedding \(1 read\)"):
-        run_retag(str(plain), retag_settings(tiny_models, annotated), tmp_path / "o.jsonl", history=False, quiet=True)
+        retag(str(plain), retag_settings(tiny_models, annotated), tmp_path / "o.jsonl", history=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.jsonl"]
 
 
@@ -214,10 +265,11 @@ def test_a_postgresql_store_gets_new_rows_beside_the_old_ones(
 ) -> None:
     url = f"{pg_url}?table=retag_{secrets.token_hex(4)}"
     old = read_file(annotated["parquet"])
-    with PostgresStore(url) as store:
+    with PostgresSink(url) as store:
         store.write(old)
-    counts = run_retag(url, retag_settings(tiny_models, annotated), None, history=False, quiet=True)
-    assert counts.retagged == 5
+    done = retag(url, retag_settings(tiny_models, annotated), None, history=False)
+    counts = done.counts
+    assert counts.retagged == 5 and done.path == "keyed"
     with psycopg.connect(pg_url) as conn:
         table = url.rpartition("table=")[2]
         rows = conn.execute(sql.SQL("SELECT uri, signature FROM {}").format(sql.Identifier(table))).fetchall()
@@ -231,7 +283,25 @@ def test_a_postgresql_store_gets_new_rows_beside_the_old_ones(
     assert len(tagged) == 5 and len(current) == 6  # the text file's error row stays current as it was
     for record in tagged.values():
         assert {label["tag"] for label in record["tags"]["labels"]} <= set(NEW_WORDS)
+        # the database's copy of the old row is the whole record: it reads back as one
+        assert Record.model_validate(record).embedding is not None
     assert json.dumps(sorted(counts.signatures)) == json.dumps(sorted({r.signature for r in old if r.embedding}))
+
+
+def test_a_postgresql_store_retagged_to_jsonl_takes_the_json_path_and_agrees_with_the_records_path(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], pg_url: str, tmp_path: Path
+) -> None:
+    url = f"{pg_url}?table=retag_{secrets.token_hex(4)}"
+    with PostgresSink(url) as store:
+        store.write(read_file(annotated["parquet"]))
+    settings = retag_settings(tiny_models, annotated)
+    done = retag(url, settings, tmp_path / "r.jsonl", history=False)
+    assert done.path == "json" and done.counts.retagged == 5 and done.counts.without_embedding == 1
+    assert retag(url, settings, tmp_path / "p.parquet", history=False).path == "records"
+    from_json, from_records = by_uri(tmp_path / "r.jsonl"), by_uri(tmp_path / "p.parquet")
+    assert from_json.keys() == from_records.keys()
+    for uri, record in from_json.items():
+        assert record.model_dump(exclude={"processed_at"}) == from_records[uri].model_dump(exclude={"processed_at"})
 
 
 def test_embeddings_are_written_byte_stream_split_for_fast_reading(annotated: dict[str, Path], tmp_path: Path) -> None:
@@ -241,3 +311,79 @@ def test_embeddings_are_written_byte_stream_split_for_fast_reading(annotated: di
     assert "BYTE_STREAM_SPLIT" in encodings["embedding.vector.list.element"]
     assert "RLE_DICTIONARY" not in encodings["embedding.vector.list.element"]
     assert "RLE_DICTIONARY" in encodings["tags.labels.list.element.tag"]  # the others keep their dictionaries
+
+
+# -- retag counts as annotation: a run with the new tags settings skips what retag tagged -----------
+
+
+def run_signature(settings: Settings, tasks: tuple[Task, ...]) -> str:
+    """The signature a run of `tasks` with `settings` gives its records (what the skip matches)."""
+    return pipeline_signature(load_runners(settings, tasks))
+
+
+def test_retagged_records_carry_the_signature_a_run_with_the_new_vocabulary_gives(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = retag_settings(tiny_models, annotated)
+    expected = run_signature(retag_settings(tiny_models, annotated), (Task.TAGS, Task.EMBEDDING))
+    for name in ("r.jsonl", "r.parquet"):  # the record path and the columnar one
+        suffix = name.rpartition(".")[2]
+        counts = retag(str(annotated[suffix]), settings, tmp_path / name, history=False).counts
+        assert counts.retagged == 5 and counts.own_signature == 0
+        retagged = read_file(tmp_path / name)
+        assert {r.signature for r in retagged} == {expected}
+        # the tags' options are the new ones, so a second retag replaces them again
+        assert {json.dumps(r.task_options, sort_keys=True) for r in retagged} == {
+            json.dumps(
+                {"tags": TagOptions(tuple(NEW_WORDS), "a photo of {}.", TOP_K, 0.0).signature_options(),
+                 "embedding": {"normalised": "l2", "dtype": "float32"}},
+                sort_keys=True,
+            )
+        }  # fmt: skip
+
+
+def test_records_without_their_tasks_options_get_retag_s_own_signature_and_are_counted(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Records written before `task_options` was kept: retag cannot tell the run's other settings,
+    so it gives them a signature no run computes (a run annotates them again) and says how many."""
+    older = tmp_path / "older.parquet"
+    table = pq.read_table(annotated["parquet"])
+    pq.write_table(table.drop_columns(["task_options"]), older)
+    settings = retag_settings(tiny_models, annotated)
+    counts = retag(str(older), settings, tmp_path / "r.parquet", history=False).counts
+    assert counts.retagged == 5 and counts.own_signature == 5
+    expected = run_signature(settings, (Task.TAGS, Task.EMBEDDING))
+    assert expected not in {r.signature for r in read_file(tmp_path / "r.parquet")}
+
+
+@pytest.mark.slow
+def test_after_retagging_a_postgresql_store_a_run_with_the_new_vocabulary_reads_no_image(
+    tiny_models: dict[str, Path], pg_url: str, tmp_path: Path
+) -> None:
+    """The issue's scan: annotate every task with vocabulary A into PostgreSQL (local mode writes
+    it), retag the store to vocabulary B, run again with B: every image is skipped, none re-read,
+    and the table holds two rows per image (the first run's and retag's), not three."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    write_photos(folder, 3, width=96, height=64)
+    old, new = tmp_path / "a.txt", tmp_path / "b.txt"
+    old.write_text("house\nriver\nmountain\n")
+    new.write_text("\n".join(NEW_WORDS) + "\n")
+    url = f"{pg_url}?table=rescan_{secrets.token_hex(4)}"
+    tasks = tuple(Task)  # caption, moderation, tags, embedding: the signature covers them all
+
+    def settings(vocabulary: Path) -> Settings:
+        return settings_for(
+            tiny_models,
+            caption_model=str(tiny_models["caption"]),
+            moderation_model=str(tiny_models["moderation"]),
+            caption_max_new_tokens=4,
+            tags_vocabulary=vocabulary,
+        )
+
+    assert annotate_local(str(folder), tasks, url, settings(old)) == {"annotated": 3}
+    assert retag(url, settings(new), None, history=False).counts.own_signature == 0
+    assert annotate_local(str(folder), tasks, url, settings(new)) == {"skipped": 3}
+    with PostgresSink(url) as store:
+        assert store.count() == 6

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from imagemill.core.schemas import ImageRef, Record, Task
+from imagemill.core.schemas import ImageRef, Record
 from imagemill.core.settings import Settings
-from imagemill.core.stores.files import JsonlWriter, read_records
+from imagemill.core.sinks.files import JsonlSink, read_records
+from imagemill.core.tasks import Task
 from imagemill.pipeline.engine import Engine
 from imagemill.pipeline.hooks import Middleware
 from imagemill.pipeline.run import run
@@ -31,7 +32,7 @@ class Heard(Middleware):
         self.batches.append(size)
 
 
-class ObservedJsonl(JsonlWriter):
+class ObservedJsonl(JsonlSink):
     """The local-mode JSONL writer, noting the size and chunk name of every write it gets."""
 
     def _open(self) -> None:
@@ -101,12 +102,12 @@ def test_a_chunk_is_one_write_under_its_name_carrying_its_job(engine: Engine, ph
 def test_skip_keeps_what_the_store_holds_and_annotates_only_the_rest(engine: Engine, photos, tmp_path: Path) -> None:
     folder, cases = photos
     out = tmp_path / "out.jsonl"
-    first = JsonlWriter(out, keep_existing=False)
+    first = JsonlSink(out, keep_existing=False)
     run(refs_of(folder), engine, first, write_every=64)
     first.close()
     (folder / "new.jpg").write_bytes(photo_jpeg(120, 90, seed=7))
 
-    again = JsonlWriter(out, keep_existing=True)
+    again = JsonlSink(out, keep_existing=True)
     skipped: list[ImageRef] = []
     annotated: list[str] = []
     result = run(
@@ -144,7 +145,7 @@ def test_an_interrupted_run_raises_and_leaves_the_writer_to_its_owner(engine: En
             raise Interrupted
         seen.append(record)
 
-    writer = JsonlWriter(out, keep_existing=False)
+    writer = JsonlSink(out, keep_existing=False)
     with pytest.raises(Interrupted):
         run(refs_of(folder), engine, writer, write_every=2, on_record=interrupt_at_the_fifth)
     partial = writer.abort()  # what local mode does: the earlier file stays as it was
@@ -158,7 +159,7 @@ def test_the_hooks_hear_every_model_load_and_every_batch(engine: Engine, heard: 
     before = list(heard.batches)
     records: list[Record] = []
 
-    run(refs_of(folder), engine, JsonlWriter(folder.parent / "o.jsonl", keep_existing=False), on_record=records.append)
+    run(refs_of(folder), engine, JsonlSink(folder.parent / "o.jsonl", keep_existing=False), on_record=records.append)
 
     batches = heard.batches[len(before) :]
     decoded = sum(1 for r in records if r.image is not None)
@@ -167,4 +168,4 @@ def test_the_hooks_hear_every_model_load_and_every_batch(engine: Engine, heard: 
 
 def test_write_every_must_be_positive(engine: Engine, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="write_every"):
-        run([], engine, JsonlWriter(tmp_path / "o.jsonl", keep_existing=False), write_every=0)
+        run([], engine, JsonlSink(tmp_path / "o.jsonl", keep_existing=False), write_every=0)

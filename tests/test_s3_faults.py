@@ -14,7 +14,7 @@ import pytest
 from botocore.client import BaseClient
 
 from imagemill.core.schemas import Record
-from imagemill.core.stores.files import read_records
+from imagemill.core.sinks.files import read_records
 from tests.fixtures.cli import run_cli
 from tests.fixtures.faulty_s3 import FaultyProxy, faulty_proxy
 from tests.fixtures.images import photo_jpeg

@@ -10,8 +10,8 @@ from botocore.exceptions import ClientError
 from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.schemas import Moderation, Record, RecordError, Tags, TagScore
 from imagemill.core.settings import Settings
-from imagemill.core.stores import open_writer
-from imagemill.core.stores.s3tags import ObjectTagsSink, TaggingDenied, join_labels, object_tags
+from imagemill.core.sinks import open_sink
+from imagemill.core.sinks.s3tags import ObjectTagsSink, TaggingDenied, join_labels, object_tags
 from tests.fixtures.faulty_s3 import faulty_proxy
 from tests.fixtures.s3 import s3_client
 
@@ -109,7 +109,7 @@ def test_an_object_near_the_ten_tag_limit_keeps_every_user_tag_and_our_most_impo
 ) -> None:
     user = {f"user{i}": str(i) for i in range(8)}
     uri = put(s3_endpoint, bucket, "f.jpg", user)
-    with caplog.at_level(logging.WARNING, logger="imagemill.core.stores.s3tags"):
+    with caplog.at_level(logging.WARNING, logger="imagemill.core.sinks.s3tags"):
         sink(s3_endpoint).write([annotated(uri, flagged=True)], "job/000001")
     tags = tags_of(s3_endpoint, bucket, "f.jpg")
     assert len(tags) == 10
@@ -191,7 +191,7 @@ def test_file_records_are_skipped_with_a_counted_warning(
 ) -> None:
     uri = put(s3_endpoint, bucket, "m.jpg")
     out = sink(s3_endpoint)
-    with caplog.at_level(logging.WARNING, logger="imagemill.core.stores.s3tags"):
+    with caplog.at_level(logging.WARNING, logger="imagemill.core.sinks.s3tags"):
         out.write([annotated("file:///photos/1.jpg"), annotated("file:///photos/2.jpg"), annotated(uri)], "job/000001")
     assert out.counts == {"not_s3": 2, "tagged": 1}
     assert "skipped 2 records" in caplog.text
@@ -247,9 +247,9 @@ def test_object_tags_only_names_the_tasks_that_ran() -> None:
 
 
 def test_open_writer_gives_the_tags_sink_with_its_prefix() -> None:
-    writer = open_writer("s3tags://?prefix=img+")
+    writer = open_sink("s3tags://?prefix=img+")
     assert isinstance(writer, ObjectTagsSink) and writer.prefix == "img+"
-    assert isinstance(open_writer("s3tags://"), ObjectTagsSink)
+    assert isinstance(open_sink("s3tags://"), ObjectTagsSink)
 
 
 @pytest.mark.parametrize(
@@ -268,14 +268,3 @@ def test_open_writer_gives_the_tags_sink_with_its_prefix() -> None:
 def test_a_bad_tags_url_is_a_user_error(url: str) -> None:
     with pytest.raises(UserError, match="sink s3tags://"):
         ObjectTagsSink.from_url(url)
-
-
-def test_check_passes_against_a_reachable_server(s3_endpoint: str) -> None:
-    sink(s3_endpoint).check()
-
-
-def test_check_is_a_one_line_user_error_when_s3_cannot_be_reached() -> None:
-    out = ObjectTagsSink(settings=Settings(s3_endpoint_url="http://127.0.0.1:1", s3_max_attempts=1))
-    with pytest.raises(UserError, match="cannot reach S3") as caught:
-        out.check()
-    assert "\n" not in str(caught.value)

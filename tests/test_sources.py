@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from imagemill.core.errors import SourceError
+from imagemill.core.images import file_uri
 from imagemill.core.settings import Settings
-from imagemill.core.storage import file_uri
 from imagemill.pipeline.sources import DirectorySource, ManifestSource, S3Source, open_source
 from tests.fixtures.faulty_s3 import faulty_proxy
 from tests.fixtures.s3 import s3_client
@@ -94,7 +94,7 @@ def test_a_bad_manifest_line_is_listed_as_itself_and_the_listing_goes_on(tmp_pat
     refs = list(ManifestSource(tmp_path / "bad.jsonl").refs())
     assert [r.uri for r in refs] == [
         file_uri(tmp_path / "a.jpg"),
-        "manifest:bad.jsonl#L2",
+        f"manifest:{file_uri(tmp_path / 'bad.jsonl')}#L2",
         file_uri(tmp_path / "b.jpg"),
     ]
     assert refs[1].problem and refs[1].problem.startswith("not JSON")

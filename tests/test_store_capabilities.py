@@ -6,22 +6,23 @@ from pathlib import Path
 import pytest
 
 from imagemill.core.errors import UserError
+from imagemill.core.images import LazyS3Client
 from imagemill.core.schemas import Record
 from imagemill.core.settings import Settings
-from imagemill.core.storage import LazyS3Client
-from imagemill.core.stores import (
-    IncrementalWriter,
-    KeyedStore,
-    RecordWriter,
-    SearchableStore,
-    open_file_writer,
-    open_writer,
+from imagemill.core.sinks import (
+    IncrementalSink,
+    KeyedSink,
+    ReadableSink,
+    SearchableSink,
+    Sink,
+    open_file_sink,
+    open_sink,
 )
-from imagemill.core.stores.files import read_records
-from imagemill.core.stores.objects import DirectorySink, ObjectStoreSink, split_format
-from imagemill.core.stores.options import split_options
-from imagemill.core.stores.postgres import PostgresStore, split_table
-from imagemill.core.stores.s3tags import ObjectTagsSink, parse_prefix
+from imagemill.core.sinks.files import RecordFileReader, read_records
+from imagemill.core.sinks.objects import DirectorySink, ObjectStoreSink, split_format
+from imagemill.core.sinks.options import split_options
+from imagemill.core.sinks.postgres import PostgresSink, split_table
+from imagemill.core.sinks.s3tags import ObjectTagsSink, parse_prefix
 
 
 def record(uri: str, caption: str = "a dog") -> Record:
@@ -87,17 +88,15 @@ def test_option_errors_never_print_the_password() -> None:
 
 
 def test_each_store_has_exactly_the_capabilities_it_implements(tmp_path: Path) -> None:
-    file_writer = open_file_writer(str(tmp_path / "out.jsonl"))
-    sinks: list[RecordWriter] = [
+    file_writer = open_file_sink(str(tmp_path / "out.jsonl"))
+    sinks: list[Sink] = [
         file_writer,
         ObjectStoreSink("bucket", "out/"),
         DirectorySink(tmp_path),
         ObjectTagsSink(),
-        PostgresStore("postgresql://u@127.0.0.1:1/db"),
+        PostgresSink("postgresql://u@127.0.0.1:1/db"),
     ]
-    capabilities = [
-        (isinstance(s, RecordWriter), isinstance(s, KeyedStore), isinstance(s, SearchableStore)) for s in sinks
-    ]
+    capabilities = [(isinstance(s, Sink), isinstance(s, KeyedSink), isinstance(s, SearchableSink)) for s in sinks]
     assert capabilities == [
         (True, True, False),
         (True, False, True),
@@ -105,16 +104,19 @@ def test_each_store_has_exactly_the_capabilities_it_implements(tmp_path: Path) -
         (True, False, False),
         (True, True, True),
     ]
-    assert isinstance(file_writer, IncrementalWriter)
-    assert not any(isinstance(s, IncrementalWriter) for s in sinks[1:])
+    assert isinstance(file_writer, IncrementalSink)
+    assert not any(isinstance(s, IncrementalSink) for s in sinks[1:])
+    # what RECORDS can name is read back by its own sink; a file being written is read by a reader of files
+    assert [isinstance(s, ReadableSink) for s in sinks] == [False, True, True, False, True]
+    assert isinstance(RecordFileReader(tmp_path / "out.jsonl"), ReadableSink)
     file_writer.abort()
 
 
 def test_open_writer_gives_the_file_writer_for_a_path_and_refuses_an_unknown_scheme(tmp_path: Path) -> None:
-    with open_writer(str(tmp_path / "out.parquet")) as writer:
-        assert isinstance(writer, IncrementalWriter)
+    with open_sink(str(tmp_path / "out.parquet")) as writer:
+        assert isinstance(writer, IncrementalSink)
     with pytest.raises(UserError, match=r"sink mysql://root:\*\*\*@db/x: expected postgresql://"):
-        open_writer("mysql://root:pw@db/x")
+        open_sink("mysql://root:pw@db/x")
 
 
 # writers are context managers: close on success, abort on error
@@ -122,34 +124,13 @@ def test_open_writer_gives_the_file_writer_for_a_path_and_refuses_an_unknown_sch
 
 def test_a_file_writer_block_that_completes_replaces_the_earlier_file(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    with open_file_writer(str(out)) as writer:
+    with open_file_sink(str(out)) as writer:
         writer.write([record("file:///a.jpg")])
-    with open_file_writer(str(out), keep_existing=True) as writer:
+    with open_file_sink(str(out), keep_existing=True) as writer:
         writer.keep(writer.existing_keys([("file:///a.jpg", "e1", "sig")]))
         writer.write([record("file:///b.jpg")])
     assert [r.uri for r in read_records(out)] == ["file:///a.jpg", "file:///b.jpg"]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
-
-
-@pytest.mark.parametrize("interrupt", [RuntimeError("model crashed"), KeyboardInterrupt()])
-def test_a_file_writer_block_that_fails_leaves_the_earlier_file_as_it_was(
-    tmp_path: Path, interrupt: BaseException
-) -> None:
-    out = tmp_path / "out.jsonl"
-    with open_file_writer(str(out)) as writer:
-        writer.write([record("file:///a.jpg", "old")])
-    before = out.read_bytes()
-
-    def interrupted_run() -> None:
-        with open_file_writer(str(out)) as writer:
-            writer.write([record("file:///a.jpg", "new")])
-            raise interrupt
-
-    with pytest.raises(type(interrupt)):
-        interrupted_run()
-    assert out.read_bytes() == before
-    partial = tmp_path / ".out.jsonl.partial"
-    assert [r.caption.text for r in read_records(partial) if r.caption] == ["new"]
 
 
 def test_a_sink_block_closes_its_s3_connections_and_a_later_use_opens_new_ones() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from imagemill.worker.supervisor import Slot, celery_argv, plan_slots
+from imagemill.core.gpus import Slot, plan_slots
+from imagemill.worker.supervisor import celery_argv
 from tests.fixtures.workers import start_worker
 
 
@@ -80,3 +81,26 @@ def test_a_worker_not_ready_in_time_is_stopped_not_left_running(
     with pytest.raises(RuntimeError, match="not ready after"):
         worker.wait_ready(timeout=0.2)  # far less than loading the models takes
     assert worker.process.poll() is not None  # stopped by wait_ready itself
+
+
+def test_the_probe_passes_over_a_status_file_whose_supervisor_is_gone_or_whose_pid_was_reused(tmp_path: Path) -> None:
+    """Without IMAGEMILL_WORKER_STATUS_FILE each supervisor writes <tmp>/imagemill-worker-<host>-<pid>.json;
+    a file left by one that is gone (SIGKILL, a container restarted in the same pod) is not a
+    running worker, even when its pid now names another process."""
+    import json
+
+    from imagemill.worker.supervisor import _start_time, check_all_alive, own_status_file
+
+    me = os.getpid()  # alive: this test process stands in for a supervisor and its only child
+    mine = own_status_file(me, "box", tmp_path)
+    assert mine != own_status_file(me + 1, "box", tmp_path) and mine != own_status_file(me, "other", tmp_path)
+
+    def write(started: int | None) -> None:
+        status = {"supervisor": me, "started": started, "children": [me], "at": time.time()}
+        mine.write_text(json.dumps(status))
+
+    write(started=_start_time(me))
+    assert check_all_alive("box", tmp_path) is None
+    assert "no imagemill worker runs" in (check_all_alive("other", tmp_path) or "")  # another host's file
+    write(started=(_start_time(me) or 0) - 1)  # the pid's process started later than the file's writer
+    assert "no imagemill worker runs" in (check_all_alive("box", tmp_path) or "")

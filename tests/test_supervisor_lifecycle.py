@@ -4,6 +4,7 @@ Linux only for the first (PR_SET_PDEATHSIG); the supervisor module's docstring s
 platforms need.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -58,7 +59,8 @@ def test_a_sigkilled_supervisor_leaves_no_process_behind(
 SUPERVISE = textwrap.dedent(
     """
     import logging, sys
-    from imagemill.worker.supervisor import Slot, Supervisor
+    from imagemill.core.gpus import Slot
+    from imagemill.worker.supervisor import Supervisor
     logging.basicConfig(level=logging.INFO)
     env = dict(__import__("os").environ, IMAGEMILL_BATCH_SIZE="not a number")  # the child refuses to start
     sys.exit(Supervisor(slots=[Slot(None)], queues=["imagemill"], env=env, max_crashes=int(sys.argv[1])).run())
@@ -118,3 +120,41 @@ def test_worker_check_is_the_probe_of_a_live_worker_and_its_broker(
     finally:
         if live_pids_in_group(group):
             os.killpg(group, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_two_workers_on_one_host_each_keep_their_own_status_file_and_the_probe_checks_every_running_one(
+    model_env: dict[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    from tests.fixtures.cli import run_cli
+
+    temp = tmp_path / "tmp"  # the temporary directory both workers and the probe share, as in one container
+    temp.mkdir()
+    env = {**model_env, "IMAGEMILL_BROKER_URL": redis_url, "IMAGEMILL_WORKER_TASKS": "moderation", "TMPDIR": str(temp)}
+    first = start_worker(env, tmp_path / "first.log").wait_ready()
+    second = start_worker(env, tmp_path / "second.log").wait_ready()
+    try:
+
+        def writers() -> dict[int, Path]:
+            return {json.loads(path.read_text())["supervisor"]: path for path in temp.glob("imagemill-worker*.json")}
+
+        wait_for(lambda: len(writers()) == 2, 30, f"a status file from each worker: {sorted(temp.iterdir())}")
+        assert set(writers()) == {first.process.pid, second.process.pid}
+        assert len(set(writers().values())) == 2
+        both = run_cli("worker", "--check", env=env)
+        assert both.returncode == 0 and both.stdout.strip() == "ok", both.stderr
+
+        os.killpg(first.process.pid, signal.SIGKILL)  # its file is left behind; the second runs on
+        first.process.wait()
+        wait_for(lambda: live_pids_in_group(first.process.pid) == [], 30, "the first worker's children to die")
+        survivor = run_cli("worker", "--check", env=env)
+        assert survivor.returncode == 0, f"the dead worker's file was taken for the live one's: {survivor.stderr}"
+
+        assert second.stop() == 0  # a worker that stops removes its own file: none runs now
+        assert set(writers()) == {first.process.pid}
+        none = run_cli("worker", "--check", env=env)
+        assert none.returncode == 1 and "no imagemill worker runs" in none.stderr, none.stderr
+    finally:
+        for worker in (first, second):
+            if live_pids_in_group(worker.process.pid):
+                os.killpg(worker.process.pid, signal.SIGKILL)

@@ -1,7 +1,7 @@
 """Promises kept by one real worker, in one session: IMAGEMILL_ROUTES, the object and tags sinks
 written through the worker, S3 faults met by the worker (through the fault-injecting proxy), a
-cancel that lets the running chunk finish, and the metrics of chunks that were not run
-(cancelled, unknown job) scraped from its endpoint.
+cancel that lets the running chunk finish, a failed job's queued chunks dropped unread, and the
+metrics of chunks that were not run (cancelled, unknown job) scraped from its endpoint.
 
 One worker for all of it: starting a worker is the costly part of a distributed test.
 """
@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from imagemill.core.broker import CHUNK_TASK, make_celery, queue_depth
-from imagemill.core.jobs import JobRegistry, JobState
-from imagemill.core.schemas import ChunkMessage, ImageRef, Task
+from imagemill.core.jobs import JobRegistry, JobState, new_job_id
+from imagemill.core.schemas import ChunkMessage, ImageRef
 from imagemill.core.settings import Settings
-from imagemill.core.stores.files import read_records
+from imagemill.core.sinks.files import read_records
+from imagemill.core.tasks import Task
 from tests.fixtures.cli import run_cli
 from tests.fixtures.distributed import submitted, upload_photos, wait_for
 from tests.fixtures.faulty_s3 import faulty_proxy
@@ -47,6 +48,8 @@ def one_worker_session(stack: ExitStack, dist_env: dict[str, str], bucket: str, 
         "IMAGEMILL_METRICS_PORT": str(port),
         "IMAGEMILL_METRICS_ADDR": "127.0.0.1",
         "IMAGEMILL_TEST_FAULTS": json.dumps({"sleep_per_image_s": 0.4}),  # a chunk of 2 takes ~1 s
+        # the folder sinks below are local paths, which a worker writes only when they are listed
+        "IMAGEMILL_ALLOWED_SINKS": f"postgresql://,s3://,s3tags://,{tmp_path.as_uri()}",
     }
     # the worker listens on the routed queue only: a job it finishes was sent there
     workers.append(start_worker(env, tmp_path / "worker.log", "--queues", ROUTED).wait_ready())
@@ -114,9 +117,40 @@ def one_worker_session(stack: ExitStack, dist_env: dict[str, str], bucket: str, 
     assert job.chunks_done >= 1 and job.annotated == 2 * job.chunks_done  # the running chunk completed whole
     assert job.chunks_cancelled >= 1
 
+    # chunks still queued when their job failed (its sink bucket was deleted, say) are dropped before
+    # any image is read, and counted as cancelled: not run
+    failed_keys = upload_photos(endpoint, bucket, "failed/", 4)
+    failed_sink = tmp_path / "failed-sink"
+    failed_sink.mkdir()
+    failed, _ = registry.create(
+        new_job_id(), f"s3://{bucket}/failed/", (Task.MODERATION,), failed_sink.as_uri(), ROUTED
+    )
+    celery = make_celery(Settings(broker_url=env["IMAGEMILL_BROKER_URL"]))
+    queued = [
+        ChunkMessage(
+            job_id=failed.id,
+            chunk_id=f"{failed.id}/{n:06d}",
+            tasks=(Task.MODERATION,),
+            refs=[ImageRef(uri=f"s3://{bucket}/{key}") for key in failed_keys[2 * n : 2 * n + 2]],
+        )
+        for n in range(2)
+    ]
+    assert registry.fail(failed.id, "NoSuchBucket: the sink bucket was deleted")
+    for message in queued:
+        celery.send_task(CHUNK_TASK, args=[message.model_dump(mode="json")], queue=ROUTED)
+    wait_for(
+        lambda: (lambda j: j.chunks_done + j.chunks_cancelled == len(queued))(registry.get(failed.id)),
+        60,
+        "the failed job's queued chunks to be taken",
+    )
+    failed_job = registry.get(failed.id)
+    assert failed_job.state == JobState.FAILED and failed_job.chunks_cancelled == len(queued)
+    assert (failed_job.chunks_done, failed_job.annotated, failed_job.failed) == (0, 0, 0)
+    assert proxy.count("GET", "failed/") == 0 and proxy.count("HEAD", "failed/") == 0  # no image read
+    assert not any(failed_sink.iterdir())
+
     # a chunk of a job the registry does not know is dropped and counted; a chunk delivered again after
     # it was done (as Redis redelivers an unacknowledged one) is counted once, as redelivered
-    celery = make_celery(Settings(broker_url=env["IMAGEMILL_BROKER_URL"]))
     unknown = ChunkMessage(
         job_id="nosuchjob0000",
         chunk_id="nosuchjob0000/000001",
@@ -149,6 +183,7 @@ def one_worker_session(stack: ExitStack, dist_env: dict[str, str], bucket: str, 
     )
     samples = scraped()
     assert "belongs to no known job" in worker.log
-    assert value(samples, "imagemill_chunks_total", outcome="cancelled") == job.chunks_cancelled
+    cancelled = job.chunks_cancelled + failed_job.chunks_cancelled  # a failed job's dropped chunks count as cancelled
+    assert value(samples, "imagemill_chunks_total", outcome="cancelled") == cancelled
     assert value(samples, "imagemill_chunks_total", outcome="annotated") == 4 + job.chunks_done  # not the redelivery
     assert registry.get(done_job).chunks_done == 1

@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.report import save_results
 
 REPO = Path(__file__).resolve().parents[2]
 MOD_TAGS = ("moderation", "tags")
@@ -104,6 +107,7 @@ class Check:
 
 
 def _write_photo(args: tuple[Path, int, int, int]) -> Path:
+    # in the forked JPEG makers only
     from tests.fixtures.images import photo_jpeg
 
     folder, index, width, height = args
@@ -121,6 +125,7 @@ def make_images(check: Check) -> list[Path]:
 
 
 def make_models(check: Check) -> dict[str, Path]:
+    # imported where used, as in every stage: a wheel missing on the device costs the row that needs it
     from tests.fixtures import tiny_models as tiny
 
     root = check.work / "models"
@@ -132,6 +137,7 @@ def make_models(check: Check) -> dict[str, Path]:
         }
         if check.plan.smoke:
             return folders
+        # the real-size builders only for a device run (the smoke builds the tiny set alone)
         from bench.models import build_blip_large, build_clip_b32_tags, build_vit_base_moderation
 
         return {
@@ -142,6 +148,7 @@ def make_models(check: Check) -> dict[str, Path]:
 
 
 def settings_for(check: Check, folders: dict[str, Path], dtype: str) -> Any:
+    # imported where used: a wheel missing on the device costs the rows that need it, not the check
     from imagemill.core.settings import Settings
 
     return Settings(
@@ -157,8 +164,9 @@ def settings_for(check: Check, folders: dict[str, Path], dtype: str) -> Any:
 
 def recipes(folders: dict[str, Path], tasks: tuple[str, ...]) -> tuple[list[Any], int]:
     """The models' input recipes (distinct) and the shortest side they need, as the engine computes them."""
-    from bench import direct
-    from imagemill.pipeline.preprocess import from_processor
+    # imported where used: a wheel missing on the device costs the rows that need it, not the check
+    from bench.throughput import direct
+    from imagemill.pipeline.prepare.preprocess import from_processor
 
     processors = direct.load_processors(folders, tasks)
     found = [from_processor(p) for p in processors.values()]
@@ -170,7 +178,8 @@ def recipes(folders: dict[str, Path], tasks: tuple[str, ...]) -> tuple[list[Any]
 
 def cpu_limit(check: Check, blobs: list[bytes], folders: dict[str, Path], tasks: tuple[str, ...]) -> Row:
     """Draft decode alone on every core, over bytes in memory: the ceiling of the CPU decode path."""
-    from imagemill.pipeline.decode import decode
+    # imported by the stage: a failing import costs this row only
+    from imagemill.pipeline.prepare.decode import decode
 
     _, side = recipes(folders, tasks)
     threads = os.cpu_count() or 1
@@ -186,10 +195,11 @@ def cpu_limit(check: Check, blobs: list[bytes], folders: dict[str, Path], tasks:
 
 def device_decode(check: Check, blobs: list[bytes], folders: dict[str, Path], tasks: tuple[str, ...] | None) -> Row:
     """Batches through the device decoder: nvjpeg alone (tasks None), or on into the models' inputs."""
+    # imported by the stage: a failing import (no torchvision, no nvjpeg) costs this row only
     import torch
 
-    from imagemill.pipeline.device_decode import DeviceDecoder, default_decoder
-    from imagemill.pipeline.jpeg_header import PendingJpeg, read_header
+    from imagemill.pipeline.prepare.device_decode import DeviceDecoder, default_decoder
+    from imagemill.pipeline.prepare.jpeg_header import PendingJpeg, read_header
 
     device = torch.device(check.plan.device)
     decoder = default_decoder() if device.type == "cpu" else None
@@ -227,12 +237,13 @@ def device_decode(check: Check, blobs: list[bytes], folders: dict[str, Path], ta
 
 def model_only(check: Check, folders: dict[str, Path], tasks: tuple[str, ...], dtype: str) -> Row:
     """imagemill's runners on inputs already on the device (Pillow-preprocessed beforehand)."""
+    # imported by the stage: a failing import costs this row only
     import numpy as np
     import torch
 
-    from imagemill.core.schemas import Task
-    from imagemill.pipeline.decode import decode
+    from imagemill.core.tasks import Task
     from imagemill.pipeline.models import load_runners
+    from imagemill.pipeline.prepare.decode import decode
 
     settings = settings_for(check, folders, dtype)
     started = time.perf_counter()
@@ -305,8 +316,7 @@ def end_to_end(check: Check, folders: dict[str, Path], tasks: tuple[str, ...], d
     """`imagemill annotate MANIFEST` in a child process, sized to run about `e2e_seconds`.
 
     `decode` is IMAGEMILL_DECODE_DEVICE: auto decodes JPEGs on the GPU (nvjpeg), cpu with Pillow."""
-    import re
-
+    # imported by the stage: a failing import costs this row only
     from bench.images import ImageSet, cycling_manifest
 
     plan = check.plan
@@ -365,14 +375,16 @@ def end_to_end(check: Check, folders: dict[str, Path], tasks: tuple[str, ...], d
 
 
 def facts(plan: Plan) -> list[str]:
+    # versions for the table's notes, imported where read (as the stages do)
     import PIL
     import torch
     import transformers
 
-    from imagemill.pipeline.device_decode import nvjpeg_available
+    from imagemill.pipeline.prepare.device_decode import nvjpeg_available
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     try:
+        # torchvision is optional on the device: its absence is a note, not a failure
         import torchvision
 
         vision = torchvision.__version__
@@ -404,12 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/gpu/check.sh", description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="the same stages on the CPU with the tiny models")
     parser.add_argument(
-        "--out", type=Path, help="also write the table here (default: $OUT/gpu-table.md if $OUT is set)"
+        "--out", type=Path, help="also write the report (<stamp>-gpu.json and .md) here (default: $OUT if set)"
     )
     args = parser.parse_args(argv)
     plan = SMOKE if args.cpu_smoke else FULL
-    out = args.out or (Path(os.environ["OUT"]) / "gpu-table.md" if os.environ.get("OUT") else None)
+    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     if not plan.smoke:
+        # only a device run needs torch before the stages: to refuse at once without a GPU
         import torch
 
         if not torch.cuda.is_available():
@@ -457,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         text = table(check.rows, notes)
     print(text, flush=True)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        name = "gpu-cpu-smoke" if plan.smoke else "gpu"
+        save_results(out, name, {"smoke": plan.smoke, "rows": check.rows, "notes": notes}, text)
     failed = [row for row in check.rows if row.detail.startswith("failed")]
     return 1 if failed else 0
 

@@ -3,7 +3,7 @@
 #   bash bench/gpu/prepare.sh        # here, once: the wheels the device lacks, into bench/gpu/wheels/
 #   bash bench/gpu/check.sh          # on the device (carry bench/gpu/wheels): prints one table, < 8 min
 #   bash bench/gpu/check.sh --cpu-smoke   # here or in CI: the same script on the CPU, tiny models, < 3 min
-# The table also goes to $OUT/gpu-table.md when $OUT is set.
+# The table also goes to $OUT/<stamp>-gpu.md (and .json) when $OUT is set.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD

@@ -5,13 +5,27 @@ installed entry point: it runs the app and turns the faults no command catches i
 IMAGEMILL_* setting, a missing optional dependency) into that one line too.
 """
 
+import sys
 from typing import Annotated
 
-import redis
 import typer
 
 import imagemill
-from imagemill.cli import annotate, dedup, export, jobs, models, retag, review, schedules, worker
+from imagemill.cli import (
+    annotate,
+    dedup,
+    deploy,
+    estimate,
+    export,
+    jobs,
+    models,
+    retag,
+    review,
+    schedules,
+    score,
+    watch,
+    worker,
+)
 from imagemill.cli.display import missing_extra, report
 from imagemill.core.errors import UserError
 
@@ -47,6 +61,9 @@ app.command("status")(jobs.status)
 app.command("jobs")(jobs.jobs)
 app.command("cancel")(jobs.cancel)
 app.command("retry")(jobs.retry)
+app.command("watch")(watch.watch)
+app.command("budget")(jobs.budget)
+app.command("estimate")(estimate.estimate)
 app.command("worker")(worker.worker)
 app.add_typer(schedules.app, name="schedule")
 app.command("beat")(schedules.beat)
@@ -54,6 +71,8 @@ app.command("review")(review.review)
 app.command("retag")(retag.retag)
 app.command("export")(export.export_command)
 app.command("dedup")(dedup.dedup)
+app.command("score")(score.score)
+app.add_typer(deploy.app, name="deploy")
 
 
 def main() -> None:
@@ -70,6 +89,10 @@ def main() -> None:
             raise
         report(hint)
         raise SystemExit(2) from None
-    except redis.ConnectionError as exc:  # a command that did not check Redis first
-        report(f"cannot reach Redis: {exc}")
+    except Exception as exc:
+        # redis is looked up, not imported: only a command that spoke to Redis loaded it (`--help` must not)
+        redis = sys.modules.get("redis")
+        if redis is None or not isinstance(exc, redis.ConnectionError):
+            raise
+        report(f"cannot reach Redis: {exc}")  # a command that did not check Redis first
         raise SystemExit(2) from None

@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from imagemill.cli import flags  # noqa: F401  flags read as switches in every command's --help
+from imagemill.core.accounting import MODEL_PREFIX, Figures, bound
 from imagemill.core.errors import UserError
 
 console = Console(stderr=True)  # progress, summaries and errors
@@ -35,6 +36,8 @@ WORKER_EXTRA_MODULES = frozenset(
     {"torch", "transformers", "safetensors", "huggingface_hub", "sentencepiece", "tokenizers", "prometheus_client"}
 )
 WORKER_EXTRA_INSTALL = "pip install 'imagemill[worker]'"
+# what a worker process cannot start without (`imagemill.worker.celery` imports them, or its models need them)
+WORKER_START_MODULES = ("torch", "transformers", "prometheus_client")
 
 
 def report(message: str) -> None:
@@ -61,6 +64,22 @@ def missing_extra(exc: ImportError) -> str | None:
     except (ImportError, ValueError):
         pass
     return f"the models need the worker extra, which is not installed (no module {root!r}): {WORKER_EXTRA_INSTALL}"
+
+
+def worker_extra_missing() -> str | None:
+    """The one-line hint when the worker extra is not installed, else None. Looked up, never imported:
+    the worker's supervisor must not import torch (CUDA would start in a process that forks)."""
+    for root in WORKER_START_MODULES:
+        try:
+            found = importlib.util.find_spec(root) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return (
+                f"the workers need the worker extra, which is not installed (no module {root!r}): "
+                f"{WORKER_EXTRA_INSTALL}"
+            )
+    return None
 
 
 def run_reporting_errors(action: Callable[[], T]) -> T:
@@ -121,3 +140,27 @@ def summary_table(title: str, outcomes: Counter[str], elapsed_s: float, extra: d
     for key, value in (extra or {}).items():
         table.add_row(key, value)
     return table
+
+
+def accounting_rows(figures: Figures | None, cost: float | None, processed: int) -> dict[str, str]:
+    """The accounting's rows of a summary or `status`: seconds per image in each stage, the
+    accelerator's busy share, the models' wait for input, the bounding stage, and the cost."""
+    rows: dict[str, str] = {}
+    if figures is not None and figures.images:
+        per_image = figures.per_image()
+        rows["per image"] = " · ".join(
+            f"{name.removeprefix(MODEL_PREFIX)} {seconds * 1000:,.1f} ms" for name, seconds in per_image.items()
+        )
+        busy = figures.busy_ratio
+        if busy is not None:
+            cpu = figures.accelerator == "cpu"
+            what = "of the process's CPU in the models" if cpu else "of the wall time computing"
+            rows["accelerator busy"] = f"{busy:.0%} {what} ({figures.accelerator})"
+        starved = figures.starved_ratio
+        rows["waiting for input"] = f"{figures.starved_s:,.1f} s" + (f" ({starved:.0%})" if starved is not None else "")
+        verdict = bound(figures)
+        if verdict:
+            rows["bound"] = verdict
+    if cost is not None:
+        rows["cost"] = f"{cost:,.4f}" + (f" ({cost * 1000 / processed:,.4f} per 1,000 images)" if processed else "")
+    return rows

@@ -7,18 +7,9 @@ import typer
 
 from imagemill.cli.annotate import ALL_TASKS, tasks_option
 from imagemill.cli.display import console, fail
-from imagemill.core.pipeline_key import configured_model
-from imagemill.core.schemas import Task
-from imagemill.core.settings import get_settings
+from imagemill.core.tasks import TASKS
 
 app = typer.Typer(help="Manage the models imagemill runs.", no_args_is_help=True)
-
-ENV_NAMES = {
-    Task.CAPTION: "IMAGEMILL_CAPTION_MODEL",
-    Task.MODERATION: "IMAGEMILL_MODERATION_MODEL",
-    Task.TAGS: "IMAGEMILL_TAGS_MODEL",
-    Task.EMBEDDING: "IMAGEMILL_TAGS_MODEL",
-}
 
 # weight formats other than safetensors (pickles, TF, Flax, ONNX): not fetched
 UNSAFE_WEIGHTS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.onnx", "*.tflite"]
@@ -32,16 +23,22 @@ def download(
     tasks: Annotated[str, typer.Option(help="Whose models to fetch.")] = ALL_TASKS,
 ) -> None:
     """Download the configured models (IMAGEMILL_*_MODEL) from the Hugging Face hub."""
+    from imagemill.core.settings import get_settings  # pydantic-settings: when the command runs, not for `--help`
+
+    settings = get_settings()
+    # the hub client is the worker extra's: imported once the settings are known good
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    settings = get_settings()
     exports = []
     chosen = tasks_option(tasks)
+    fetched: set[str] = set()
     for task in chosen:
-        if task is Task.EMBEDDING and Task.TAGS in chosen:
-            continue  # the same model as the tags: fetched once
-        name = configured_model(settings, task)
+        spec = TASKS[task]
+        if spec.model_setting in fetched:
+            continue  # another task's model (the embedding is the tags model's): fetched once
+        fetched.add(spec.model_setting)
+        name = settings.model(task)
         if Path(name).is_dir():
             console.print(f"{task}: {name} is a local directory already; nothing to fetch")
             continue
@@ -55,7 +52,7 @@ def download(
         except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             fail(f"cannot download {name}: {reason}", code=1)
-        exports.append(f"export {ENV_NAMES[task]}={path}")
+        exports.append(f"export {spec.model_variable}={path}")
     if exports:
         console.print("Models ready. To use these copies on a machine without internet:")
         typer.echo("\n".join(exports))

@@ -1,27 +1,23 @@
-"""`imagemill review [serve|export]`: the review app over the PostgreSQL store, and its decisions as a file.
+"""`imagemill review [serve|export]`: the review app over the PostgreSQL sink, and its decisions as a file.
 
 `serve` (the default) needs the `review` extra (Starlette, uvicorn, Jinja2), imported only then so
 that `imagemill --help` and `export` work without it.
 """
 
-import csv
-import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from imagemill.cli.display import console, fail, run_reporting_errors
-from imagemill.core.errors import UserError
 from imagemill.core.redaction import redact_url
-from imagemill.core.settings import get_settings
-from imagemill.review.settings import get_review_settings, load_tokens
-from imagemill.review.store import ReviewStore
+
+if TYPE_CHECKING:
+    from imagemill.core.settings import Settings
 
 REVIEW_EXTRA_MODULES = frozenset({"starlette", "uvicorn", "jinja2", "itsdangerous", "prometheus_client", "anyio"})
 REVIEW_EXTRA_INSTALL = "pip install 'imagemill[review]'"
-EXPORT_COLUMNS = ("uri", "etag", "decision", "reviewer", "note", "decided_at")
 
 
 class Action(StrEnum):
@@ -50,7 +46,10 @@ def review(
             help="serve: a JSON file of reviewer -> token [IMAGEMILL_REVIEW_TOKENS: the JSON or such a path]."
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="export: decisions.csv or decisions.jsonl.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="export: decisions.csv or decisions.jsonl (with whether each is about the current version)."),
+    ] = None,
     history: Annotated[
         bool,
         typer.Option(
@@ -58,22 +57,26 @@ def review(
         ),
     ] = False,
 ) -> None:
-    """Review flagged images in a browser (reviewers' tokens in IMAGEMILL_REVIEW_TOKENS), or export the decisions."""
+    """Review flagged images in a browser (IMAGEMILL_REVIEW_TOKENS, or an auth proxy), or export the decisions."""
+    # pydantic-settings and psycopg (the review store): loaded when the command runs, not for `--help`
+    from imagemill.core.settings import get_settings
+    from imagemill.review.settings import get_review_settings, load_tokens
+
     settings = get_settings()
+    review_settings = get_review_settings()
     target = sink or settings.sink
     if not target or not target.startswith(("postgresql://", "postgres://")):
         fail("the review queue reads the PostgreSQL store: pass --sink postgresql://… or set IMAGEMILL_SINK to one")
     if action is Action.EXPORT:
         if out is None:
             fail("export needs --out decisions.csv or --out decisions.jsonl")
-        run_reporting_errors(lambda: _export(target, out, history))
+        run_reporting_errors(lambda: _export(target, out, history, settings))
         return
-    review_settings = get_review_settings()
     if tokens is not None:
         # a path only: tokens on a command line would show in `ps` to everyone on the machine
         review_settings = review_settings.model_copy(update={"tokens": str(tokens)})
-    # before anything else: no tokens, no server (and no database connection either)
-    run_reporting_errors(lambda: load_tokens(review_settings.tokens))
+    # before anything else: no reviewers, no server (and no database connection either)
+    run_reporting_errors(lambda: load_tokens(review_settings.tokens, required=review_settings.auth != "proxy"))
     try:
         # the review extra: only `serve` needs it
         from imagemill.review.server import build, serve
@@ -89,30 +92,8 @@ def review(
     serve(app, host, port, settings, review_settings)
 
 
-def _export(sink: str, out: Path, everything: bool) -> None:
-    suffix = out.suffix.lower()
-    if suffix not in {".csv", ".jsonl"}:
-        raise UserError(f"--out {out}: expected a .csv or .jsonl file")
-    store = ReviewStore(sink)
-    store.setup()
-    partial = out.with_name(f".{out.name}.partial")
-    count = 0
-    try:
-        with partial.open("w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle) if suffix == ".csv" else None
-            if writer is not None:
-                writer.writerow(EXPORT_COLUMNS)
-            for stored in store.decisions(everything):
-                row = stored.as_dict()
-                if writer is not None:
-                    writer.writerow([row[column] if row[column] is not None else "" for column in EXPORT_COLUMNS])
-                else:
-                    handle.write(
-                        json.dumps({column: row[column] for column in EXPORT_COLUMNS}, ensure_ascii=False) + "\n"
-                    )
-                count += 1
-        partial.replace(out)  # a failed export leaves no half-written file under the real name
-    finally:
-        partial.unlink(missing_ok=True)
-        store.close()
+def _export(sink: str, out: Path, everything: bool, settings: "Settings") -> None:
+    from imagemill.review.export import export_decisions  # psycopg: see `review`
+
+    count = export_decisions(sink, out, everything, settings)
     console.print(f"wrote {count:,} decisions to {out}", highlight=False)

@@ -1,4 +1,4 @@
-"""The core layer: settings, schemas, error kinds, object storage, results stores, job registry, broker.
+"""The core layer: settings, schemas, error kinds, object storage, sinks, job registry, broker.
 
 Everything above imports from here; nothing here imports from the layers above.
 """

@@ -1,4 +1,5 @@
-"""The Celery app both services share: broker settings, JSON-only serialisation, routing by task.
+"""The Celery app both services share: broker settings, JSON-only serialisation, routing by task,
+and the lanes: each lane a priority step of kombu's Redis transport, one Redis list per queue and lane.
 
 Producers send chunk messages with it; workers consume with it (`worker/celery.py`).
 """
@@ -10,12 +11,11 @@ import redis
 from celery import Celery
 from kombu import Queue
 
-from imagemill.core.schemas import Task
+from imagemill.core.lanes import DEFAULT_LANE, KOMBU_PRIORITIES, Lane, lane_list, priority_list
 from imagemill.core.settings import Settings
+from imagemill.core.tasks import Task
 
 CHUNK_TASK = "imagemill.annotate_chunk"
-KOMBU_PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport keeps priorities in suffixed lists
-KOMBU_PRIORITIES = (0, 3, 6, 9)
 
 
 def queue_for(tasks: tuple[Task, ...], settings: Settings) -> str:
@@ -37,7 +37,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout,
             "socket_keepalive": True,
             "health_check_interval": 30,
+            # the lanes: a worker's BRPOP names each priority step's lists of all its queues before the
+            # next step's (kombu's `_brpop_start`), so an urgent chunk is taken before any normal one
+            "priority_steps": list(KOMBU_PRIORITIES),
+            # inside a step, the queues of several routes still take turns (the default, said here)
+            "queue_order_strategy": "round_robin",
         },
+        # a retried message keeps its priority (Celery copies it from the delivery); one sent without
+        # any (a producer older than the lanes) is retried as normal rather than rounded to urgent
+        "task_default_priority": DEFAULT_LANE.priority,
         # JSON only: any other serializer is refused before its payload is ever deserialised
         "task_serializer": "json",
         "result_serializer": "json",
@@ -73,8 +81,13 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def queue_depth(client: redis.Redis, queue: str) -> int:
-    """Messages waiting in a Redis-backed Celery queue (all priority levels)."""
+    """Messages waiting in a Redis-backed Celery queue (all priority levels, so every lane)."""
     pipe = client.pipeline()
     for priority in KOMBU_PRIORITIES:
-        pipe.llen(queue if priority == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{priority}")
+        pipe.llen(priority_list(queue, priority))
     return sum(pipe.execute())
+
+
+def lane_depth(client: redis.Redis, queue: str, lane: Lane) -> int:
+    """Chunks of `lane` waiting in `queue`."""
+    return int(client.llen(lane_list(queue, lane)))

@@ -1,6 +1,6 @@
 """`with obj:` for objects whose only clean-up is `close()`, in one mixin.
 
-Writers, which must tell success from failure, use `core.stores.base.WriterContext` instead.
+Sinks, which must tell success from failure, use `core.sinks.base.SinkContext` instead.
 """
 
 from types import TracebackType

@@ -12,12 +12,29 @@ from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
+from imagemill.core.accounting import Figures
 from imagemill.core.closing import Closing
 from imagemill.core.connections import check_reachable, redis_client
 from imagemill.core.credentials import without_credentials
+from imagemill.core.jobs_lua import (
+    ATTEMPT,
+    BEGIN_CHUNK,
+    CHUNK_DONE,
+    END_CHUNK,
+    END_LISTING,
+    FAIR_TURN,
+    PRUNE,
+    RESERVE,
+    TRANSITION,
+    UPDATE,
+)
+from imagemill.core.lanes import DEFAULT_LANE, Lane
+from imagemill.core.rates import KEPT as RATES_KEPT
+from imagemill.core.rates import PREFIX as RATES_PREFIX
+from imagemill.core.rates import RateSample
 from imagemill.core.redaction import redact_url
-from imagemill.core.schemas import Task
 from imagemill.core.settings import get_settings
+from imagemill.core.tasks import Task
 
 T = TypeVar("T")
 # redis-py's pipeline as a transaction's function gets it: commands run at once until `multi()`
@@ -33,6 +50,11 @@ ACTIVE = f"{PREFIX}:active"
 REJECTED = f"{PREFIX}:rejected_messages"
 SIGNATURES = f"{PREFIX}:signatures"
 FAILED_PREFIX = "failed:"
+# the latency samples `status` reads: the newest of each kind, per job and per lane
+LATENCY_SAMPLES = 1000
+LATENCY_KINDS = ("queue_wait", "upload_to_record")
+ACCOUNTING_PREFIX = "a:"  # the job's accounting figures and cost, summed over its chunks
+WORKER_PREFIX = "w:"  # w:<worker>|<figure>: one worker process's share
 
 
 class JobState(StrEnum):
@@ -40,118 +62,7 @@ class JobState(StrEnum):
     DONE = "done"
     CANCELLED = "cancelled"
     FAILED = "failed"
-
-
-# Every job owns these keys: KEYS[1] the job hash, KEYS[2] its set of finished chunks, KEYS[3] its
-# attempts hash; then the shared ACTIVE hash, JOBS_EXPIRING and JOBS_INDEX. `finish` ends a job in
-# the same script that changes its state: every key of the job gets EXPIRE(retention), its
-# idempotency key is released, and index entries of jobs expired by now are dropped.
-_FINISH = """
-local function prune(now)
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, 1000)
-  if #gone > 0 then
-    redis.call('ZREM', KEYS[6], unpack(gone))
-    redis.call('ZREM', KEYS[5], unpack(gone))
-  end
-end
-
-local function finish(state, now, retention, error)
-  redis.call('HSET', KEYS[1], 'state', state, 'finished_at', now, 'retention_s', retention)
-  if error ~= '' then redis.call('HSET', KEYS[1], 'error', error) end
-  local id = redis.call('HGET', KEYS[1], 'id')
-  local idem = redis.call('HGET', KEYS[1], 'idempotency_key')
-  if idem and redis.call('HGET', KEYS[4], idem) == id then redis.call('HDEL', KEYS[4], idem) end
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], retention) end
-  if id then redis.call('ZADD', KEYS[5], tonumber(now) + tonumber(retention), id) end
-  prune(now)
-end
-
--- the job is done when listing has ended and every chunk is done or cancelled
-local function finish_if_complete(now, retention)
-  local f = redis.call('HMGET', KEYS[1], 'state', 'listing_done', 'chunks_total', 'chunks_done', 'chunks_cancelled')
-  if f[1] == 'running' and f[2] == '1'
-     and tonumber(f[4] or 0) + tonumber(f[5] or 0) >= tonumber(f[3] or 0) then
-    finish('done', now, retention, '')
-  end
-end
-
--- a key of a finished job created or grown after it finished expires with the job
-local function follow_job_ttl()
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl > 0 then
-    for i = 2, 3 do
-      if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ttl) end
-    end
-  end
-end
-"""
-
-# ARGV: chunk id, now, retention, then field/increment pairs.
-_CHUNK_DONE = (
-    _FINISH
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
-for i = 4, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
-finish_if_complete(ARGV[2], ARGV[3])
-follow_job_ttl()
-return 1
-"""
-)
-
-# ARGV: now, retention, chunks total
-_END_LISTING = (
-    _FINISH
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'listing_done', '1', 'chunks_total', ARGV[3], 'updated_at', ARGV[1])
-finish_if_complete(ARGV[1], ARGV[2])
-return 1
-"""
-)
-
-# ARGV: state, now, retention, error. Running -> state; 0 when the job was not running.
-_TRANSITION = (
-    _FINISH
-    + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-return 1
-"""
-)
-
-# ARGV: now, then (op, field, value) triples; op `+` HINCRBY, `=` HSET, `?` HSETNX. Only a job that
-# exists is updated, so a late write never recreates a job that expired.
-_UPDATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for i = 2, #ARGV, 3 do
-  local op, field, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if op == '+' then redis.call('HINCRBY', KEYS[1], field, value)
-  elseif op == '=' then redis.call('HSET', KEYS[1], field, value)
-  else redis.call('HSETNX', KEYS[1], field, value) end
-end
-return 1
-"""
-
-# KEYS: job hash, attempts hash. ARGV: chunk id, increment. The attempts hash of a finished job
-# expires with it.
-_ATTEMPT = """
-local n = redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[2])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-return n
-"""
-
-# KEYS: JOBS_EXPIRING, JOBS_INDEX. ARGV: now. Drops index entries of expired jobs.
-_PRUNE = """
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
-if #gone > 0 then
-  redis.call('ZREM', KEYS[2], unpack(gone))
-  redis.call('ZREM', KEYS[1], unpack(gone))
-end
-return #gone
-"""
+    OVER_BUDGET = "over_budget"  # its spend reached its budget: the chunks not started were not run
 
 
 class Job(BaseModel):
@@ -162,6 +73,8 @@ class Job(BaseModel):
     tasks: tuple[Task, ...]
     sink: str
     queue: str
+    lane: Lane = DEFAULT_LANE
+    share: int = 1  # its weight in its lane's fair share
     state: JobState
     signature: str | None = None
     error: str | None = None
@@ -184,6 +97,27 @@ class Job(BaseModel):
     producer_seen: float | None = None
     resume_after: str | None = None
     retention_s: float | None = None  # set when the job finishes: its keys expire this long after
+    budget: float | None = None  # the job stops (over_budget) once its cost reaches this
+    continues: str | None = None  # the job this one goes on from (after it went over its budget)
+    spent_before: float = 0.0  # what the jobs it continues spent (its budget is the rest of the total)
+    accounting: dict[str, float] = {}  # `Figures.fields()` summed over its chunks, and `cost`
+    workers: dict[str, dict[str, float]] = {}  # the same per worker process
+
+    @property
+    def figures(self) -> Figures:
+        """Its chunks' accounting, summed (every worker's)."""
+        return Figures.from_fields(self.accounting)
+
+    @property
+    def cost(self) -> float | None:
+        """What its chunks cost so far (IMAGEMILL_COST_PER_HOUR of each worker); None without a price."""
+        return self.accounting.get("cost")
+
+    @property
+    def cost_per_1000(self) -> float | None:
+        if self.cost is None or not self.processed:
+            return None
+        return self.cost * 1000 / self.processed
 
     @property
     def expires_at(self) -> float | None:
@@ -212,12 +146,22 @@ class Job(BaseModel):
 
     @classmethod
     def from_hash(cls, data: Mapping[str, str]) -> "Job":
-        fields: dict[str, Any] = {k: v for k, v in data.items() if not k.startswith(FAILED_PREFIX) and v != ""}
+        prefixes = (FAILED_PREFIX, ACCOUNTING_PREFIX, WORKER_PREFIX)
+        fields: dict[str, Any] = {k: v for k, v in data.items() if not k.startswith(prefixes) and v != ""}
         fields["tasks"] = tuple(t for t in fields.get("tasks", "").split(",") if t)
         fields["listing_done"] = fields.get("listing_done") == "1"
         fields["failed_by_kind"] = {
             k[len(FAILED_PREFIX) :]: int(v) for k, v in data.items() if k.startswith(FAILED_PREFIX) and int(v)
         }
+        fields["accounting"] = {
+            k[len(ACCOUNTING_PREFIX) :]: float(v) for k, v in data.items() if k.startswith(ACCOUNTING_PREFIX)
+        }
+        workers: dict[str, dict[str, float]] = {}
+        for k, v in data.items():
+            if k.startswith(WORKER_PREFIX):
+                worker, _, name = k[len(WORKER_PREFIX) :].rpartition("|")
+                workers.setdefault(worker, {})[name] = float(v)
+        fields["workers"] = workers
         return cls.model_validate(fields)
 
 
@@ -234,12 +178,16 @@ class JobRegistry(Closing):
         self.retention_s = retention_s if retention_s is not None else get_settings().job_retention
         # a Redis restart is waited out (the connections module's backoff), not turned into a failed chunk
         self.redis = redis_client(url, decode_responses=True)
-        self._chunk_done = self.redis.register_script(_CHUNK_DONE)
-        self._end_listing = self.redis.register_script(_END_LISTING)
-        self._transition_script = self.redis.register_script(_TRANSITION)
-        self._update = self.redis.register_script(_UPDATE)
-        self._attempt = self.redis.register_script(_ATTEMPT)
-        self._prune = self.redis.register_script(_PRUNE)
+        self._chunk_done = self.redis.register_script(CHUNK_DONE)
+        self._end_listing = self.redis.register_script(END_LISTING)
+        self._transition_script = self.redis.register_script(TRANSITION)
+        self._update = self.redis.register_script(UPDATE)
+        self._attempt = self.redis.register_script(ATTEMPT)
+        self._prune = self.redis.register_script(PRUNE)
+        self._reserve = self.redis.register_script(RESERVE)
+        self._fair_turn = self.redis.register_script(FAIR_TURN)
+        self._begin_chunk = self.redis.register_script(BEGIN_CHUNK)
+        self._end_chunk = self.redis.register_script(END_CHUNK)
 
     def check(self) -> None:
         """Fail fast (UserError) when Redis cannot be reached, instead of retrying for a minute."""
@@ -256,9 +204,22 @@ class JobRegistry(Closing):
         return [key, f"{key}:chunks", f"{key}:attempts", ACTIVE, JOBS_EXPIRING, JOBS_INDEX]
 
     def create(
-        self, job_id: str, source: str, tasks: tuple[Task, ...], sink: str, queue: str, *, idempotency_key: str = ""
+        self,
+        job_id: str,
+        source: str,
+        tasks: tuple[Task, ...],
+        sink: str,
+        queue: str,
+        *,
+        idempotency_key: str = "",
+        lane: Lane = DEFAULT_LANE,
+        share: int = 1,
+        budget: float | None = None,
+        continues: str | None = None,
+        spent_before: float = 0.0,
     ) -> tuple[Job, bool]:
-        """Register a job, or return the running one with the same idempotency key (and False)."""
+        """Register a job, or return the running one with the same idempotency key (and False; it
+        keeps its own lane and share). `budget`: its cost cap; `continues`: the job it goes on from."""
         idem = idempotency_key or job_id
         now = time.time()
         fields: dict[str, str | float] = {
@@ -268,12 +229,19 @@ class JobRegistry(Closing):
             # the password stays in the environments of those who write: anyone who reads Redis reads this
             "sink": without_credentials(sink),
             "queue": queue,
+            "lane": lane.value,
+            "share": share,
             "state": JobState.RUNNING.value,
             "created_at": now,
             "updated_at": now,
             "producer_seen": now,
             "idempotency_key": idem,
         }
+        if budget is not None:
+            fields["budget"] = budget
+        if continues:
+            fields["continues"] = continues
+            fields["spent_before"] = spent_before
 
         def claim(pipe: WatchingPipe) -> str | None:
             existing: str | None = pipe.hget(ACTIVE, idem)
@@ -336,6 +304,12 @@ class JobRegistry(Closing):
             ops += ["=", "resume_after", last_uri]
         self._update(keys=[self.key(job_id)], args=[now, *ops])
 
+    def reserve_chunks(self, job_id: str, count: int = 1) -> int | None:
+        """The first of `count` chunk numbers no other producer of this job gets (watchers of one
+        job enqueue side by side); None when the job is gone."""
+        first = int(self._reserve(keys=[self.key(job_id)], args=[count]))
+        return None if first < 0 else first
+
     def end_listing(self, job_id: str, chunks_total: int) -> None:
         self._end_listing(keys=self.job_keys(job_id), args=[time.time(), self.retention_s, chunks_total])
 
@@ -350,18 +324,79 @@ class JobRegistry(Closing):
             args += ["=", name, value]
         self._update(keys=[self.key(job_id)], args=args)
 
-    def chunk_done(
-        self, job_id: str, chunk_id: str, outcomes: Mapping[str, int], *, dead_lettered: bool = False
+    def begin_chunk(
+        self, job_id: str, chunk_id: str, signature: str, lane: Lane, queue_wait_s: float | None = None
+    ) -> int:
+        """A worker starts a delivery of a chunk, in one round trip: `begin_attempt`, `chunk_started`
+        and the queue wait kept as `add_latencies` keeps it (None: not known). Returns what
+        `begin_attempt` does: 1 + how many earlier deliveries died mid-chunk."""
+        keys = [*self._attempt_keys(job_id)]
+        keys += [self.latency_key("queue_wait", job_id=job_id), self.latency_key("queue_wait", lane=lane)]
+        args: list[str | float] = [chunk_id, time.time(), signature, self.retention_s, LATENCY_SAMPLES]
+        if queue_wait_s is not None:
+            args.append(f"{queue_wait_s:.4f}")
+        return int(self._begin_chunk(keys=keys, args=args))
+
+    def end_chunk(
+        self,
+        job_id: str,
+        chunk_id: str,
+        outcomes: Mapping[str, int],
+        *,
+        lane: Lane = DEFAULT_LANE,
+        dead_lettered: bool = False,
+        figures: Mapping[str, float] | None = None,
+        worker: str = "",
+        upload_to_record_s: list[float] | None = None,
+        rate: RateSample | None = None,
     ) -> bool:
-        """Count a finished chunk once; False when it had been counted already (a redelivery)."""
-        increments: list[str | int] = ["chunks_done", 1, "chunks_dead_lettered", int(dead_lettered)]
+        """A worker ends a delivery whose records are written, in one round trip: `chunk_done` (False
+        when the chunk had been counted), its `upload_to_record_s` samples kept for the job and `lane`
+        only when counted now, the `rate` sample kept for `imagemill estimate`, and `end_attempt`."""
+        samples = [f"{value:.4f}" for value in upload_to_record_s or ()]
+        keys = self.job_keys(job_id)
+        keys += [self.latency_key("upload_to_record", job_id=job_id), self.latency_key("upload_to_record", lane=lane)]
+        keys.append(RATES_PREFIX + rate.key if rate is not None else RATES_PREFIX)
+        args: list[str | int | float] = [chunk_id, time.time(), self.retention_s, LATENCY_SAMPLES, len(samples)]
+        args += [*samples, rate.to_json() if rate is not None else "", RATES_KEPT]
+        args += self._increments(outcomes, dead_lettered, figures, worker)
+        return bool(self._end_chunk(keys=keys, args=args))
+
+    def chunk_done(
+        self,
+        job_id: str,
+        chunk_id: str,
+        outcomes: Mapping[str, int],
+        *,
+        dead_lettered: bool = False,
+        figures: Mapping[str, float] | None = None,
+        worker: str = "",
+    ) -> bool:
+        """Count a finished chunk once; False when it had been counted already (a redelivery).
+
+        `figures` (the chunk's `Figures.fields()` and its `cost`) are added to the job's and, under
+        `worker`, to that worker's, in the same step; a job whose cost reaches its budget ends
+        `over_budget` there."""
+        increments = self._increments(outcomes, dead_lettered, figures, worker)
+        args = [chunk_id, time.time(), self.retention_s, *increments]
+        return bool(self._chunk_done(keys=self.job_keys(job_id), args=args))
+
+    @staticmethod
+    def _increments(
+        outcomes: Mapping[str, int], dead_lettered: bool, figures: Mapping[str, float] | None, worker: str
+    ) -> list[str | int | float]:
+        """The field/increment pairs that count a finished chunk (the ARGV tail of `count_chunk`)."""
+        increments: list[str | int | float] = ["chunks_done", 1, "chunks_dead_lettered", int(dead_lettered)]
         for outcome, count in outcomes.items():
             if outcome == "annotated":
                 increments += ["annotated", count]
             else:
                 increments += ["failed", count, FAILED_PREFIX + outcome, count]
-        args = [chunk_id, time.time(), self.retention_s, *increments]
-        return bool(self._chunk_done(keys=self.job_keys(job_id), args=args))
+        for name, value in (figures or {}).items():
+            increments += [ACCOUNTING_PREFIX + name, value]
+            if worker:
+                increments += [f"{WORKER_PREFIX}{worker}|{name}", value]
+        return increments
 
     def begin_attempt(self, job_id: str, chunk_id: str) -> int:
         """Count a delivery of a chunk; returns 1 + how many earlier deliveries died mid-chunk."""
@@ -375,6 +410,54 @@ class JobRegistry(Closing):
         """The KEYS of the attempt script: the job's hash and its attempts hash."""
         key, _chunks, attempts, *_shared = self.job_keys(job_id)
         return [key, attempts]
+
+    @staticmethod
+    def lane_key(queue: str, lane: Lane) -> str:
+        """The producers waiting for room in one queue's lane: job id -> when its producer last asked."""
+        return f"{PREFIX}:lane:{queue}:{lane.value}"
+
+    def fair_turn(self, job_id: str, queue: str, lane: Lane, stale_after_s: float) -> bool:
+        """Whether this job's producer may send its next chunk into its lane now: True when the job's
+        chunks in flight (queued, not yet done) ÷ its share are the fewest of the lane's jobs whose
+        producers are still sending, and among jobs tied at the fewest its last turn is the oldest
+        (so tied producers alternate, whichever polls first). Registers the producer in the lane and
+        records the turn it grants; one atomic script."""
+        now = time.time()
+        # the turns hash outlives a quiet lane by a few stale windows, then goes
+        args: list[str | float] = [job_id, now, now - stale_after_s, f"{PREFIX}:job:", int(stale_after_s * 4) + 60]
+        key = self.lane_key(queue, lane)
+        return bool(self._fair_turn(keys=[key, f"{key}:turns"], args=args))
+
+    def leave_lane(self, job_id: str, queue: str, lane: Lane) -> None:
+        """This job's producer sends no more chunks: the lane's others stop waiting for it."""
+        key = self.lane_key(queue, lane)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(key, job_id)
+        pipe.hdel(f"{key}:turns", job_id)
+        pipe.execute()
+
+    @staticmethod
+    def latency_key(kind: str, *, job_id: str | None = None, lane: Lane | None = None) -> str:
+        """Where the newest samples of one latency kind are kept, for a job or for a lane."""
+        owner = f"job:{job_id}" if job_id is not None else f"lane:{lane}"
+        return f"{PREFIX}:{owner}:latency:{kind}"
+
+    def add_latencies(self, job_id: str, lane: Lane, kind: str, seconds: list[float]) -> None:
+        """Keep `seconds` (newest first, at most LATENCY_SAMPLES) for the job and for its lane; the
+        job's samples expire after the job retention, the lane's a retention after the last sample."""
+        if not seconds:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for key in (self.latency_key(kind, job_id=job_id), self.latency_key(kind, lane=lane)):
+            pipe.lpush(key, *(f"{value:.4f}" for value in seconds))
+            pipe.ltrim(key, 0, LATENCY_SAMPLES - 1)
+            pipe.expire(key, self.retention_s)
+        pipe.execute()
+
+    def latencies(self, kind: str, *, job_id: str | None = None, lane: Lane | None = None) -> list[float]:
+        """The newest samples of `kind` for a job or a lane, in seconds."""
+        values: list[bytes | str] = self.redis.lrange(self.latency_key(kind, job_id=job_id, lane=lane), 0, -1)
+        return [float(_text(value)) for value in values]
 
     def publish_signature(self, pipeline: str, signature: str) -> None:
         """What the models a worker loaded for a pipeline make of it (producers skip by it)."""
@@ -398,6 +481,18 @@ class JobRegistry(Closing):
     def cancel(self, job_id: str) -> bool:
         """Stop a running job: chunks not yet started are dropped. False if it was not running."""
         return self._transition(job_id, JobState.CANCELLED)
+
+    def set_budget(self, job_id: str, budget: float) -> bool:
+        """A running job's new cost cap (checked as each chunk is counted). False if it was not running."""
+
+        def change(pipe: WatchingPipe) -> bool:
+            if pipe.hget(self.key(job_id), "state") != JobState.RUNNING.value:
+                return False
+            pipe.multi()
+            pipe.hset(self.key(job_id), "budget", budget)
+            return True
+
+        return self._transaction(change, self.key(job_id))
 
     def fail(self, job_id: str, error: str) -> bool:
         """Fail a running job with `error` (the reason `status` shows). False if it was not running."""

@@ -6,23 +6,14 @@ Workers publish the signature their loaded models give under this key; producers
 import hashlib
 import json
 
-from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
-
-
-def configured_model(settings: Settings, task: Task) -> str:
-    return {
-        Task.CAPTION: settings.caption_model,
-        Task.MODERATION: settings.moderation_model,
-        Task.TAGS: settings.tags_model,
-        Task.EMBEDDING: settings.tags_model,  # the tags model's image embedding
-    }[task]
+from imagemill.core.tasks import Task
 
 
 def pipeline_key(tasks: tuple[Task, ...], settings: Settings) -> str:
     spec = {
         "tasks": list(tasks),
-        "models": [configured_model(settings, task) for task in tasks],
+        "models": [settings.model(task) for task in tasks],
         "revision": settings.model_revision,
     }
     own = {task.value: settings.revision(task) for task in tasks if settings.revision(task) != settings.model_revision}

@@ -1,13 +1,12 @@
 """The data that crosses boundaries: image references in, records out.
 
-Pydantic models, validated on arrival; a record is defined here once for every writer.
+Pydantic models, validated on arrival; a record is defined here once for every sink.
 """
 
 import base64
 import binascii
 from datetime import UTC, datetime
-from enum import StrEnum
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -23,31 +22,8 @@ from pydantic import (
 )
 
 from imagemill.core.errors import ErrorKind
-
-
-class Task(StrEnum):
-    """What can be asked of a pipeline; the order here is the order they run in."""
-
-    CAPTION = "caption"
-    MODERATION = "moderation"
-    TAGS = "tags"
-    EMBEDDING = "embedding"
-
-
-# what runs when no tasks are named: the embedding (kilobytes per record) is asked for by name
-DEFAULT_TASKS = (Task.CAPTION, Task.MODERATION, Task.TAGS)
-
-
-def parse_tasks(text: str) -> tuple[Task, ...]:
-    """`"caption,tags"` -> tasks in canonical order; raises ValueError naming an unknown task."""
-    names = {part.strip().lower() for part in text.split(",") if part.strip()}
-    if not names:
-        raise ValueError("no tasks given; choose from " + ", ".join(t.value for t in Task))
-    unknown = names - {t.value for t in Task}
-    if unknown:
-        known = ", ".join(t.value for t in Task)
-        raise ValueError(f"unknown task {', '.join(sorted(unknown))}; choose from {known}")
-    return tuple(t for t in Task if t.value in names)
+from imagemill.core.lanes import DEFAULT_LANE, Lane
+from imagemill.core.tasks import TASK_FIELDS, Task
 
 
 class ImageRef(BaseModel):
@@ -58,16 +34,20 @@ class ImageRef(BaseModel):
     uri: str = Field(min_length=1, max_length=4096)
     etag: str | None = Field(default=None, max_length=256)
     size: int | None = Field(default=None, ge=0)
-    # set for a bad manifest line (`uri` is then `manifest:<name>#L<n>`): why it names no image; it
+    # set for a bad manifest line (`uri` is then `manifest:<manifest uri>#L<n>`): why it names no image; it
     # travels like any ref, so its bad_reference record is made and counted where every record is
     problem: str | None = Field(default=None, max_length=1000)
+    # when the object was created, for a ref an upload event announced (epoch seconds): the worker
+    # measures upload-to-record from it
+    event_time: float | None = Field(default=None, ge=0)
 
     @model_serializer(mode="wrap")
     def _problem_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # absent rather than null on a good ref: chunk messages stay what workers without the field accept
+        # absent rather than null when unset: chunk messages stay what workers without the fields accept
         data: dict[str, Any] = handler(self)
-        if data.get("problem") is None:
-            data.pop("problem", None)
+        for name in ("problem", "event_time"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 
@@ -77,11 +57,48 @@ class ImageInfo(BaseModel):
     format: str | None
 
 
+class ImageQuality(BaseModel):
+    """Cheap statistics of the decoded picture (IMAGEMILL_IMAGE_QUALITY), as CleanVision reports
+    them: brightness and contrast (mean and standard deviation of luma, 0-1), blur (variance of the
+    Laplacian of luma, 0-255 scale: low is blurry), entropy (of luma's histogram, bits, 0-8), and
+    low_information (a near-uniform picture: entropy below 2 bits)."""
+
+    brightness: float
+    contrast: float
+    blur: float
+    entropy: float
+    low_information: bool
+
+
+class DedupMark(BaseModel):
+    """Where `imagemill dedup --write-back` put this image: its group, named by the representative's
+    uri (None: no near-duplicate at `threshold`), and whether it is the one kept of its group (an
+    image alone is its own). `--where duplicate` / `representative` read it."""
+
+    group: str | None = None
+    representative: bool
+    threshold: float
+
+    @property
+    def duplicate(self) -> bool:
+        """A member beside its group's representative: what `--where "not duplicate"` leaves out."""
+        return not self.representative
+
+
 class ModelOutput(BaseModel):
-    """Fields every task's output carries: which model made it."""
+    """Fields every task's output carries: which model made it; and its flat columns in the dataset
+    layout (`core.layout`: the Python API's adapters and `export --format hf`): `COLUMNS` names each
+    with its type in `datasets` terms (a type name, a list of one type, or a struct), `columns()`
+    gives this output's values."""
 
     model: str
     revision: str | None = None
+
+    COLUMNS: ClassVar[dict[str, Any]] = {}
+
+    def columns(self) -> dict[str, Any]:
+        """One value per name of `COLUMNS`, in its order."""
+        raise NotImplementedError
 
 
 class Caption(ModelOutput):
@@ -89,10 +106,24 @@ class Caption(ModelOutput):
     # what the model was asked (a Florence-2 task token such as <CAPTION>); None for BLIP, which takes none
     prompt: str | None = None
 
+    COLUMNS: ClassVar[dict[str, Any]] = {"caption": "string"}
+
+    def columns(self) -> dict[str, Any]:
+        return {"caption": self.text}
+
 
 class Moderation(ModelOutput):
     flagged: bool
     scores: dict[str, float]
+
+    COLUMNS: ClassVar[dict[str, Any]] = {
+        "flagged": "bool",
+        "moderation_scores": [{"label": "string", "score": "float32"}],
+    }
+
+    def columns(self) -> dict[str, Any]:
+        scores = [{"label": label, "score": score} for label, score in self.scores.items()]
+        return {"flagged": self.flagged, "moderation_scores": scores}
 
 
 class TagScore(BaseModel):
@@ -102,6 +133,11 @@ class TagScore(BaseModel):
 
 class Tags(ModelOutput):
     labels: list[TagScore]
+
+    COLUMNS: ClassVar[dict[str, Any]] = {"tags": ["string"], "tag_scores": ["float32"]}
+
+    def columns(self) -> dict[str, Any]:
+        return {"tags": [t.tag for t in self.labels], "tag_scores": [t.score for t in self.labels]}
 
 
 EMBEDDING_DTYPE = np.dtype("<f4")
@@ -114,6 +150,11 @@ class Embedding(ModelOutput):
 
     dim: int = Field(gt=0)
     vector: bytes
+
+    COLUMNS: ClassVar[dict[str, Any]] = {"embedding": ["float32"]}
+
+    def columns(self) -> dict[str, Any]:
+        return {"embedding": self.array()}
 
     @field_validator("vector", mode="before")
     @classmethod
@@ -164,9 +205,6 @@ class Timings(BaseModel):
     infer_ms: float = 0.0
 
 
-TASK_FIELDS = tuple(t.value for t in Task)
-
-
 class Record(BaseModel):
     """One image's annotation (or its error) under one pipeline signature."""
 
@@ -183,15 +221,41 @@ class Record(BaseModel):
     job_id: str | None = None
     timings: Timings = Field(default_factory=Timings)
     processed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # each task's options as the signature holds them (`{"tags": {"vocabulary": …, "top_k": 5, …}}`):
+    # with the outputs' models and revisions they give the signature again, so retag can replace the
+    # tags' part alone. None on records written before it was kept (and on `failed` ones)
+    task_options: dict[str, dict[str, Any]] | None = None
+    # probes' scores from the stored embedding (`imagemill score --head NAME=…`), by name; not part of
+    # the signature: a score is added to a record, it does not change what the record's tasks made
+    scores: dict[str, float] | None = None
+    # the decoded picture's statistics, when IMAGEMILL_IMAGE_QUALITY asked for them
+    quality: ImageQuality | None = None
+    # dedup's group and role (`imagemill dedup --write-back`); not part of the signature either
+    dedup: DedupMark | None = None
 
     @model_serializer(mode="wrap")
     def _only_asked_tasks(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # a task that was not asked for is absent, not null: readers can tell "not run" apart
         data: dict[str, Any] = handler(self)
-        for name in TASK_FIELDS:
+        for name in (*TASK_FIELDS, *_ABSENT_WHEN_NONE):
             if data.get(name) is None:
                 data.pop(name, None)
         return data
+
+    @classmethod
+    def failed(
+        cls, ref: ImageRef, kind: ErrorKind, message: str, signature: str, job_id: str | None = None
+    ) -> "Record":
+        """The record of an image that was never annotated: its ref as listed and why (`worker_lost`
+        for a chunk that killed its worker or engine process)."""
+        return cls(
+            uri=ref.uri,
+            etag=ref.etag,
+            bytes=ref.size,
+            signature=signature,
+            job_id=job_id,
+            error=RecordError(kind=kind, message=message),
+        )
 
     @property
     def outcome(self) -> str:
@@ -203,6 +267,10 @@ class Record(BaseModel):
         """The idempotency key: writing the same key twice leaves one record."""
         return (self.uri, self.etag, self.signature)
 
+
+# fields added after records were first written: absent rather than null when unset, so a record
+# without them reads and writes as it did before
+_ABSENT_WHEN_NONE = ("task_options", "scores", "quality", "dedup")
 
 MAX_CHUNK_REFS = 10_000
 
@@ -216,3 +284,7 @@ class ChunkMessage(BaseModel):
     chunk_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}/[0-9]{1,12}$")
     tasks: tuple[Task, ...] = Field(min_length=1, max_length=len(Task))
     refs: list[ImageRef] = Field(min_length=1, max_length=MAX_CHUNK_REFS)
+    # the job's lane (its metrics' label; the broker orders deliveries by the message's priority)
+    lane: Lane = DEFAULT_LANE
+    # when the producer sent it (epoch seconds): the worker measures the queue wait from it
+    enqueued_at: float | None = Field(default=None, ge=0)

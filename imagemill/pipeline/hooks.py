@@ -7,7 +7,9 @@ these points and know nothing of what it does; the base class does nothing, so a
 from collections.abc import Sequence
 from typing import Protocol
 
-from imagemill.core.schemas import Record, Task
+from imagemill.core.accounting import Figures
+from imagemill.core.schemas import Record
+from imagemill.core.tasks import Task
 
 
 class ChunkReport(Protocol):
@@ -25,6 +27,26 @@ class ChunkReport(Protocol):
     def write_seconds(self) -> float:
         """How long the one write of the chunk's records took."""
 
+    @property
+    def figures(self) -> Figures:
+        """The accounting of this delivery: stage seconds, the models' time, their wait for input."""
+
+    @property
+    def cost(self) -> float | None:
+        """What this delivery cost at IMAGEMILL_COST_PER_HOUR; None without a price."""
+
+    @property
+    def queue(self) -> str:
+        """The queue its job was enqueued on (its tasks' route, or the default queue)."""
+
+    @property
+    def lane(self) -> str:
+        """The lane of its job in that queue: urgent | normal | backfill."""
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The chunk's tasks."""
+
 
 class Middleware:
     """Subclass and override the hooks you need; every hook runs on the thread of its caller."""
@@ -38,5 +60,11 @@ class Middleware:
     def after_chunk(self, result: ChunkReport, records: Sequence[Record]) -> None:
         """A chunk's `records` were written, then counted by the job registry (or found counted)."""
 
+    def chunk_started(self, lane: str, queue_wait_s: float) -> None:
+        """A worker started a chunk of `lane` that waited `queue_wait_s` since it was enqueued."""
+
+    def uploads_recorded(self, lane: str, seconds: Sequence[float]) -> None:
+        """Records were written for uploaded objects of `lane`, each `seconds` after its upload event."""
+
     def chunk_dropped(self, outcome: str) -> None:
-        """A chunk was not run: `cancelled` (its job was) or `unknown_job`."""
+        """A chunk was not run: `cancelled` (its job was cancelled or failed) or `unknown_job`."""

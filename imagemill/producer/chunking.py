@@ -1,9 +1,22 @@
-"""Cutting a stream of image references into chunk messages with stable ids (`job/000042`)."""
+"""Cutting a stream of image references into chunk messages with stable ids (`job/000042`).
+
+A chunk ends at `size` refs, or earlier where the stream says `CUT` (see `imagemill.producer.resume`).
+"""
 
 from collections.abc import Iterable, Iterator
-from itertools import islice
 
-from imagemill.core.schemas import ChunkMessage, ImageRef, Task
+from imagemill.core.schemas import ChunkMessage, ImageRef
+from imagemill.core.tasks import Task
+
+
+class Cut:
+    """A mark in a stream of refs: the chunk being filled goes now, whatever its size."""
+
+    def __repr__(self) -> str:
+        return "CUT"
+
+
+CUT = Cut()
 
 
 def chunk_id(job_id: str, seq: int) -> str:
@@ -11,11 +24,21 @@ def chunk_id(job_id: str, seq: int) -> str:
 
 
 def chunks(
-    job_id: str, tasks: tuple[Task, ...], refs: Iterable[ImageRef], size: int, first_seq: int = 0
+    job_id: str, tasks: tuple[Task, ...], refs: Iterable[ImageRef | Cut], size: int, first_seq: int = 0
 ) -> Iterator[ChunkMessage]:
-    """Chunks of at most `size` refs, numbered from `first_seq` in listing order."""
-    iterator = iter(refs)
+    """Chunks of at most `size` refs, numbered from `first_seq` in listing order; a `CUT` ends the
+    chunk being filled early (where no ref waits, it is ignored: a chunk is never empty)."""
     seq = first_seq
-    while batch := list(islice(iterator, size)):
+    batch: list[ImageRef] = []
+    for item in refs:
+        if isinstance(item, Cut):
+            if not batch:
+                continue
+        else:
+            batch.append(item)
+            if len(batch) < size:
+                continue
         yield ChunkMessage(job_id=job_id, chunk_id=chunk_id(job_id, seq), tasks=tasks, refs=batch)
-        seq += 1
+        seq, batch = seq + 1, []
+    if batch:
+        yield ChunkMessage(job_id=job_id, chunk_id=chunk_id(job_id, seq), tasks=tasks, refs=batch)

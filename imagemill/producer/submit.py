@@ -17,19 +17,22 @@ from celery import Celery
 
 from imagemill.core.broker import CHUNK_TASK, make_celery, queue_for
 from imagemill.core.closing import Closing
-from imagemill.core.connections import redis_client
 from imagemill.core.credentials import with_own_credentials, without_credentials
-from imagemill.core.errors import UserError
+from imagemill.core.errors import ErrorKind, UserError
 from imagemill.core.jobs import Job, JobRegistry, JobState, new_job_id
+from imagemill.core.lanes import DEFAULT_LANE, Lane
 from imagemill.core.pipeline_key import pipeline_key
-from imagemill.core.schemas import ChunkMessage, ImageRef, Task
+from imagemill.core.redaction import redact_url
+from imagemill.core.schemas import ChunkMessage, ImageRef
 from imagemill.core.settings import Settings
-from imagemill.core.stores import KeyedStore, MarksDeleted, PrefixListing, open_writer
-from imagemill.core.stores.s3tags import SCHEME as S3TAGS_SCHEME
-from imagemill.pipeline.incremental import mark_existing
-from imagemill.pipeline.sources import PrefixSource, RefListSource, S3Source, Source
+from imagemill.core.sinks import KeyedSink, MarksDeleted, PrefixListing, SearchableSink, open_sink
+from imagemill.core.sinks.s3tags import SCHEME as S3TAGS_SCHEME
+from imagemill.core.tasks import Task
+from imagemill.pipeline.sources import PrefixSource, RefListSource, S3Source, Source, open_source
+from imagemill.pipeline.sources.incremental import mark_existing
+from imagemill.pipeline.sources.manifests import check as check_manifest
 from imagemill.producer.backpressure import Backpressure
-from imagemill.producer.chunking import chunks
+from imagemill.producer.chunking import Cut, chunks
 from imagemill.producer.resume import ResumePoint
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,10 @@ class Submission(Closing):
     resume_after: str | None = None
     first_seq: int = 0
     force: bool = False  # annotate again even what the sink already holds
+    lane: Lane = DEFAULT_LANE  # a job attached to keeps its own
+    share: int = 1  # the job's weight in its lane's fair share
+    budget: float | None = None  # the job's cost cap (IMAGEMILL_COST_PER_HOUR of its workers)
+    continues: Job | None = None  # the job (over its budget) this one goes on from
     # the resume point only moves past refs enqueued or skipped, in listing order
     _resume: ResumePoint = field(default_factory=ResumePoint, init=False, repr=False)
 
@@ -66,10 +73,11 @@ class Submission(Closing):
         # a retry or a scheduled scan has the sink as stored, without its password: add ours
         self.sink_url = with_own_credentials(self.sink, self.settings.sink)
         self.queue = queue_for(self.tasks, self.settings)
+        self.lane = Lane(self.lane)  # a lane's name will do (`urgent`)
+        if self.share < 1:
+            raise UserError(f"share {self.share}: a job's share is a whole number of at least 1")
         self.celery: Celery = make_celery(self.settings)
-        self.backpressure = Backpressure(
-            redis_client(self.settings.broker_url), self.queue, self.settings.queue_high_water
-        )
+        self.backpressure = Backpressure.on_broker(self.settings, self.queue, self.lane, self._turn)
 
     def close(self) -> None:
         """Close the queue-depth client and release the Celery app."""
@@ -81,10 +89,23 @@ class Submission(Closing):
     def register(self) -> tuple[Job, bool]:
         """Create the job, or attach to the running one with the same key. True when created."""
         key = job_key(str(self.source), self.sink, self.tasks, self.settings)
+        before = self.continues
         job, created = self.registry.create(
-            self.job_id, str(self.source), self.tasks, self.sink, self.queue, idempotency_key=key
+            self.job_id,
+            str(self.source),
+            self.tasks,
+            self.sink,
+            self.queue,
+            idempotency_key=key,
+            lane=self.lane,
+            share=self.share,
+            budget=self.budget,
+            continues=before.id if before else None,
+            spent_before=before.spent_before + (before.cost or 0.0) if before else 0.0,
         )
         self.job_id = job.id
+        # attached to a running job (or taking it over): its chunks go on in its own lane
+        self.lane = self.backpressure.lane = job.lane
         self.producing = created or self._take_over()
         return job, created
 
@@ -131,10 +152,16 @@ class Submission(Closing):
             except UserError as exc:
                 self.registry.fail(self.job_id, str(exc))
                 raise
+            finally:
+                self.registry.leave_lane(self.job_id, self.queue, self.lane)
             self._skipped(*self._resume.settle())  # skipped refs after the last chunk
             self._mark_unlisted(seen)
         self.registry.end_listing(self.job_id, self.first_seq + count)
         return count
+
+    def _turn(self) -> bool:
+        """Whether this job may send its next chunk: its turn in its lane's fair share."""
+        return self.registry.fair_turn(self.job_id, self.queue, self.lane, self.settings.producer_stale_s)
 
     def _prefix_listing(self, listing: ExitStack) -> PrefixListing | None:
         """The sink following this listing, to mark what it no longer holds once it completes; None
@@ -142,10 +169,10 @@ class Submission(Closing):
         producer's) or a sink that keeps only history. Opened into `listing`, closed with it."""
         if self.resume_after is not None or not isinstance(self.source, PrefixSource):
             return None
-        store = listing.enter_context(open_writer(self.sink_url))
-        if not isinstance(store, MarksDeleted):
+        sink = listing.enter_context(open_sink(self.sink_url))
+        if not isinstance(sink, MarksDeleted):
             return None
-        return listing.enter_context(store.listing(self.source.uri_prefix))
+        return listing.enter_context(sink.listing(self.source.uri_prefix))
 
     def _mark_unlisted(self, seen: PrefixListing | None) -> None:
         """Before `end_listing`, so that a job is done only once its sink says what is current."""
@@ -159,27 +186,31 @@ class Submission(Closing):
             return
         log.info("job %s: listing of %s complete: %s", self.job_id, self.source, marks)
 
-    def _incremental(self, refs: Iterable[ImageRef], listing: ExitStack) -> Iterable[ImageRef]:
-        """Skip what the sink holds for the signature the workers published for this pipeline;
+    def _incremental(self, refs: Iterable[ImageRef], listing: ExitStack) -> Iterable[ImageRef | Cut]:
+        """Skip what the sink holds for the signature the workers published for this pipeline, with a
+        `Cut` where a partial chunk should go so that the skipped refs behind it count (`ResumePoint`);
         the sink is opened into `listing`, which closes it when the listing ends."""
         if self.force:
             return refs
         signature = self.registry.signature_for(pipeline_key(self.tasks, self.settings))
-        store = listing.enter_context(open_writer(self.sink_url))
-        if signature is None or not isinstance(store, KeyedStore):
+        sink = listing.enter_context(open_sink(self.sink_url))
+        if signature is None or not isinstance(sink, KeyedSink):
             reason = "no worker has run this pipeline yet" if signature is None else "the sink cannot be searched"
             log.info("job %s annotates everything: %s", self.job_id, reason)
             return refs
 
-        # skipped refs are counted, and moved past, only once the fresh refs listed before them are enqueued
-        return self._resume.fresh(mark_existing(refs, store, signature), self._skipped)
+        # skipped refs are counted, and moved past, only once the fresh refs listed before them are enqueued;
+        # a long skipped stretch behind a pending fresh ref cuts its chunk short rather than wait
+        return self._resume.fresh(mark_existing(refs, sink, signature), self._skipped)
 
     def _skipped(self, count: int, last_uri: str | None) -> None:
         if count:
             self.registry.add_queued(self.job_id, listed=count, queued=0, skipped=count, last_uri=last_uri)
 
     def _enqueue(self, chunk: ChunkMessage) -> None:
-        self.celery.send_task(CHUNK_TASK, args=[chunk.model_dump(mode="json")], queue=self.queue)
+        chunk = chunk.model_copy(update={"lane": self.lane, "enqueued_at": time.time()})
+        message = chunk.model_dump(mode="json")
+        self.celery.send_task(CHUNK_TASK, args=[message], queue=self.queue, priority=self.lane.priority)
         n = len(chunk.refs)
         # skipped refs listed before this chunk's last ref (or after it, when no fresh ref follows) count now
         skipped, after = self._resume.enqueued(n)
@@ -201,6 +232,48 @@ def check_source_fits_sink(source: Source, sink: str) -> None:
             f"sink {S3TAGS_SCHEME} tags each image's own S3 object, so it needs an s3://bucket/prefix SOURCE,"
             f" not {source}: use --sink postgresql://…, s3://bucket/prefix/ or file:///dir/ for it"
         )
+
+
+def checked_source(source_spec: str, sink: str, settings: Settings, *, strict: bool = False) -> Source:
+    """The source of a submit, once everything that can be checked before a job exists is: a sink
+    workers share and can reach, a source the sink can write, with `strict` a manifest read through.
+    UserError, one line, for the first that fails; nothing is registered or enqueued before."""
+    _check_shared(sink)
+    source = open_source(source_spec, settings)
+    check_source_fits_sink(source, sink)  # before any service is asked anything
+    if strict:
+        check_manifest(source)  # the whole manifest read before the job exists
+    _check_reachable(sink)
+    return source
+
+
+def checked_sink(sink: str) -> None:
+    """UserError, one line, unless `sink` is one workers share and can reach (a watch's sink)."""
+    _check_shared(sink)
+    _check_reachable(sink)
+
+
+def _check_shared(sink: str) -> None:
+    if "://" not in sink:
+        raise UserError(
+            f"sink {sink}: workers need a shared sink: postgresql://…, s3://bucket/prefix/ or file:///shared/dir/"
+        )
+
+
+def _check_reachable(sink: str) -> None:
+    with open_sink(sink) as opened:
+        opened.check()  # a bad or unreachable sink fails here, before anything is queued
+
+
+def failed_refs(job: Job, settings: Settings, kinds: set[str]) -> tuple[ImageRef, ...]:
+    """The images of `job` whose records carry an error (of `kinds`, when given), to submit again:
+    not a bad manifest line, which names no image to fetch again (the manifest needs fixing)."""
+    with open_sink(with_own_credentials(job.sink, settings.sink)) as sink:
+        if not isinstance(sink, SearchableSink):
+            raise UserError(f"the sink {redact_url(job.sink)} cannot be searched for failed records")
+        failed = [r for r in sink.failed_records(job.id) if r.error and (not kinds or r.error.kind in kinds)]
+    failed = [r for r in failed if r.error and r.error.kind != ErrorKind.BAD_REFERENCE]
+    return tuple(ImageRef(uri=r.uri, etag=r.etag) for r in failed)
 
 
 def _after(list_refs: Callable[[], Iterable[ImageRef]], resume_after: str | None) -> Iterator[ImageRef]:

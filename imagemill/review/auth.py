@@ -1,60 +1,138 @@
-"""Who is asking: reviewers' Bearer tokens for the API, signed session cookies for the page.
+"""Who is asking: reviewers' Bearer tokens for the API, server-side sessions for the page, or an auth proxy.
 
-Tokens are compared in constant time (`hmac.compare_digest`, against every reviewer's, so the time
-taken says nothing about which one nearly matched) and are never logged, echoed or stored in the
-cookie: the cookie holds the reviewer's name, a CSRF token and a fingerprint of their token, so a
-changed token ends that reviewer's sessions.
+Tokens are compared in constant time and are never logged, echoed or stored: a session row holds
+the reviewer's name, role, a CSRF token and a fingerprint of their token, so a changed token ends
+that reviewer's sessions. In proxy mode (`IMAGEMILL_REVIEW_AUTH=proxy`, as Grafana's auth proxy)
+the reviewer's name comes from a header, believed only when the TCP peer that sent the request (the
+socket's address, never a forwarded one) is inside `IMAGEMILL_REVIEW_PROXY_ADDRESSES`.
 """
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+from imagemill.review.sessions import Session, Sessions
+from imagemill.review.settings import AUTO, REVIEWER_NAME, Reviewer, Role, Tokens
+
+log = logging.getLogger("imagemill.review")
 
 SESSION_COOKIE = "imagemill_review"
 LOGIN_COOKIE = "imagemill_review_login"
 CSRF_HEADER = "x-csrf-token"
 
 
-@dataclass(frozen=True)
-class Session:
-    reviewer: str
-    csrf: str
-
-
-def _fingerprint(token: str) -> str:
+def fingerprint(token: str) -> str:
     return hashlib.sha256(b"imagemill-review-token\x00" + token.encode()).hexdigest()[:16]
 
 
+class ProxyAuth:
+    """The trusted-proxy mode: a request names its reviewer in `header` and is believed only when its
+    TCP peer is one of the proxies' networks. Leads: a group in `role_header` among `lead_groups`, or
+    the role the tokens file gives that name."""
+
+    def __init__(
+        self,
+        header: str,
+        networks: Sequence[str],
+        tokens: Tokens,
+        role_header: str | None = None,
+        lead_groups: Sequence[str] = ("lead",),
+        logout_url: str | None = None,
+    ) -> None:
+        self.header = header.lower()
+        self._networks = [ipaddress.ip_network(text, strict=False) for text in networks]
+        self._tokens = tokens
+        self._role_header = role_header.lower() if role_header else None
+        self._lead_groups = frozenset(lead_groups)
+        self.logout_url = logout_url
+
+    def trusted(self, peer: str | None) -> bool:
+        """Whether the socket's peer address is one of the proxies'."""
+        if not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+    def reviewer(self, peer: str | None, headers: Mapping[str, str]) -> Reviewer | None:
+        """The reviewer the proxy names; None without the header, from any other peer (logged), or
+        for a name that is not a reviewer's name."""
+        name = (headers.get(self.header) or "").strip()
+        if not name:
+            return None
+        if not self.trusted(peer):
+            log.warning("ignored %s from %s: not one of IMAGEMILL_REVIEW_PROXY_ADDRESSES", self.header, peer)
+            return None
+        if not REVIEWER_NAME.fullmatch(name) or name == AUTO:
+            log.warning("ignored %s: %r is not a reviewer name", self.header, name[:64])
+            return None
+        groups = (
+            {part.strip() for part in (headers.get(self._role_header) or "").split(",")} if self._role_header else set()
+        )
+        if groups & self._lead_groups:
+            return Reviewer(name, Role.LEAD)
+        return self._tokens.reviewer(name)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An identified request: the reviewer, and the CSRF token its page writes must carry (None for
+    a Bearer token, which a browser never sends by itself)."""
+
+    reviewer: Reviewer
+    csrf: str | None
+
+
 class Authenticator:
-    def __init__(self, tokens: dict[str, str], secret: bytes, session_s: int, metrics_token: str | None = None) -> None:
-        self._tokens = dict(tokens)
+    def __init__(
+        self,
+        tokens: Tokens,
+        sessions: Sessions,
+        key: bytes,
+        metrics_token: str | None = None,
+        proxy: ProxyAuth | None = None,
+    ) -> None:
+        self._tokens = tokens
+        self.sessions = sessions
+        self._key = key
         self._metrics_token = metrics_token
-        self._session_s = session_s
-        self._sessions = URLSafeTimedSerializer(secret, salt="imagemill-review-session")
-        self._logins = URLSafeTimedSerializer(secret, salt="imagemill-review-login")
+        self.proxy = proxy
+        self._logins = URLSafeTimedSerializer(key, salt="imagemill-review-login")
 
-    @property
-    def session_s(self) -> int:
-        return self._session_s
+    def fingerprints(self) -> dict[str, str]:
+        return {name: fingerprint(token) for name, token in self._tokens.tokens.items()}
 
-    def reviewer_for(self, token: str) -> str | None:
+    def token_reviewer(self, token: str) -> Reviewer | None:
         """The reviewer whose token this is, or None. Every reviewer's token is compared."""
         found = None
         given = token.encode()
-        for reviewer, expected in self._tokens.items():
+        for name, expected in self._tokens.tokens.items():
             if hmac.compare_digest(given, expected.encode()):
-                found = reviewer
-        return found
+                found = name
+        return self._tokens.reviewer(found) if found else None
 
-    def bearer(self, authorization: str | None) -> str | None:
+    def login(self, name: str, token: str) -> Reviewer | None:
+        """The reviewer `name` when `token` is theirs, else None (compared in constant time whether
+        or not the name is a reviewer's)."""
+        expected = self._tokens.tokens.get(name)
+        # an unknown name is compared against a stand-in, so the time says nothing about which names exist
+        ok = hmac.compare_digest(token.encode(), (expected or "\x00" * 32).encode())
+        return self._tokens.reviewer(name) if ok and expected is not None else None
+
+    def bearer(self, authorization: str | None) -> Reviewer | None:
         """`Authorization: Bearer <token>` -> the reviewer, or None."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
-        return self.reviewer_for(token.strip())
+        return self.token_reviewer(token.strip())
 
     def may_read_metrics(self, authorization: str | None) -> bool:
         if self.bearer(authorization) is not None:
@@ -66,30 +144,25 @@ class Authenticator:
             and hmac.compare_digest(token.strip().encode(), self._metrics_token.encode())
         )
 
-    def new_session(self, reviewer: str) -> tuple[str, Session]:
-        """A signed cookie value for `reviewer`, and the session it stands for."""
-        session = Session(reviewer, secrets.token_urlsafe(32))
-        value = self._sessions.dumps({"r": reviewer, "c": session.csrf, "f": _fingerprint(self._tokens[reviewer])})
-        return value, session
+    def new_session(self, reviewer: Reviewer) -> tuple[str, Session]:
+        return self.sessions.create(reviewer, fingerprint(self._tokens.tokens[reviewer.name]))
 
     def session(self, cookie: str | None) -> Session | None:
-        """The session a cookie stands for: signed by us, younger than the session length, and of a
-        reviewer whose token has not changed since; else None."""
-        if not cookie:
+        """The live session of a cookie, of a reviewer whose token has not changed since; else None."""
+        found = self.sessions.get(cookie)
+        if found is None:
             return None
-        try:
-            data = self._sessions.loads(cookie, max_age=self._session_s)
-        except BadSignature:
+        session, kept = found
+        token = self._tokens.tokens.get(session.reviewer.name)
+        if token is None or not hmac.compare_digest(kept, fingerprint(token)):
+            self.sessions.revoke(cookie)
             return None
-        if not isinstance(data, dict):
-            return None
-        reviewer, csrf, fingerprint = data.get("r"), data.get("c"), data.get("f")
-        if not (isinstance(reviewer, str) and isinstance(csrf, str) and isinstance(fingerprint, str)):
-            return None
-        token = self._tokens.get(reviewer)
-        if token is None or not hmac.compare_digest(fingerprint, _fingerprint(token)):
-            return None
-        return Session(reviewer, csrf)
+        # the role is the tokens file's now, not the one at login
+        return Session(self._tokens.reviewer(session.reviewer.name), session.csrf)
+
+    def proxy_csrf(self, reviewer: str) -> str:
+        """Proxy mode's CSRF token of a reviewer: no session to keep one in, so it is derived."""
+        return hmac.new(self._key, b"imagemill-review-csrf\x00" + reviewer.encode(), hashlib.sha256).hexdigest()
 
     def login_nonce(self) -> tuple[str, str]:
         """A nonce for the login form and the signed cookie that must come back with it (so another
@@ -107,5 +180,5 @@ class Authenticator:
         return isinstance(expected, str) and hmac.compare_digest(expected.encode(), nonce.encode())
 
 
-def csrf_ok(session: Session, given: str | None) -> bool:
-    return bool(given) and hmac.compare_digest(session.csrf.encode(), (given or "").encode())
+def csrf_ok(expected: str | None, given: str | None) -> bool:
+    return bool(expected) and bool(given) and hmac.compare_digest((expected or "").encode(), (given or "").encode())

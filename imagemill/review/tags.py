@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from imagemill.core.images import LazyS3Client, is_s3, parse_s3
 from imagemill.core.settings import Settings
-from imagemill.core.storage import LazyS3Client, is_s3, parse_s3
-from imagemill.core.stores.s3tags import (
+from imagemill.core.sinks.s3tags import (
     _DENIED_CODES,
     _MISSING_CODES,
     DEFAULT_PREFIX,

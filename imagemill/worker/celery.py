@@ -5,10 +5,15 @@ the log-format, log-context and metrics signal handlers in `imagemill.worker.sig
 `imagemill.worker.shutdown`.
 """
 
-import imagemill.worker.shutdown  # SIGTERM: warm at once, cold after the soft-shutdown timeout
-import imagemill.worker.signals  # noqa: F401  connected before Celery sets up logging
-from imagemill.core.broker import make_celery
-from imagemill.core.settings import get_settings
+from imagemill.core.settings import settings_or_exit
 
-app = make_celery(get_settings())
+# first, before the modules below read the settings themselves (hence E402): a bad one is one line
+# and exit 2, not a traceback from whichever import met it
+_settings = settings_or_exit()
+
+import imagemill.worker.shutdown  # noqa: E402  SIGTERM: warm at once, cold after the soft-shutdown timeout
+import imagemill.worker.signals  # noqa: E402, F401  connected before Celery sets up logging
+from imagemill.core.broker import make_celery  # noqa: E402
+
+app = make_celery(_settings)
 app.conf.include = ["imagemill.worker.tasks", "imagemill.worker.signals"]

@@ -19,10 +19,13 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from imagemill.core.accounting import MODEL_PREFIX, Figures
 from imagemill.core.connections import redis_client
+from imagemill.core.lanes import Lane
 from imagemill.core.redaction import redact_url
-from imagemill.core.schemas import Record, Task
+from imagemill.core.schemas import Record
 from imagemill.core.settings import Settings
+from imagemill.core.tasks import Task
 from imagemill.pipeline.hooks import ChunkReport, Middleware
 
 log = logging.getLogger(__name__)
@@ -49,11 +52,56 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
+# queue waits run from seconds (an idle urgent lane) to hours (a backfill behind millions)
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 7200, 14_400, 43_200, 86_400)
+QUEUE_WAIT_SECONDS = Histogram(
+    "imagemill_queue_wait_seconds",
+    "Seconds from a chunk's enqueueing to a worker starting it, by lane (urgent|normal|backfill)",
+    ["lane"],
+    buckets=WAIT_BUCKETS,
+)
+UPLOAD_TO_RECORD_SECONDS = Histogram(
+    "imagemill_upload_to_record_seconds",
+    "Seconds from an object's upload event to its record written, by lane",
+    ["lane"],
+    buckets=WAIT_BUCKETS,
+)
 MODEL_LOAD_SECONDS = Gauge("imagemill_model_load_seconds", "Seconds the last load of a task's model took", ["task"])
+# the accounting (imagemill.core.accounting), counted for every delivery (the work was done again);
+# `imagemill_stage_seconds` is the latency histogram above, so the summed seconds carry `image_` in front
+IMAGE_STAGE_SECONDS = Counter(
+    "imagemill_image_stage_seconds",
+    "Seconds spent per stage, summed over images: read, decode, preprocess (prefetch threads), model (per task), "
+    "records, write",
+    ["stage", "task"],
+)
+RUN_SECONDS = Counter("imagemill_run_seconds", "Wall seconds this process spent running chunks")
+RUN_CPU_SECONDS = Counter("imagemill_run_cpu_seconds", "CPU seconds of this process while running chunks")
+ACCELERATOR_BUSY_SECONDS = Counter(
+    "imagemill_accelerator_busy_seconds", "Wall seconds the models computed (every task of every batch)"
+)
+MODEL_CPU_SECONDS = Counter("imagemill_model_cpu_seconds", "CPU seconds of this process while the models ran")
+ACCELERATOR_BUSY_RATIO = Gauge(
+    "imagemill_accelerator_busy_ratio",
+    "The accelerator's busy share since start: on a GPU its compute time over the wall time, on the CPU the "
+    "models' share of the process's CPU time",
+)
+DECODE_STARVATION_SECONDS = Counter(
+    "imagemill_decode_starvation_seconds", "Seconds the models waited for input (fetch, decode, preprocess)"
+)
+COST = Counter("imagemill_cost", "What this process's chunks cost, in the currency of IMAGEMILL_COST_PER_HOUR")
+TASK_IMAGES = Counter(
+    "imagemill_task_images",
+    "Images finished per task, queue and lane (urgent|normal|backfill), counted once per chunk",
+    ["task", "queue", "lane"],
+)
 
 
 class PrometheusMiddleware(Middleware):
     """The metrics above, recorded at the pipeline's hooks."""
+
+    def __init__(self) -> None:
+        self.figures = Figures()  # every chunk's, for the busy ratio since start
 
     def after_model_load(self, task: Task, seconds: float) -> None:
         record_model_load(task.value, seconds)
@@ -63,9 +111,19 @@ class PrometheusMiddleware(Middleware):
 
     def after_chunk(self, result: ChunkReport, records: Sequence[Record]) -> None:
         record_chunk(result, records, result.write_seconds)
+        self.figures += result.figures
+        record_accounting(result, len(records), self.figures)
 
     def chunk_dropped(self, outcome: str) -> None:
         record_chunk_dropped(outcome)
+
+    def chunk_started(self, lane: str, queue_wait_s: float) -> None:
+        QUEUE_WAIT_SECONDS.labels(lane).observe(queue_wait_s)
+
+    def uploads_recorded(self, lane: str, seconds: Sequence[float]) -> None:
+        histogram = UPLOAD_TO_RECORD_SECONDS.labels(lane)
+        for value in seconds:
+            histogram.observe(value)
 
 
 def record_chunk(result: ChunkReport, records: Sequence[Record], write_seconds: float) -> None:
@@ -92,8 +150,28 @@ def record_chunk(result: ChunkReport, records: Sequence[Record], write_seconds: 
             IMAGES.labels("failed", record.error.kind.value).inc()
 
 
+def record_accounting(result: ChunkReport, images: int, since_start: Figures) -> None:
+    """A delivery's accounting and cost; its images per task once the registry counted the chunk."""
+    figures = result.figures
+    for name, seconds in figures.stages.items():
+        stage, task = ("model", name.removeprefix(MODEL_PREFIX)) if name.startswith(MODEL_PREFIX) else (name, "")
+        IMAGE_STAGE_SECONDS.labels(stage, task).inc(max(seconds, 0.0))
+    RUN_SECONDS.inc(max(figures.wall_s, 0.0))
+    RUN_CPU_SECONDS.inc(max(figures.cpu_s, 0.0))
+    ACCELERATOR_BUSY_SECONDS.inc(max(figures.model_s, 0.0))
+    MODEL_CPU_SECONDS.inc(max(figures.model_cpu_s, 0.0))
+    DECODE_STARVATION_SECONDS.inc(max(figures.starved_s, 0.0))
+    if result.cost is not None:
+        COST.inc(result.cost)
+    if since_start.busy_ratio is not None:
+        ACCELERATOR_BUSY_RATIO.set(since_start.busy_ratio)
+    if result.first_time:
+        for task in result.tasks:
+            TASK_IMAGES.labels(task, result.queue, result.lane).inc(images)
+
+
 def record_chunk_dropped(outcome: str) -> None:
-    """A chunk that was not run: `cancelled` (its job was) or `unknown_job`."""
+    """A chunk that was not run: `cancelled` (its job was cancelled or failed) or `unknown_job`."""
     CHUNKS.labels(outcome).inc()
 
 
@@ -106,7 +184,8 @@ def record_model_load(task: str, seconds: float) -> None:
 
 
 class QueueDepthCollector(Collector):
-    """`imagemill_queue_depth{queue}`: chunks waiting in each queue, read from Redis at scrape time.
+    """`imagemill_queue_depth{queue}`: chunks waiting in each queue (every lane), and
+    `imagemill_lane_depth{queue,lane}` the same by lane, read from Redis at scrape time.
 
     Reports nothing (never raises) when Redis cannot be reached."""
 
@@ -123,21 +202,33 @@ class QueueDepthCollector(Collector):
                 self._client = redis_client(self._url, probe=True)
             return self._client
 
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("imagemill_queue_depth", "Chunks waiting in the queue", labels=["queue"]),
+            GaugeMetricFamily(
+                "imagemill_lane_depth", "Chunks waiting in one lane of the queue", labels=["queue", "lane"]
+            ),
+        )
+
     def describe(self) -> Iterable[Metric]:
-        return [GaugeMetricFamily("imagemill_queue_depth", "Chunks waiting in the queue", labels=["queue"])]
+        return list(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily("imagemill_queue_depth", "Chunks waiting in the queue", labels=["queue"])
-        from imagemill.core.broker import queue_depth  # here, so that local mode never imports Celery
+        total, by_lane = self._families()
+        from imagemill.core.broker import lane_depth, queue_depth  # here, so that local mode never imports Celery
 
         try:
             client = self._redis()
             for queue in self._queues:
-                family.add_metric([queue], queue_depth(client, queue))
+                total.add_metric([queue], queue_depth(client, queue))
+                for lane in Lane:
+                    by_lane.add_metric([queue, lane.value], lane_depth(client, queue, lane))
         except Exception as exc:  # noqa: BLE001 - a scrape reports what it can
             log.debug("queue depth unavailable from %s: %s", redact_url(self._url), type(exc).__name__)
             return
-        yield family
+        yield total
+        yield by_lane
 
 
 class GpuMemoryCollector(Collector):

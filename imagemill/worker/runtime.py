@@ -4,15 +4,19 @@ Built lazily in the process that runs tasks (after the fork), so CUDA starts in 
 """
 
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from itertools import combinations
 
+from imagemill.core.accounting import Figures
 from imagemill.core.credentials import with_own_credentials
 from imagemill.core.jobs import JobRegistry
 from imagemill.core.pipeline_key import pipeline_key
-from imagemill.core.schemas import Task
+from imagemill.core.rates import RateSample, sample_now
 from imagemill.core.settings import Settings, get_settings
-from imagemill.core.stores import RecordWriter, open_writer
+from imagemill.core.sinks import Sink, open_sink
+from imagemill.core.tasks import Task
 from imagemill.pipeline.engine import Engine
 from imagemill.pipeline.hooks import Middleware
 from imagemill.pipeline.models import load_runners
@@ -31,7 +35,7 @@ class Runtime:
     middleware: list[Middleware] = field(default_factory=list)
     runners: dict[Task, Runner] = field(default_factory=dict)
     engines: dict[tuple[Task, ...], Engine] = field(default_factory=dict)
-    sinks: dict[str, RecordWriter] = field(default_factory=dict)
+    sinks: dict[str, Sink] = field(default_factory=dict)
     _registry: JobRegistry | None = None
 
     @property
@@ -64,14 +68,31 @@ class Runtime:
         loaded = [task for task in Task if task in self.runners]
         for size in range(1, len(loaded) + 1):
             for tasks in combinations(loaded, size):
-                signature = pipeline_signature([self.runners[task] for task in tasks])
+                signature = pipeline_signature(
+                    [self.runners[task] for task in tasks], quality=self.settings.image_quality
+                )
                 self.registry.publish_signature(pipeline_key(tasks, self.settings), signature)
 
-    def sink(self, url: str) -> RecordWriter:
-        """The writer for a job's sink URL, opened once per process and kept for the next chunks. The
+    @property
+    def name(self) -> str:
+        """This worker process in the job registry's per-worker figures: host:pid."""
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def rate_sample(
+        self, tasks: tuple[Task, ...], signature: str, figures: Figures, total_bytes: int
+    ) -> RateSample | None:
+        """One rate sample for `imagemill estimate`: the chunk's images over its wall time (None for a
+        chunk that annotated nothing). The job registry keeps it as it counts the chunk."""
+        if not figures.images or figures.wall_s <= 0:
+            return None
+        key = pipeline_key(tasks, self.settings)
+        return sample_now(key, figures.images, figures.wall_s, "worker", signature, total_bytes)
+
+    def sink(self, url: str) -> Sink:
+        """The sink for a job's sink URL, opened once per process and kept for the next chunks. The
         registry holds it without a password: this worker's own IMAGEMILL_SINK gives it, or libpq finds one."""
         if url not in self.sinks:
-            self.sinks[url] = open_writer(with_own_credentials(url, self.settings.sink))
+            self.sinks[url] = open_sink(with_own_credentials(url, self.settings.sink))
         return self.sinks[url]
 
     def close(self) -> None:

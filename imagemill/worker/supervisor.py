@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,21 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
+from imagemill.core.gpus import Slot
 from imagemill.core.logs import as_json_line
 
 log = logging.getLogger(__name__)
 _RELAY_LOCK = threading.Lock()
 
-CPU = "cpu"
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
 # a child that ran this long was healthy: its exit starts a new count of crashes in a row
 HEALTHY_AFTER_S = 60.0
 CRASHED = 1  # the supervisor's exit status when a child crash-loops
-METRICS_PORT_VAR = "IMAGEMILL_METRICS_PORT"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # what `imagemill worker --check` reads: the supervisor rewrites it while it watches its children
 STATUS_EVERY_S = 5.0
 STATUS_STALE_S = 30.0
+# without IMAGEMILL_WORKER_STATUS_FILE each supervisor writes its own: <tempdir>/imagemill-worker-<host>-<pid>.json
+STATUS_PREFIX = "imagemill-worker-"
 
 
 def die_with_parent() -> Callable[[], None] | None:
@@ -60,72 +62,6 @@ def die_with_parent() -> Callable[[], None] | None:
             os._exit(127)
 
     return preexec
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One worker process to run: a GPU index, or the CPU; `index` is its place among the slots."""
-
-    gpu: str | None
-    index: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"gpu{self.gpu}" if self.gpu is not None else f"cpu{os.getpid()}"
-
-    def env(self, base: dict[str, str]) -> dict[str, str]:
-        env = dict(base)
-        # SIGTERM is Celery's warm shutdown, which `imagemill.worker.shutdown` bounds: the running chunk
-        # gets IMAGEMILL_SOFT_SHUTDOWN_TIMEOUT seconds to finish, then goes back to the queue; an idle
-        # worker exits at once (REMAP_SIGTERM=SIGQUIT would sleep the whole timeout after any chunk)
-        if self.gpu is None:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            env.setdefault("IMAGEMILL_DEVICE", "cpu")
-        else:
-            # the child sees exactly one GPU, as cuda:0
-            env["CUDA_VISIBLE_DEVICES"] = self.gpu
-            env["IMAGEMILL_DEVICE"] = "cuda:0"
-        # one metrics endpoint per worker process: IMAGEMILL_METRICS_PORT + its index
-        base_port = env.get(METRICS_PORT_VAR, "").strip()
-        if base_port.isdigit():
-            env[METRICS_PORT_VAR] = str(int(base_port) + self.index)
-        return env
-
-
-def detect_gpus() -> list[str]:
-    """GPU indices from nvidia-smi (not torch: CUDA must stay uninitialised here)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip():
-        return [gpu.strip() for gpu in visible.split(",") if gpu.strip()]
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def plan_slots(gpus: str, detect: Callable[[], list[str]] = detect_gpus) -> list[Slot]:
-    """`all`, `0,2` or `cpu` -> the worker processes to run. ValueError when none can run."""
-    spec = gpus.strip().lower()
-    if spec == CPU:
-        return [Slot(None)]
-    if spec == "all":
-        found = detect()
-        if not found:
-            raise ValueError("--gpus all: no NVIDIA GPU found (nvidia-smi); use --gpus cpu to run on the CPU")
-        return [Slot(gpu, i) for i, gpu in enumerate(found)]
-    indices = [part.strip() for part in spec.split(",") if part.strip()]
-    if not indices or not all(index.isdigit() for index in indices):
-        raise ValueError(f"--gpus {gpus}: expected all, cpu, or GPU indices such as 0,2")
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"--gpus {gpus}: a GPU is listed twice")
-    return [Slot(gpu, i) for i, gpu in enumerate(indices)]
 
 
 def celery_argv(
@@ -272,7 +208,12 @@ class Supervisor:
         now = time.time()
         if self.status_file is None or (not force and now - self._status_written < STATUS_EVERY_S):
             return
-        status = {"supervisor": os.getpid(), "children": [c.process.pid for c in self.children], "at": now}
+        status = {
+            "supervisor": os.getpid(),
+            "started": _start_time(os.getpid()),  # tells this supervisor from a later process given its pid
+            "children": [c.process.pid for c in self.children],
+            "at": now,
+        }
         partial = self.status_file.with_name(self.status_file.name + ".tmp")
         try:
             partial.write_text(json.dumps(status), encoding="utf-8")
@@ -295,9 +236,47 @@ class Supervisor:
         for child in self.children:  # the last lines of a child that exited are still on their way
             for relay in child.relays:
                 relay.join(timeout=5)
+        if self.status_file is not None:  # gone with its workers: `--check` finds none rather than a dead one
+            self.status_file.unlink(missing_ok=True)
         if self.failed:
             return CRASHED
         return max((code for code in codes if code and code > 0), default=0)
+
+
+def own_status_file(pid: int | None = None, host: str | None = None, directory: Path | None = None) -> Path:
+    """The status file of the supervisor `pid` (this process) when IMAGEMILL_WORKER_STATUS_FILE is
+    unset: its own, named by host and pid, so that workers sharing a host (and a /tmp) never share one."""
+    folder = directory or Path(tempfile.gettempdir())
+    return folder / f"{STATUS_PREFIX}{host or socket.gethostname()}-{pid or os.getpid()}.json"
+
+
+def check_all_alive(host: str | None = None, directory: Path | None = None) -> str | None:
+    """`imagemill worker --check` without IMAGEMILL_WORKER_STATUS_FILE: None when at least one
+    supervisor runs on this host and every running one is healthy (`check_alive`); else what is
+    wrong. Files whose supervisor is gone (a container restarted in the same pod, a SIGKILL) are
+    left over, not running workers: they are passed over."""
+    folder = directory or Path(tempfile.gettempdir())
+    pattern = f"{STATUS_PREFIX}{host or socket.gethostname()}-*.json"
+    running = [path for path in sorted(folder.glob(pattern)) if _writer_running(path)]
+    if not running:
+        return f"no imagemill worker runs on this host: no status file of a running supervisor in {folder}"
+    return next((problem for path in running if (problem := check_alive(path)) is not None), None)
+
+
+def _writer_running(path: Path) -> bool:
+    """Whether the supervisor named in a status file's name still runs (the same process, not a
+    later one given its pid)."""
+    try:
+        pid = int(path.stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    if not _alive(pid):
+        return False
+    try:
+        started = json.loads(path.read_text(encoding="utf-8")).get("started")
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable while its pid lives: check_alive says what is wrong with it
+    return started is None or started == _start_time(pid)
 
 
 def check_alive(status_file: Path, stale_after_s: float = STATUS_STALE_S) -> str | None:
@@ -316,6 +295,8 @@ def check_alive(status_file: Path, stale_after_s: float = STATUS_STALE_S) -> str
     for pid in pids:
         if not _alive(pid):
             return f"process {pid} of the worker is gone"
+    if status.get("started") not in (None, _start_time(pids[0])):
+        return f"the supervisor {pids[0]} is gone (its pid now names another process)"
     return None
 
 
@@ -329,3 +310,12 @@ def _alive(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     # a zombie is dead but not yet reaped
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc, Linux); None elsewhere or when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[-1].split()[19])  # field 22, starttime; the fields after `)` start at 3

@@ -1,31 +1,32 @@
 """The model runners, one per task, loaded once per process on one device and dtype.
 
-`load_runners` is the one loading path; it tells the middleware how long each model took.
+`load_runners` is the one loading path; it tells the middleware how long each model took. Which
+runner a task has is the task table's (`core.tasks`): `runner_class` finds it there.
 """
 
+import importlib
 import time
 from collections.abc import Sequence
 
 import torch
 
 from imagemill.core.errors import ModelLoadError
-from imagemill.core.schemas import Task
 from imagemill.core.settings import Settings
+from imagemill.core.tasks import TASKS, Task
 from imagemill.pipeline.hooks import Middleware
-from imagemill.pipeline.models.caption import CaptionRunner
 from imagemill.pipeline.models.contrastive import ContrastiveRunner
 from imagemill.pipeline.models.device import resolve_device, resolve_dtype
-from imagemill.pipeline.models.embedding import EmbeddingRunner
-from imagemill.pipeline.models.moderation import ModerationRunner
 from imagemill.pipeline.models.runner import Runner
-from imagemill.pipeline.models.tags import TagsRunner
 
-RUNNERS: dict[Task, type[Runner]] = {
-    Task.CAPTION: CaptionRunner,
-    Task.MODERATION: ModerationRunner,
-    Task.TAGS: TagsRunner,
-    Task.EMBEDDING: EmbeddingRunner,
-}
+
+def runner_class(task: Task) -> type[Runner]:
+    """The runner the task table names for `task` (`module:Class` in this package), imported now:
+    only the runners of the tasks asked for are loaded."""
+    module, _, name = TASKS[task].runner.partition(":")
+    kind = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    if not (isinstance(kind, type) and issubclass(kind, Runner) and kind.task is task):
+        raise TypeError(f"the task table names {TASKS[task].runner} for {task}, which is not its Runner")
+    return kind
 
 
 def load_runners(
@@ -44,7 +45,7 @@ def load_runners(
     runners: list[Runner] = []
     for task in tasks:
         started = time.perf_counter()
-        kind = RUNNERS[task]
+        kind = runner_class(task)
         towers = [r for r in (*loaded, *runners) if isinstance(r, ContrastiveRunner)]
         if issubclass(kind, ContrastiveRunner) and towers:
             runners.append(kind(settings, device, dtype, share=towers[0]))

@@ -5,6 +5,7 @@ a task token (IMAGEMILL_CAPTION_PROMPT) and its own processor post-processes the
 (SmolVLM2, SmolVLM) answers the prompt put through its processor's chat template.
 """
 
+import logging
 from importlib.util import find_spec
 from typing import Any
 
@@ -13,12 +14,13 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from imagemill.core.errors import ModelLoadError
-from imagemill.core.pipeline_key import configured_model
-from imagemill.core.schemas import Caption, Task
+from imagemill.core.schemas import Caption
 from imagemill.core.settings import Settings, SettingsError
+from imagemill.core.tasks import Task
 from imagemill.pipeline.models.generation import generation_plan
+from imagemill.pipeline.models.greedy import BlipGreedy, blip_greedy
 from imagemill.pipeline.models.runner import Runner, load_pretrained
-from imagemill.pipeline.preprocess import Preprocessor
+from imagemill.pipeline.prepare.preprocess import Preprocessor
 
 # Florence-2's task tokens whose answer is plain text; the others (<OD>, <OCR_WITH_REGION>…) answer boxes
 FLORENCE_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OCR>")
@@ -26,6 +28,8 @@ FLORENCE_MODEL_TYPES = {"florence2"}
 # chat VLMs whose images are a fixed number of tokens once tiling is off (SmolVLM2 is `smolvlm`, SmolVLM `idefics3`)
 CHAT_MODEL_TYPES = {"smolvlm", "idefics3"}
 CHAT_PROMPT = "Describe this image in one sentence."
+
+log = logging.getLogger(__name__)
 
 
 class CaptionRunner(Runner):
@@ -35,7 +39,7 @@ class CaptionRunner(Runner):
     model_loader = AutoModelForImageTextToText
 
     def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
-        name, revision = configured_model(settings, self.task), settings.revision(self.task)
+        name, revision = settings.model(self.task), settings.revision(self.task)
         # the config alone says the path, so a prompt the model cannot take is refused before any weights load
         self.family = caption_family(load_pretrained(self.task, AutoConfig, name, revision))
         self.prompt = caption_prompt(settings.caption_prompt, self.family)
@@ -55,6 +59,11 @@ class CaptionRunner(Runner):
         self.max_new_tokens = settings.caption_max_new_tokens
         self.num_beams = settings.caption_num_beams
         self.plan = generation_plan(settings.caption_compile, device, self.model)
+        # the static cache (compiled on a GPU) is generate's; otherwise BLIP's greedy captions skip its per-token cost
+        self.greedy: BlipGreedy | None = None
+        if not self.plan.static_cache:
+            self.greedy, why = blip_greedy(self.model, self.num_beams, self.max_new_tokens)
+            log.info("captions: %s", why)
         self._prompt_inputs = self._encode_prompt() if self.prompt is not None else {}
 
     def options(self) -> dict[str, Any]:
@@ -69,6 +78,8 @@ class CaptionRunner(Runner):
         prompt = {key: value.expand(len(pixels), -1) for key, value in self._prompt_inputs.items()}
         if self.family == "chat":  # (batch, images per prompt = 1, channels, height, width)
             pixels = pixels.unsqueeze(1)
+        if self.greedy is not None:
+            return self._captions(self.greedy.generate(pixels, self.max_new_tokens))
         tokens = self.model.generate(
             pixel_values=pixels,
             **prompt,
@@ -78,6 +89,9 @@ class CaptionRunner(Runner):
         )
         if self.family == "chat":  # a decoder-only model returns the prompt too: decode only the new tokens
             tokens = tokens[:, self._prompt_inputs["input_ids"].shape[1] :]
+        return self._captions(tokens)
+
+    def _captions(self, tokens: torch.Tensor) -> list[Caption]:
         # Florence-2's post-processing wants its special tokens (it strips them itself)
         texts = [
             self._text(t) for t in self.processor.batch_decode(tokens, skip_special_tokens=self.family != "florence2")

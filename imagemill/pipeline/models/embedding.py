@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagemill.core.schemas import Embedding, Task
+from imagemill.core.schemas import Embedding
 from imagemill.core.settings import Settings
+from imagemill.core.tasks import Task
 from imagemill.pipeline.models.contrastive import ContrastiveRunner, normalised
 
 
@@ -24,7 +25,7 @@ class EmbeddingRunner(ContrastiveRunner):
         self.storage = settings.embedding_dtype
 
     def options(self) -> dict[str, Any]:
-        # float16 storage rounds the values every writer stores, so it is part of what a record means
+        # float16 storage rounds the values every sink stores, so it is part of what a record means
         return {"normalised": "l2", "dtype": self.storage}
 
     @torch.inference_mode()

@@ -6,8 +6,9 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from imagemill.core.errors import ModelLoadError
-from imagemill.core.schemas import Moderation, Task
+from imagemill.core.schemas import Moderation
 from imagemill.core.settings import Settings
+from imagemill.core.tasks import Task
 from imagemill.pipeline.models.runner import Runner
 
 

@@ -3,6 +3,7 @@
 Also the shared loading path, so every runner names its model and revision the same way.
 """
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -16,11 +17,11 @@ import transformers
 from PIL import Image
 
 from imagemill.core.errors import ModelLoadError
-from imagemill.core.pipeline_key import configured_model
-from imagemill.core.schemas import Caption, Embedding, Moderation, Tags, Task
+from imagemill.core.schemas import Caption, Embedding, Moderation, Tags
 from imagemill.core.settings import Settings
-from imagemill.pipeline.models.device import pins_memory
-from imagemill.pipeline.preprocess import from_processor
+from imagemill.core.tasks import TASKS, Task
+from imagemill.pipeline.models.device import ONE_THREAD_MACS, pins_memory
+from imagemill.pipeline.prepare.preprocess import from_processor
 
 TaskOutput = Caption | Moderation | Tags | Embedding
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -43,7 +44,7 @@ class Runner(ABC):
     model_loader: Any  # and of its model
 
     def __init__(self, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
-        name, revision = configured_model(settings, self.task), settings.revision(self.task)
+        name, revision = settings.model(self.task), settings.revision(self.task)
         self.processor = load_pretrained(self.task, self.processor_loader, name, revision)
         # safetensors only: a checkpoint that has only pickled weights is refused, never unpickled
         model = load_pretrained(self.task, self.model_loader, name, revision, dtype=dtype, use_safetensors=True)
@@ -55,6 +56,18 @@ class Runner(ABC):
         self.preprocess: Callable[[Image.Image], np.ndarray] = from_processor(self.image_processor) or (
             lambda image: self.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
         )
+
+    @functools.cached_property
+    def macs_per_image(self) -> int:
+        """Roughly the multiply-adds of this model's largest matrix product for one image: its largest
+        weight once per 16x16 patch of its input (a ViT's; more than a tower not run per image does).
+        A small CPU batch runs on one thread by it (`device.ONE_THREAD_MACS`)."""
+        largest = max((p.numel() for p in self.model.parameters() if p.dim() >= 2), default=0)
+        return largest * ((self.min_side // 16) ** 2 + 1)
+
+    def one_thread_for(self, images: int) -> bool:
+        """Whether a batch of `images` runs on one torch thread: a small batch on a CPU."""
+        return self.device.type == "cpu" and images * self.macs_per_image < ONE_THREAD_MACS
 
     @property
     def min_side(self) -> int:
@@ -74,7 +87,7 @@ class Runner(ABC):
     def batch(self, inputs: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """Preprocessed images -> one tensor on the model's device and dtype.
 
-        Tensors are rows already staged on the device (`imagemill.pipeline.staging`): stacked there."""
+        Tensors are rows already staged on the device (`imagemill.pipeline.prepare.staging`): stacked there."""
         if inputs and all(isinstance(row, torch.Tensor) for row in inputs):
             return torch.stack([torch.as_tensor(row) for row in inputs]).to(self.device, dtype=self.dtype)
         pixels = torch.from_numpy(np.stack([np.asarray(row) for row in inputs]))
@@ -93,7 +106,7 @@ def load_pretrained(task: Task, loader: Any, name: str, revision: str | None, **
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
     if looks_like_path(name) and not Path(name).expanduser().is_dir():
         # else the hub client reads it as a repo id and complains about its characters
-        variable = f"IMAGEMILL_{task.upper()}_MODEL"
+        variable = TASKS[task].model_variable
         raise ModelLoadError(f"cannot load the {task} model {name!r}: no such directory ({variable})")
     try:
         return loader.from_pretrained(name, revision=revision, **kwargs)
@@ -117,7 +130,7 @@ def model_id(name: str, revision: str | None) -> ModelId:
 
 def hub_commit(name: str, revision: str | None) -> str | None:
     """The commit a hub id resolves to in the local cache (its snapshot folder is named by it)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # transformers imports it anyway; only a hub id needs it here
 
     try:
         return Path(snapshot_download(name, revision=revision, local_files_only=True)).name

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from imagemill.core.errors import ModelLoadError
-from imagemill.core.schemas import Tags, Task
+from imagemill.core.schemas import Tags
 from imagemill.core.settings import Settings
+from imagemill.core.tasks import Task
 from imagemill.pipeline.models.contrastive import ContrastiveRunner, normalised, projected
 from imagemill.pipeline.models.zero_shot import SIGMOID_MODEL_TYPES, TagOptions, ZeroShotScorer, embed_vocabulary
 

@@ -1,10 +1,11 @@
 """The text tower of a CLIP or SigLIP checkpoint, loaded alone: what retag embeds a vocabulary with.
 
 From a full checkpoint only the text model's weights are read (transformers leaves the vision
-tower's tensors in the file); the logit scale (and SigLIP's bias), which live on the full model,
-are read from the checkpoint's safetensors by name.
+tower's tensors in the file), projected into the size the full model uses; the logit scale (and
+SigLIP's bias), which live on the full model, are read from the checkpoint's safetensors by name.
 """
 
+import copy
 import json
 from typing import Any
 
@@ -13,7 +14,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer
 
 from imagemill.core.errors import ModelLoadError
-from imagemill.core.schemas import Task
+from imagemill.core.tasks import Task
 from imagemill.pipeline.models.runner import load_pretrained
 from imagemill.pipeline.models.zero_shot import (
     SIGMOID_MODEL_TYPES,
@@ -42,8 +43,9 @@ class TextTower:
             known = ", ".join(sorted(TEXT_TOWERS))
             raise ModelLoadError(f"the tags model {name!r} is a {model_type!r} model; retag knows {known}")
         loader = getattr(transformers, TEXT_TOWERS[model_type])
+        kwargs = {"dtype": torch.float32, "use_safetensors": True, "config": _text_config(config)}
         with _quiet():  # the load report lists every vision weight left in the file: expected, not news
-            model = load_pretrained(Task.TAGS, loader, name, revision, dtype=torch.float32, use_safetensors=True)
+            model = load_pretrained(Task.TAGS, loader, name, revision, **kwargs)
         self.model = model.to(device).eval()
         self.tokenizer = load_pretrained(Task.TAGS, AutoTokenizer, name, revision)
         self.device = device
@@ -68,8 +70,21 @@ class TextTower:
         return ZeroShotScorer(options, text, self.logit_scale, self.logit_bias)
 
 
+def _text_config(config: Any) -> Any:
+    """The text tower's config as the full model builds it. CLIPModel projects text into its own
+    `projection_dim`; the text tower alone reads `text_config.projection_dim`, which converted
+    checkpoints (LAION's) leave at CLIPTextConfig's default 512, so the full model's wins here.
+    SigLIP's text tower sizes its head from `text_config` in both, so it is taken as it is."""
+    text_config = copy.deepcopy(config.text_config)
+    projection_dim = getattr(config, "projection_dim", None)
+    if projection_dim is not None and hasattr(text_config, "projection_dim"):
+        text_config.projection_dim = projection_dim
+    return text_config
+
+
 def _logit_parameters(name: str, revision: str | None) -> dict[str, torch.Tensor]:
     """`logit_scale` (and `logit_bias`) read by name from the checkpoint's safetensors."""
+    # only retag reads two tensors by name: the rest of the module does without these
     from safetensors import safe_open
     from transformers.utils.hub import cached_file
 

@@ -95,10 +95,6 @@ class ZeroShotScorer:
         self._scale = logit_scale.exp()
         self._bias = logit_bias
 
-    @property
-    def sigmoid(self) -> bool:
-        return self._bias is not None
-
     @torch.inference_mode()
     def top(self, image_embeddings: torch.Tensor) -> TopTags:
         """The top-k tags of each row of `image_embeddings` (already L2-normalised, as stored)."""
