@@ -16,7 +16,7 @@ import pytest
 from botocore.response import StreamingBody
 
 from imagemill.core.errors import ErrorKind, ImageError
-from imagemill.core.images import ObjectReader, file_uri, parse_s3
+from imagemill.core.images import ObjectReader, file_uri, parse_s3, read_at_most
 from imagemill.core.schemas import ImageRef
 from imagemill.core.settings import Settings
 from imagemill.core.sinks.files import read_records
@@ -138,6 +138,42 @@ def test_a_file_whose_size_says_nothing_is_read_no_further_than_the_limit(tmp_pa
     writer = feed(b"q" * LIMIT)
     assert read.read(ImageRef(uri=file_uri(pipe))).data == b"q" * LIMIT
     writer.join(timeout=10)
+
+
+class RecordedReads(io.BytesIO):
+    """A stream that keeps the size of every read asked of it."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.asked: list[int | None] = []
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self.asked.append(size)
+        return super().read(size)
+
+
+CAP = LIMIT + 1  # what a file read asks at most: one byte over the limit tells it is over
+
+
+@pytest.mark.parametrize(
+    ("length", "size_hint", "asked"),
+    [
+        pytest.param(10, 10, [11], id="the size is right: one read of the size and one byte more"),
+        pytest.param(500, 100, [101, CAP - 101], id="a growing file: the byte more came, the rest follows"),
+        pytest.param(500, 0, [CAP], id="a pipe says 0: one read up to the cap"),
+        pytest.param(LIMIT, LIMIT, [CAP], id="at the limit: the byte more is the cap, no second read"),
+        pytest.param(LIMIT + 5, LIMIT, [CAP], id="grown over the limit: the cap, no second read"),
+        pytest.param(3 * LIMIT, 3 * LIMIT, [CAP], id="over the limit: never more than the cap"),
+        pytest.param(3 * LIMIT, 100, [101, CAP - 101], id="grown far over the limit: never more than the cap"),
+    ],
+)
+def test_a_file_is_read_in_one_read_when_its_size_is_right_and_never_past_the_cap(
+    length: int, size_hint: int, asked: list[int]
+) -> None:
+    data = bytes(range(256)) * (length // 256 + 1)
+    stream = RecordedReads(data[:length])
+    assert read_at_most(stream, size_hint, CAP) == data[: min(length, CAP)]
+    assert stream.asked == asked
 
 
 @pytest.mark.slow

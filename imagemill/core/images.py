@@ -7,7 +7,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import boto3
@@ -177,14 +177,8 @@ class ObjectReader:
                 stat = os.fstat(handle.fileno())
                 if stat.st_size > self._max_bytes:
                     raise self._too_large(stat.st_size)
-                # the size is a hint: a pipe says 0 and a growing file says less than it yields. Asked for
-                # what it says and one byte more: a read asks the allocator for all it may return (asking
-                # for the limit costs ~150 us of CPU per image, more than the read); the rest, up to the
-                # limit's one byte more, only where that byte came
-                want = min(stat.st_size, self._max_bytes) + 1 if stat.st_size > 0 else self._max_bytes + 1
-                data = handle.read(want)
-                if len(data) == want < self._max_bytes + 1:
-                    data += handle.read(self._max_bytes + 1 - want)
+                # one byte over the limit is enough to refuse it
+                data = read_at_most(handle, stat.st_size, self._max_bytes + 1)
         except FileNotFoundError:
             raise ImageError(ErrorKind.NOT_FOUND, f"no such file: {path}") from None
         except IsADirectoryError:
@@ -209,6 +203,19 @@ class ObjectReader:
         except BotoCoreError as exc:
             raise ImageError(ErrorKind.FETCH_FAILED, f"cannot fetch {ref.uri}: {exc}") from None
         return Blob(self._within_limit(data), response.get("ETag", "").strip('"') or ref.etag)
+
+
+def read_at_most(handle: BinaryIO, size_hint: int, cap: int) -> bytes:
+    """Up to `cap` bytes of `handle`, in one read where `size_hint` (its stat size) is right.
+
+    A read asks the allocator for all it may return (asking for the cap costs ~150 us of CPU per image,
+    more than the read), so it asks for the hint and one byte more. The size is only a hint: a pipe says 0
+    and a growing file less than it yields, so where that byte more came the rest follows, up to the cap."""
+    want = min(size_hint + 1, cap) if size_hint > 0 else cap
+    data = handle.read(want)
+    if len(data) == want < cap:
+        data += handle.read(cap - want)
+    return data
 
 
 def _s3_error(uri: str, exc: ClientError) -> ImageError:

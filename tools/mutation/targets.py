@@ -26,7 +26,7 @@ TARGETS = {
     ),
     "storage-limits": Target(
         "imagemill/core/images.py",
-        frozenset({"read", "_too_large", "_within_limit", "_read_file", "_read_s3"}),
+        frozenset({"read", "_too_large", "_within_limit", "_read_file", "_read_s3", "read_at_most"}),
         # the stubs test: boto3's type stubs are a dev dependency, imported only `if TYPE_CHECKING`
         "tests/test_byte_limits.py tests/test_install.py::test_every_module_imports_without_the_dev_only_type_stubs"
         " -k 'not real_run'",
