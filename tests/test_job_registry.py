@@ -443,3 +443,16 @@ def test_a_running_jobs_budget_can_change_and_the_last_chunk_ends_it_done_not_ov
     registry.chunk_done("job1", "job1/000000", {"annotated": 4}, figures={"cost": 2.0})
     assert registry.state("job1") == JobState.DONE  # all its work was done: nothing was stopped
     assert not registry.set_budget("job1", 5.0)
+
+
+def test_a_job_that_continues_another_keeps_what_that_one_spent_and_starts_from_nothing_without_it(
+    redis_url: str,
+) -> None:
+    registry = JobRegistry(redis_url)
+    new_job(registry)
+    common = ("s3://b/p", (Task.CAPTION,), "postgresql://db/x", "imagemill")
+    after, _ = registry.create("job2", *common, budget=10.0, continues="job1", spent_before=2.5)
+    assert (after.continues, after.spent_before, after.budget) == ("job1", 2.5, 10.0)
+    unpriced, _ = registry.create("job3", *common, continues="job1")
+    assert (unpriced.continues, unpriced.spent_before, unpriced.budget) == ("job1", 0.0, None)
+    assert (registry.get("job1").continues, registry.get("job1").spent_before) == (None, 0.0)
