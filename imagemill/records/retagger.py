@@ -174,6 +174,37 @@ class Retagger:
         self.counts.retagged += len(embedded)
         return embedded
 
+    def load_for(self, rows: list[dict[str, Any]]) -> bool:
+        """The text tower loaded as `json_rows` loads it for the first of `rows` with an embedding as
+        imagemill writes it (its model checked), before any is scored: processes forked then share
+        it. Whether one was there (or the tower was loaded already)."""
+        if self._scorer is not None:
+            return True
+        for row in rows:
+            embedding = row.get("embedding")
+            vector = _fast_vector(embedding)
+            if vector is not None:
+                assert isinstance(embedding, dict)  # `_fast_vector` reads only those
+                self._check(embedding["model"], embedding.get("revision"), embedding["dim"], row["uri"])
+                self._loaded_scorer()
+                return True
+        return False
+
+    @property
+    def known_signatures(self) -> dict[tuple[str, bool], NewSignature]:
+        """What each (old signature, whether the record keeps its task options) became so far."""
+        return self._signatures
+
+    def merge(self, counts: RetagCounts, signatures: dict[tuple[str, bool], NewSignature]) -> None:
+        """What another process's retagger did (one part of the records, in order after the parts
+        merged so far) added to this one's."""
+        self.counts.retagged += counts.retagged
+        self.counts.passed_over(counts.without_embedding, counts.examples)
+        self.counts.signatures.update(counts.signatures)
+        self.counts.own_signature += counts.own_signature
+        for key, new in signatures.items():
+            self._signatures.setdefault(key, new)
+
     def stored(self, batch: StoredEmbeddings, record: Callable[[int], Record]) -> list[RetaggedRow]:
         """The keyed path (a PostgreSQL store retagged in place): keys and vectors in, one
         `RetaggedRow` per record with an embedding out (the database builds the new rows from the
