@@ -183,10 +183,21 @@ class JsonlSink(RecordFile):
 
     def append(self, part: Path) -> None:
         """The lines of `part` (written by another process, as `write_rows` writes them) added as
-        they are."""
+        they are: copied by the kernel (no pass through this process: a part is hundreds of MB),
+        or read and written where the file system cannot."""
         self._handle.flush()
         with part.open("rb") as source:
-            shutil.copyfileobj(source, self._handle, JSONL_BUFFER)
+            size, copied = os.fstat(source.fileno()).st_size, 0
+            into = self._handle.fileno()
+            try:
+                while copied < size and (n := os.copy_file_range(source.fileno(), into, size - copied)):
+                    copied += n
+            except OSError:  # not between these file systems, or not on this kernel
+                pass
+            self._handle.seek(0, os.SEEK_END)  # the buffered file's position after the kernel's writes
+            if copied < size:
+                source.seek(copied)
+                shutil.copyfileobj(source, self._handle, JSONL_BUFFER)
         self._handle.flush()
 
     def _close(self) -> None:
