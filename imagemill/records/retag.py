@@ -45,6 +45,9 @@ COLUMN_BATCH = 65_536
 # connections writing a store retagged in place, each with a batch in flight: the database's copy
 # of the rows waits on I/O as much as on CPU, and two overlap (1.4-1.6x the rows a second, measured)
 KEYED_WRITERS = 2
+# the cyclic collector's thresholds during a run (`_young_collections_spaced`): a young pass per
+# 100,000 objects, older passes as rarely as the young ones
+RUN_GC_THRESHOLDS = (100_000, 50, 100)
 Advance = Callable[[int], None]  # this many more records were read
 Interrupted = Callable[[str, Path], None]  # the target left as it was, and where the partial output is
 T = TypeVar("T")
@@ -115,7 +118,7 @@ class Retag:
         as it was and where the partial output is, when anything but a fault the user can fix stops it."""
         started = time.perf_counter()
         processes = 1
-        with _long_lived_frozen():
+        with _long_lived_frozen(), _young_collections_spaced():
             if self.path == "columnar":
                 _columnar(self.records, self.target, self.retagger, advance, interrupted)
             elif self.path == "json":
@@ -357,6 +360,20 @@ def _long_lived_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+@contextmanager
+def _young_collections_spaced() -> Iterator[None]:
+    """The cyclic collector's young passes spaced out while the run goes (`RUN_GC_THRESHOLDS`):
+    a batch makes some 40,000 objects (JSON objects, its tags' dicts), none in a cycle, and at
+    Python's 700 allocations a pass each walks the batches still held again and again (a tenth of
+    the JSON path's CPU, measured: 31 against 28 µs a record). Cycles are still collected."""
+    before = gc.get_threshold()
+    gc.set_threshold(*RUN_GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def _validated(retagger: "Retagger", batch: list[dict[str, Any]], records: str) -> list[dict[str, Any]]:
