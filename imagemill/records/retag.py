@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # torch and transformers: imported once the arguments are che
 # records per batch: pydantic records are built one by one, Arrow batches are scored in one product
 RECORD_BATCH = 4096
 COLUMN_BATCH = 65_536
+# rows read to load the text tower before a split's processes are forked (the first with an embedding)
+FIRST_ROWS = 64
 # connections writing a store retagged in place, each with a batch in flight: the database's copy
 # of the rows waits on I/O as much as on CPU, and two overlap (1.4-1.6x the rows a second, measured)
 KEYED_WRITERS = 2
@@ -251,7 +253,7 @@ def _json_parts(
 ) -> list[Callable[[], Iterable[list[dict[str, Any]]]]] | None:
     """The sources of the parts the JSON path is split into (`records.split`), the text tower loaded
     for them; None for one process: one asked for, a small input (`SPLIT_BYTES`, `SPLIT_ROWS`), a
-    gzipped file, or a first batch with no embedding as imagemill writes it."""
+    gzipped file, or first rows (`FIRST_ROWS`) with no embedding as imagemill writes it."""
     from imagemill.records.split import SPLIT_BYTES, SPLIT_ROWS
 
     if processes < 2:
@@ -263,7 +265,7 @@ def _json_parts(
         keys = held.enter_context(store.split_json(processes, history=history))
         if len(keys) < 2 or sum(part.rows for part in keys) < SPLIT_ROWS:
             return None
-        if not retagger.load_for(_first(store.read_json(history=history, batch_size=RECORD_BATCH, part=keys[0]))):
+        if not retagger.load_for(_first(store.read_json(history=history, batch_size=FIRST_ROWS, part=keys[0]))):
             return None
         return [
             functools.partial(PostgresSink(records).read_json, history=history, batch_size=RECORD_BATCH, part=part)
@@ -274,7 +276,7 @@ def _json_parts(
     ranges = line_ranges(records, processes)
     if len(ranges) < 2:
         return None
-    if not retagger.load_for(_first(json_rows(records, RECORD_BATCH, ranges[0]))):
+    if not retagger.load_for(_first(json_rows(records, FIRST_ROWS, ranges[0]))):
         return None
     return [functools.partial(json_rows, records, RECORD_BATCH, lines) for lines in ranges]
 
