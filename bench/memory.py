@@ -30,6 +30,25 @@ def rss(pid: int) -> int | None:
         return None
 
 
+def pss(pid: int) -> int | None:
+    """Proportional set size of one process (a page shared by n processes counts 1/n: forked
+    processes sharing their parent's memory are not counted again), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
+
+
+def tree_pss(pid: int) -> int | None:
+    """Summed PSS of `pid` and its descendants (what the tree holds), or None once it is gone."""
+    sizes = [size for member in descendants(pid) if (size := pss(member)) is not None]
+    return sum(sizes) if sizes else None
+
+
 def peak_rss(pid: int) -> int | None:
     """The process's own high-water mark of resident memory (VmHWM), in bytes."""
     try:
@@ -89,7 +108,8 @@ class Sample:
 class Sampler:
     """The RSS of a process over a stretch of work, sampled every `interval` seconds on a thread (with
     an optional progress probe): of its whole tree (`tree`, the default; VmHWM per member too), or of
-    the process alone, which reads one file per sample. Without a pid, this process."""
+    the process alone, which reads one file per sample; or (`proportional`) its tree's summed PSS,
+    for children forked from it that share its pages. Without a pid, this process."""
 
     def __init__(
         self,
@@ -97,8 +117,10 @@ class Sampler:
         interval: float = 0.02,
         probe: Callable[[], dict[str, Any]] | None = None,
         tree: bool = True,
+        proportional: bool = False,
     ) -> None:
         self.pid, self.interval, self.probe, self.tree = pid or os.getpid(), interval, probe, tree
+        self.proportional = proportional  # the tree's summed PSS instead (forked children sharing pages)
         self.samples: list[Sample] = []
         self.peaks: dict[int, int] = {}  # VmHWM per process seen (tree sampling only)
         self._stop = threading.Event()
@@ -126,7 +148,11 @@ class Sampler:
         self.sample()
 
     def sample(self) -> None:
-        if self.tree:
+        if self.proportional:
+            if (held := tree_pss(self.pid)) is None:
+                return
+            total = leaves = held
+        elif self.tree:
             total, leaves, members = tree_rss(self.pid)
             if not members:
                 return

@@ -1,6 +1,7 @@
 """A local run's output file: JSONL or Parquet, written beside the target and moved into place at the
 end; every record read back equal; an incremental run keeps the earlier error-free records."""
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from imagemill.core.sinks.files import (
     ParquetSink,
     decode_records,
     encode_records,
+    json_rows,
+    line_ranges,
     open_file_sink,
     read_records,
 )
@@ -207,3 +210,17 @@ def test_columnar_tables_are_written_as_they_are_under_the_first_tables_schema(t
         "uri": ["file:///p/a.jpg", "file:///p/b.jpg", "file:///p/c.jpg"],
         "score": [0.5, 0.25, 0.125],
     }
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7, 50])
+@pytest.mark.parametrize("ending", [b"\n", b""])
+def test_a_jsonl_file_s_line_ranges_hold_every_line_once_in_order(tmp_path: Path, parts: int, ending: bytes) -> None:
+    # lines of uneven length, a blank one among them, the last with or without its newline
+    lines = [b'{"uri": "s3://b/%d.jpg", "pad": "%s"}' % (i, b"x" * (i * 37 % 300)) for i in range(20)]
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\n".join([*lines[:5], b"   ", *lines[5:]]) + ending)
+    ranges = line_ranges(str(path), parts)
+    assert 1 <= len(ranges) <= parts and ranges[0][0] == 0 and ranges[-1][1] == path.stat().st_size
+    assert all(stop == start for (_, stop), (start, _) in itertools.pairwise(ranges))  # no gap, no overlap
+    read = [row["uri"] for lines_ in ranges for batch in json_rows(str(path), 3, lines_) for row in batch]
+    assert read == [f"s3://b/{i}.jpg" for i in range(20)]

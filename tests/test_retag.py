@@ -5,6 +5,7 @@ vocabulary), then deleted; retag must give every record tags from the new words 
 labels the tags task gives, and report records it cannot tag."""
 
 import json
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -29,6 +30,7 @@ from imagemill.pipeline.models.contrastive import projected
 from imagemill.pipeline.models.text_tower import TextTower
 from imagemill.pipeline.models.zero_shot import TagOptions
 from imagemill.pipeline.signature import pipeline_signature
+from imagemill.records import split
 from imagemill.records.retag import retag
 from imagemill.records.retagger import Retagger
 from tests.fixtures.cli import run_cli
@@ -387,3 +389,67 @@ def test_after_retagging_a_postgresql_store_a_run_with_the_new_vocabulary_reads_
     assert annotate_local(str(folder), tasks, url, settings(new)) == {"skipped": 3}
     with PostgresSink(url) as store:
         assert store.count() == 6
+
+
+def many_records(annotated: dict[str, Path], path: Path, copies: int) -> Path:
+    """The annotated JSONL file's records `copies` times over, each copy's uris made its own."""
+    lines = annotated["jsonl"].read_bytes().splitlines()
+    with path.open("wb") as handle:
+        for copy in range(copies):
+            handle.writelines(line.replace(b'.jpg"', f'-{copy}.jpg"'.encode()) + b"\n" for line in lines)
+    return path
+
+
+def without_time(path: Path) -> bytes:
+    """A JSONL output with each record's processed_at (the time it was written) taken out."""
+    return re.sub(rb'"processed_at":"[^"]*"', b"", path.read_bytes())
+
+
+def test_a_large_jsonl_file_split_over_processes_is_written_as_one_process_writes_it(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(split, "SPLIT_BYTES", 0)  # the tiny records are far below a split's size
+    source = many_records(annotated, tmp_path / "many.jsonl", 40)
+    one = retag(
+        str(source), retag_settings(tiny_models, annotated, retag_processes=1), tmp_path / "1.jsonl", history=False
+    )
+    three = retag(
+        str(source), retag_settings(tiny_models, annotated, retag_processes=3), tmp_path / "3.jsonl", history=False
+    )
+    assert (one.path, one.processes, three.path, three.processes) == ("json", 1, "json", 3)
+    # the same lines in the same order, byte for byte, and the same counts (the examples in order)
+    assert without_time(tmp_path / "3.jsonl") == without_time(tmp_path / "1.jsonl")
+    assert three.counts == one.counts and one.counts.retagged == 200 and one.counts.without_embedding == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.jsonl", "3.jsonl", "many.jsonl"]  # no part left
+
+
+def test_a_split_file_s_bad_line_is_named_by_its_line_in_the_whole_file(
+    annotated: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(split, "SPLIT_BYTES", 0)
+    source = many_records(annotated, tmp_path / "many.jsonl", 10)
+    lines = source.read_bytes().splitlines(keepends=True)
+    source.write_bytes(b"".join(lines[:50]) + b"{not json\n" + b"".join(lines[50:]))
+    settings = retag_settings(tiny_models, annotated, retag_processes=2)
+    with pytest.raises(UserError, match=r"line 51 is not JSON") as caught:
+        retag(str(source), settings, tmp_path / "o.jsonl", history=False)
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.jsonl"]  # neither the output nor a part
+
+
+def test_a_large_postgresql_store_split_over_processes_is_written_as_one_process_writes_it(
+    annotated: dict[str, Path],
+    tiny_models: dict[str, Path],
+    pg_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(split, "SPLIT_ROWS", 0)
+    url = f"{pg_url}?table=retag_{secrets.token_hex(4)}"
+    with PostgresSink(url) as store:
+        store.write(read_file(many_records(annotated, tmp_path / "many.jsonl", 20)))
+    one = retag(url, retag_settings(tiny_models, annotated, retag_processes=1), tmp_path / "1.jsonl", history=False)
+    two = retag(url, retag_settings(tiny_models, annotated, retag_processes=2), tmp_path / "2.jsonl", history=False)
+    assert (one.processes, two.path, two.processes) == (1, "json", 2)
+    assert without_time(tmp_path / "2.jsonl") == without_time(tmp_path / "1.jsonl")
+    assert two.counts == one.counts and one.counts.retagged == 100

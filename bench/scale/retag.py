@@ -12,7 +12,8 @@ Parquet file — the columnar path (Arrow batches, no record objects). In the sa
 PostgreSQL store retagged in place (the keyed path: keys and vectors read in binary batches, new
 rows copied from the old ones in the database; the server's CPU counts in the wall time, not in
 this process's CPU s); and for contrast the records path (pydantic records) on `--record-path`
-records. The RSS of this process is sampled every 0.1 s throughout.
+records. The memory of this process and of the JSON path's forked parts (PSS: the pages they share
+counted once) is sampled every 0.1 s throughout; the CPU s include the parts'.
 """
 
 import os
@@ -158,7 +159,8 @@ def timed_retag(source: Path | str, out: Path | None, clip: Path, vocabulary: Pa
     `Retagger` that has scored records already), its loaded text tower and vocabulary are reused, so
     the time is the records' alone (the load is timed once, by `timed_load`)."""
     settings = Settings(tags_model=str(clip), tags_vocabulary=vocabulary, tags_threshold=0.0, device="cpu")
-    with Interference() as others, Sampler(os.getpid(), 0.1) as sampler:
+    # PSS of this process and the JSON path's forked parts: RSS would count the pages they share again
+    with Interference() as others, Sampler(os.getpid(), 0.1, proportional=True) as sampler:
         started, cpu = time.perf_counter(), _cpu_s()
         run = Retag(str(source), settings, out, history=False)
         if warm is not None:
@@ -171,6 +173,7 @@ def timed_retag(source: Path | str, out: Path | None, clip: Path, vocabulary: Pa
     steady = rss[len(rss) // 10 :] or rss  # past the model's loading
     return {
         "path": done.path,
+        "processes": done.processes,
         "records": counts.retagged,
         "without_embedding": counts.without_embedding,
         "own_signature": counts.own_signature,
@@ -206,9 +209,10 @@ def timed_load(clip: Path, vocabulary: Path) -> dict[str, float]:
 
 
 def _cpu_s() -> float:
-    """CPU seconds of this process, all its threads (what a busy machine cannot take away)."""
+    """CPU seconds of this process, all its threads, and of its children once ended (the JSON
+    path's parts' processes): what a busy machine cannot take away."""
     times = os.times()
-    return times.user + times.system
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def main() -> None:
@@ -297,13 +301,14 @@ def report(r: dict[str, Any]) -> str:
         " together). top-k 5, threshold 0.",
         "",
         f"| path | records | s ({'past the load' if warm else 'load included'}) | records/s | CPU s |"
-        " CPU s past the load, per 1M records | RSS start → peak → end (MiB) | steady drift | others' cores |",
+        " CPU s past the load, per 1M records | PSS start → peak → end (MiB) | steady drift | others' cores |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for name, row in paths:
         per_million = (row["cpu_s"] - (0 if warm else load["cpu_s"])) / row["records"] * 1e6
+        split = f" ({row['processes']} processes)" if row.get("processes", 1) > 1 else ""
         lines.append(
-            f"| {name} | {row['records']:,} | {row['seconds']} | {row['records_per_s']:,} | {row['cpu_s']} |"
+            f"| {name}{split} | {row['records']:,} | {row['seconds']} | {row['records_per_s']:,} | {row['cpu_s']} |"
             f" {per_million:,.1f} | {row['rss_start_mib']} → {row['rss_peak_mib']} → {row['rss_end_mib']} |"
             f" {row['steady_drift']:+.1%} | {row['others_cores']} |"
         )
@@ -314,7 +319,11 @@ def report(r: dict[str, Any]) -> str:
         " back with the `tags`, `signature`, `processed_at` and `task_options` columns replaced; the JSON path"
         " reads each JSONL line as a JSON object (no record object), decodes the vectors into one matrix per"
         " 4,096 lines and writes the objects back with those fields replaced (the next batch read and parsed,"
-        " the last one serialised and written, on threads of their own); the keyed path reads keys and"
+        " the last one serialised and written, on threads of their own), and a large input (32 MiB of JSONL,"
+        " 10,000 rows of PostgreSQL) is split over a process per core (`IMAGEMILL_RETAG_PROCESSES`: byte"
+        " ranges of the file on line boundaries, key ranges of one snapshot of the store), forked once the"
+        " text tower is loaded, each scoring on one torch thread into a part file, the parts then joined in"
+        " order (the same bytes as one process); the keyed path reads keys and"
         " vectors from PostgreSQL (binary, one snapshot) and has the database copy each old row into its new"
         " one (one COPY of keys and new tags, one INSERT … SELECT per 4,096 records stored with lz4, two batches"
         " in flight on two connections, the next batch read and scored meanwhile); PostgreSQL → JSONL reads"
@@ -329,7 +338,7 @@ def report(r: dict[str, Any]) -> str:
             else ""
         ),
         "",
-        "RSS over the columnar run (s, MiB):"
+        "PSS over the columnar run (s, MiB):"
         + " ".join(f" {p['t_s']}:{p['rss_mib']}" for p in col["rss_curve"] if "t_s" in p and "rss_mib" in p),
     ]
     return "\n".join(lines) + "\n"

@@ -104,5 +104,5 @@ def _summary(records: str, done: "Retagged") -> Table:
         table.add_row("signature", f"{old} → {new}")
     if len(counts.signatures) > 3:
         table.add_row("", f"… {len(counts.signatures) - 3} more signatures")
-    table.add_row("path", PATHS[done.path])
+    table.add_row("path", PATHS[done.path] + (f", {done.processes} processes" if done.processes > 1 else ""))
     return table

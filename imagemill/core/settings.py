@@ -118,6 +118,12 @@ class Settings(BaseSettings):
     # pipeline concurrency
     fetch_threads: int = Field(default=16, ge=1, le=256)
     decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1, le=256)
+    retag_processes: int = Field(
+        default_factory=lambda: os.cpu_count() or 2,
+        ge=1,
+        le=256,
+        description="processes a large retag to JSONL is split over (from JSONL or PostgreSQL)",
+    )
 
     # object storage; credentials come from boto3's usual chain (env, profile, role)
     s3_endpoint_url: str | None = Field(default=None, description="http(s)://host[:port] of an S3 protocol server")

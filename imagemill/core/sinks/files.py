@@ -9,6 +9,7 @@ IMAGEMILL_EMBEDDING_DTYPE) in Parquet.
 import gzip
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -178,6 +179,25 @@ class JsonlSink(RecordFile):
         over a JSONL file), written as `write` writes records: compact, UTF-8 (orjson: a third of
         the standard library's time, which is most of such a pass)."""
         self._handle.writelines(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE) for row in rows)
+        self._handle.flush()
+
+    def append(self, part: Path) -> None:
+        """The lines of `part` (written by another process, as `write_rows` writes them) added as
+        they are: copied by the kernel (no pass through this process: a part is hundreds of MB),
+        or read and written where the file system cannot."""
+        self._handle.flush()
+        with part.open("rb") as source:
+            size, copied = os.fstat(source.fileno()).st_size, 0
+            into = self._handle.fileno()
+            try:
+                while copied < size and (n := os.copy_file_range(source.fileno(), into, size - copied)):
+                    copied += n
+            except OSError:  # not between these file systems, or not on this kernel
+                pass
+            self._handle.seek(0, os.SEEK_END)  # the buffered file's position after the kernel's writes
+            if copied < size:
+                source.seek(copied)
+                shutil.copyfileobj(source, self._handle, JSONL_BUFFER)
         self._handle.flush()
 
     def _close(self) -> None:
@@ -356,16 +376,36 @@ class RecordFileReader:
         return _guarded(path, batched(_jsonl_records(path, kind == "jsonl.gz"), batch_size))
 
 
-def json_rows(source: str, batch_size: int = DEFAULT_BATCH) -> Iterator[list[dict[str, Any]]]:
+def json_rows(
+    source: str, batch_size: int = DEFAULT_BATCH, lines: tuple[int, int] | None = None
+) -> Iterator[list[dict[str, Any]]]:
     """A JSONL (or .jsonl.gz) records file as JSON objects in lists of at most `batch_size`, for a
     pass that builds no record objects (they are not validated here: the caller validates what it
-    cannot use as it is). UserError (one line) for a file that cannot be read or a line that is no
-    JSON object."""
+    cannot use as it is). With `lines` (a plain JSONL file's byte range from `line_ranges`), only
+    the lines that begin in it. UserError (one line) for a file that cannot be read or a line that
+    is no JSON object (its line number in the whole file)."""
     path = Path(source)
     kind = record_file_kind(path)
     if kind not in ("jsonl", "jsonl.gz") or not path.is_file():
         raise UserError(f"RECORDS {path}: no such JSONL file")
-    return _guarded(path, batched(_json_objects(path, kind == "jsonl.gz"), batch_size))
+    if lines is not None and kind != "jsonl":
+        raise ValueError("a byte range of a gzipped file")
+    return _guarded(path, batched(_json_objects(path, kind == "jsonl.gz", lines), batch_size))
+
+
+def line_ranges(source: str, parts: int) -> list[tuple[int, int]]:
+    """A plain JSONL file cut into at most `parts` byte ranges of about equal size, each beginning
+    at a line's start (for `json_rows`): together they hold every line once, in order."""
+    path = Path(source)
+    size = path.stat().st_size
+    starts = [0]
+    with path.open("rb") as handle:
+        for part in range(1, parts):
+            handle.seek(max(size * part // parts - 1, starts[-1]))
+            handle.readline()  # the rest of the line the cut falls in (the cut's byte itself may end one)
+            if handle.tell() < size and handle.tell() > starts[-1]:
+                starts.append(handle.tell())
+    return list(zip(starts, [*starts[1:], size], strict=True))
 
 
 # read buffer of a JSONL file: a record's line (several KB with its embedding) takes one of 8 KB,
@@ -373,18 +413,38 @@ def json_rows(source: str, batch_size: int = DEFAULT_BATCH) -> Iterator[list[dic
 JSONL_BUFFER = 1 << 20
 
 
-def _json_objects(path: Path, gzipped: bool) -> Iterator[dict[str, Any]]:
+def _json_objects(path: Path, gzipped: bool, lines: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
+    start, stop = lines or (0, None)
     with gzip.open(path, "rb") if gzipped else path.open("rb", buffering=JSONL_BUFFER) as handle:
+        handle.seek(start)
+        at = start
         for number, line in enumerate(handle, start=1):
+            if stop is not None and at >= stop:
+                break
+            at += len(line)
             if line.isspace():
                 continue
             try:
                 row = orjson.loads(line)  # UTF-8 checked by it; a third of json's time
             except orjson.JSONDecodeError as exc:
-                raise UserError(f"RECORDS {path}: line {number} is not JSON ({exc.msg})") from None
+                where = number + _lines_before(path, start)
+                raise UserError(f"RECORDS {path}: line {where} is not JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise UserError(f"RECORDS {path}: line {number} is not a record (not a JSON object)")
+                where = number + _lines_before(path, start)
+                raise UserError(f"RECORDS {path}: line {where} is not a record (not a JSON object)")
             yield row
+
+
+def _lines_before(path: Path, offset: int) -> int:
+    """How many lines a plain file holds before `offset` (a line's start): read only for an error."""
+    if not offset:
+        return 0
+    count = 0
+    with path.open("rb") as handle:
+        while offset > 0 and (block := handle.read(min(JSONL_BUFFER, offset))):
+            count += block.count(b"\n")
+            offset -= len(block)
+    return count
 
 
 def parquet_batches(source: str, batch_size: int = DEFAULT_BATCH) -> Iterator[pa.RecordBatch]:

@@ -19,10 +19,12 @@ The review queue's column (`review_state`) and partial indexes on the table are 
 """
 
 import hashlib
+import itertools
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -217,11 +219,46 @@ class PostgresSink(SinkContext):
         self._check_readable()
         return self._embeddings(self._table if history else self.view, batch_size)
 
-    def read_json(self, *, history: bool = False, batch_size: int = DEFAULT_BATCH) -> Iterator[list[dict[str, Any]]]:
+    def read_json(
+        self, *, history: bool = False, batch_size: int = DEFAULT_BATCH, part: "JsonPart | None" = None
+    ) -> Iterator[list[dict[str, Any]]]:
         """What `read` reads, as the records' JSON objects (orjson, no record object built: a pass
-        that validates only what it cannot use as it is, such as retag's JSON path). One snapshot."""
+        that validates only what it cannot use as it is, such as retag's JSON path). One snapshot;
+        with `part` (of a `split_json`), the rows of its key range in its snapshot."""
+        if part is None:
+            self._check_readable()
+        return self._json_rows(self._table if history else self.view, batch_size, part)
+
+    @contextmanager
+    def split_json(self, parts: int, *, history: bool = False) -> Iterator[list["JsonPart"]]:
+        """The records (as `read_json` reads them) cut by key into at most `parts` ranges of about as
+        many rows each, all in one snapshot, for readers on other connections (other processes):
+        the snapshot is held, its transaction open, until the `with` ends."""
         self._check_readable()
-        return self._json_rows(self._table if history else self.view, batch_size)
+        relation = sql.Identifier(self._table if history else self.view)
+        try:
+            with connect(self._conninfo, self._url, autocommit=False) as conn:
+                conn.isolation_level = IsolationLevel.REPEATABLE_READ
+                conn.read_only = True
+                row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+                assert row is not None
+                snapshot = str(row[0])
+                counted = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(relation)).fetchone()
+                rows = int(counted[0]) if counted else 0
+                key_at = sql.SQL("SELECT uri, etag, signature FROM {} ORDER BY uri, etag, signature OFFSET %s LIMIT 1")
+                bounds: list[tuple[str, str, str] | None] = [None]
+                for index in range(1, parts):
+                    found = conn.execute(key_at.format(relation), (rows * index // parts,)).fetchone()
+                    if found is not None and tuple(found) != bounds[-1]:
+                        bounds.append((found[0], found[1], found[2]))
+                bounds.append(None)
+                yield [
+                    JsonPart(snapshot, low, high, rows * (index + 1) // parts - rows * index // parts)
+                    for index, (low, high) in enumerate(itertools.pairwise(bounds))
+                ]
+                conn.rollback()
+        except psycopg.OperationalError as exc:
+            raise UserError(f"RECORDS {redact_url(self._url)}: reading failed ({_reason(exc, self._url)})") from None
 
     def stored_record(self, uri: str, etag: str, signature: str) -> Record:
         """The whole record of one key (`etag` as the table holds it: '' for none)."""
@@ -338,14 +375,17 @@ class PostgresSink(SinkContext):
         except psycopg.OperationalError as exc:
             raise UserError(f"RECORDS {redact_url(self._url)}: reading failed ({_reason(exc, self._url)})") from None
 
-    def _json_rows(self, relation: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-        query = sql.SQL("SELECT record::text FROM ({}) AS k").format(_in_key_order(relation))
+    def _json_rows(self, relation: str, batch_size: int, part: "JsonPart | None") -> Iterator[list[dict[str, Any]]]:
+        low, high = (part.low, part.high) if part is not None else (None, None)
+        query = sql.SQL("SELECT record::text FROM ({}) AS k").format(_in_key_order(relation, low, high))
         try:
             with connect(self._conninfo, self._url, autocommit=False) as conn:
                 conn.isolation_level = IsolationLevel.REPEATABLE_READ  # one snapshot, as `_rows`
                 conn.read_only = True
+                if part is not None:  # the snapshot of the split: the first statement of the transaction
+                    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(part.snapshot)))
                 with conn.cursor(name=_CURSOR) as cursor:
-                    cursor.execute(query)
+                    cursor.execute(query, [*(low or ()), *(high or ())])
                     while rows := cursor.fetchmany(batch_size):
                         yield [orjson.loads(text) for (text,) in rows]
                 conn.rollback()
@@ -437,14 +477,32 @@ class PostgresSink(SinkContext):
             return {(uri, etag, signature) for uri, etag, signature in conn.execute(query, columns).fetchall()}
 
 
-def _in_key_order(relation: str) -> sql.Composed:
-    """The rows of `relation` (keys and record) sorted by key, to be read in that order. The record
+def _in_key_order(relation: str, low: Any = None, high: Any = None) -> sql.Composed:
+    """The rows of `relation` (keys and record) sorted by key, to be read in that order; with `low`
+    and `high` only the keys from `low` (a key, bound first) up to `high` (excluded). The record
     is sorted as it is stored (a pointer to its TOAST storage) and read out only as the rows are
     sent: ordering its JSON text or embedding instead sorts several KB a row, which spills to disk
     past work_mem (a 20,000-row store: 66 MB) and sends nothing before all are read out (half the time)."""
-    return sql.SQL("SELECT uri, etag, signature, record FROM {} ORDER BY uri, etag, signature OFFSET 0").format(
-        sql.Identifier(relation)
+    limits = [
+        sql.SQL(f"(uri, etag, signature) {op} (%s, %s, %s)")
+        for op, key in ((">=", low), ("<", high))
+        if key is not None
+    ]
+    where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(limits) if limits else sql.SQL("")
+    return sql.SQL("SELECT uri, etag, signature, record FROM {}{} ORDER BY uri, etag, signature OFFSET 0").format(
+        sql.Identifier(relation), where
     )
+
+
+@dataclass(frozen=True)
+class JsonPart:
+    """One key range of a `split_json`: its snapshot, its first key and the first key past it (None:
+    from the first, to the last), and about how many rows it holds."""
+
+    snapshot: str
+    low: tuple[str, str, str] | None
+    high: tuple[str, str, str] | None
+    rows: int
 
 
 def _stored_embeddings(rows: list[tuple[Any, ...]], url: str) -> StoredEmbeddings:
