@@ -203,6 +203,7 @@ def test_a_delivery_begins_and_ends_in_one_step_each_with_what_the_separate_call
     assert counted is False
     job = registry.get("job1")
     assert (job.annotated, job.chunks_done, job.accounting["images"], job.workers["host:1"]["wall_s"]) == (2, 1, 2, 0.5)
+    assert job.chunks_dead_lettered == 0  # an end that does not say dead-lettered is not one
     assert sorted(registry.latencies("upload_to_record", job_id="job1")) == [1.5, 2.5]
     assert sorted(registry.latencies("upload_to_record", lane=Lane.URGENT)) == [1.5, 2.5]
     assert read_from_redis(registry.redis, "caption") == [rate, rate]  # one per delivery: each one ran
