@@ -159,7 +159,8 @@ CAP = LIMIT + 1  # what a file read asks at most: one byte over the limit tells 
     ("length", "size_hint", "asked"),
     [
         pytest.param(10, 10, [11], id="the size is right: one read of the size and one byte more"),
-        pytest.param(500, 100, [101, CAP - 101], id="a growing file: the byte more came, the rest follows"),
+        pytest.param(700, 300, [301, CAP - 301], id="a growing file: the byte more came, the rest follows"),
+        pytest.param(1, 1, [2], id="a one-byte file is a size like any other"),
         pytest.param(500, 0, [CAP], id="a pipe says 0: one read up to the cap"),
         pytest.param(LIMIT, LIMIT, [CAP], id="at the limit: the byte more is the cap, no second read"),
         pytest.param(LIMIT + 5, LIMIT, [CAP], id="grown over the limit: the cap, no second read"),
