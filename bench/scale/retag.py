@@ -154,11 +154,16 @@ def drop_store(admin: str) -> None:
         conn.execute("DROP DATABASE IF EXISTS imagemill_bench_retag WITH (FORCE)")
 
 
-def timed_retag(source: Path | str, out: Path | None, clip: Path, vocabulary: Path, warm: Any = None) -> dict[str, Any]:
+def timed_retag(
+    source: Path | str, out: Path | None, clip: Path, vocabulary: Path, warm: Any = None, processes: int | None = None
+) -> dict[str, Any]:
     """One `imagemill retag SOURCE --vocabulary … [--out OUT]`, in this process; with `warm` (a
     `Retagger` that has scored records already), its loaded text tower and vocabulary are reused, so
-    the time is the records' alone (the load is timed once, by `timed_load`)."""
+    the time is the records' alone (the load is timed once, by `timed_load`); `processes` is
+    IMAGEMILL_RETAG_PROCESSES (default: the CPU count)."""
     settings = Settings(tags_model=str(clip), tags_vocabulary=vocabulary, tags_threshold=0.0, device="cpu")
+    if processes is not None:
+        settings = settings.model_copy(update={"retag_processes": processes})
     # PSS of this process and the JSON path's forked parts: RSS would count the pages they share again
     with Interference() as others, Sampler(os.getpid(), 0.1, proportional=True) as sampler:
         started, cpu = time.perf_counter(), _cpu_s()
@@ -261,6 +266,10 @@ def main() -> None:
     result["columnar"] = timed_retag(big, data / "retagged.parquet", clip, DEFAULT_VOCABULARY, warm)
     result["json_path"] = timed_retag(jsonl, data / "retagged.jsonl", clip, DEFAULT_VOCABULARY, warm)
     result["json_postgres"] = timed_retag(store, data / "retagged.jsonl", clip, DEFAULT_VOCABULARY, warm)
+    # the same two in one process: what the split gains here (on a machine whose other work takes
+    # cores, little or nothing: the kernel shares them out by session, not by process)
+    result["json_path_one"] = timed_retag(jsonl, data / "retagged.jsonl", clip, DEFAULT_VOCABULARY, warm, 1)
+    result["json_postgres_one"] = timed_retag(store, data / "retagged.jsonl", clip, DEFAULT_VOCABULARY, warm, 1)
     result["keyed_path"] = timed_retag(store, None, clip, DEFAULT_VOCABULARY, warm)
     drop_store(admin)
     result["records_path"] = timed_retag(small, data / "retagged.jsonl", clip, DEFAULT_VOCABULARY, warm)
@@ -279,6 +288,14 @@ def report(r: dict[str, Any]) -> str:
         ("columnar: Parquet → Parquet", col),
         ("JSON objects: JSONL → JSONL", r["json_path"]),
         ("JSON objects: PostgreSQL → JSONL", r["json_postgres"]),
+        *(
+            (name, r[key])
+            for name, key in (
+                ("JSON objects: JSONL → JSONL", "json_path_one"),
+                ("JSON objects: PostgreSQL → JSONL", "json_postgres_one"),
+            )
+            if key in r
+        ),
         ("keyed: PostgreSQL in place", r["keyed_path"]),
         ("records: Parquet → JSONL (pydantic)", rec),
     ]
@@ -306,7 +323,8 @@ def report(r: dict[str, Any]) -> str:
     ]
     for name, row in paths:
         per_million = (row["cpu_s"] - (0 if warm else load["cpu_s"])) / row["records"] * 1e6
-        split = f" ({row['processes']} processes)" if row.get("processes", 1) > 1 else ""
+        count = row.get("processes", 1)
+        split = f" ({count} processes)" if count > 1 else " (one process)" if row["path"] == "json" else ""
         lines.append(
             f"| {name}{split} | {row['records']:,} | {row['seconds']} | {row['records_per_s']:,} | {row['cpu_s']} |"
             f" {per_million:,.1f} | {row['rss_start_mib']} → {row['rss_peak_mib']} → {row['rss_end_mib']} |"
@@ -323,7 +341,8 @@ def report(r: dict[str, Any]) -> str:
         " 10,000 rows of PostgreSQL) is split over a process per core (`IMAGEMILL_RETAG_PROCESSES`: byte"
         " ranges of the file on line boundaries, key ranges of one snapshot of the store), forked once the"
         " text tower is loaded, each scoring on one torch thread into a part file, the parts then joined in"
-        " order (the same bytes as one process); the keyed path reads keys and"
+        " order (the same bytes as one process; the rows marked one process are the same inputs with"
+        " IMAGEMILL_RETAG_PROCESSES=1); the keyed path reads keys and"
         " vectors from PostgreSQL (binary, one snapshot) and has the database copy each old row into its new"
         " one (one COPY of keys and new tags, one INSERT … SELECT per 4,096 records stored with lz4, two batches"
         " in flight on two connections, the next batch read and scored meanwhile); PostgreSQL → JSONL reads"

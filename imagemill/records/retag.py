@@ -1,7 +1,7 @@
 """One retag from RECORDS to its target: the vocabulary checked, the target chosen, the fastest path
 for the pair taken (columnar for Parquet to Parquet, JSON objects for JSONL or PostgreSQL to JSONL,
-keys and vectors for a PostgreSQL store retagged in place, records otherwise), and the target
-aborted when the run fails.
+split over processes for a large input (`records.split`), keys and vectors for a PostgreSQL store
+retagged in place, records otherwise), and the target aborted when the run fails.
 
 The scoring itself is `records.retagger`; the command line shows the progress and the summary.
 """
