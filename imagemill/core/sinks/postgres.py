@@ -24,9 +24,8 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -494,8 +493,7 @@ def _in_key_order(relation: str, low: Any = None, high: Any = None) -> sql.Compo
     )
 
 
-@dataclass(frozen=True)
-class JsonPart:
+class JsonPart(NamedTuple):
     """One key range of a `split_json`: its snapshot, its first key and the first key past it (None:
     from the first, to the last), and about how many rows it holds."""
 
