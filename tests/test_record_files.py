@@ -142,9 +142,8 @@ def test_parquet_rows_without_embeddings_are_held_until_enough_show_none(
     writer = open_file_sink(str(target))
     writer.write([annotated(f"file:///p/{i}.jpg", dim=None) for i in range(5)])
     assert not writer.partial.exists()  # a later record may still show the vector's length
-    writer.write([annotated("file:///p/5.jpg", dim=None)])
-    assert writer.partial.exists()  # HOLD_ROWS of them without one: a plain list it is
-    writer.write([annotated("file:///p/6.jpg", dim=None)])
+    writer.write([annotated(f"file:///p/{i}.jpg", dim=None) for i in (5, 6)])
+    assert writer.partial.exists()  # HOLD_ROWS of them (and more) without one: a plain list it is
     writer.write([annotated("file:///p/7.jpg", dim=3)])  # a plain list takes any length
     writer.close()
     records = read_records(target)
@@ -224,3 +223,11 @@ def test_a_jsonl_file_s_line_ranges_hold_every_line_once_in_order(tmp_path: Path
     assert all(stop == start for (_, stop), (start, _) in itertools.pairwise(ranges))  # no gap, no overlap
     read = [row["uri"] for lines_ in ranges for batch in json_rows(str(path), 3, lines_) for row in batch]
     assert read == [f"s3://b/{i}.jpg" for i in range(20)]
+
+
+def test_a_bad_line_read_from_a_later_range_is_named_by_its_line_in_the_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"".join(b'{"uri": "s3://b/%d.jpg"}\n' % i for i in range(40)) + b"not json\n")
+    (_, _), (start, stop) = line_ranges(str(path), 2)
+    with pytest.raises(UserError, match="line 41 is not JSON"):
+        list(json_rows(str(path), 8, (start, stop)))
