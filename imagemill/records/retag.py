@@ -254,7 +254,7 @@ def _json_parts(
     """The sources of the parts the JSON path is split into (`records.split`), the text tower loaded
     for them; None for one process: one asked for, a small input (`SPLIT_BYTES`, `SPLIT_ROWS`), a
     gzipped file, or first rows (`FIRST_ROWS`) with no embedding as imagemill writes it."""
-    from imagemill.records.split import SPLIT_BYTES, SPLIT_ROWS
+    from imagemill.records.split import SPLIT_BYTES, SPLIT_ROWS  # with the retagger: torch stays out of the import
 
     if processes < 2:
         return None
