@@ -11,9 +11,8 @@ import binascii
 import functools
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ from imagemill.core.settings import Settings
 from imagemill.core.sinks.base import RetaggedRow, StoredEmbeddings
 from imagemill.core.sinks.files import options_text, parquet_record
 from imagemill.core.tasks import TASKS, Task
+from imagemill.pipeline.models.device import one_thread
 from imagemill.pipeline.models.runner import model_id
 from imagemill.pipeline.models.text_tower import TextTower
 from imagemill.pipeline.models.zero_shot import TagOptions, ZeroShotScorer, tags_of
@@ -243,7 +243,10 @@ class Retagger:
         self._check_dim(vectors.shape[1])
         assert self.model is not None
         name, revision = self.model
-        with warnings.catch_warnings(), _one_thread():
+        # torch on one thread for a batch's scoring on the JSON and keyed paths: the product is a fifth of
+        # their work, and reading and writing keep the other core busy meanwhile; a second thread saved
+        # little of its time and spun between batches (13 us of CPU a record, measured: 45 against 30)
+        with warnings.catch_warnings(), one_thread():
             warnings.simplefilter("ignore", UserWarning)  # a read-only buffer: the scoring only reads it
             top = scorer.top(torch.from_numpy(vectors))
         words = scorer.vocabulary
@@ -412,23 +415,6 @@ class Retagger:
                 f" ({actual.revision}): point IMAGEMILL_TAGS_MODEL at the model that made them"
             )
         return chosen, None if Path(chosen).is_dir() else revision
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Torch on one thread for a batch's scoring on the JSON and keyed paths: the product is a fifth
-    of their work, and reading and writing keep the other core busy meanwhile; a second thread
-    saved little of its time and spun between batches (13 µs of CPU a record, measured: 45 against
-    30 on the JSON path). The caller's count is restored after."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fast_vector(embedding: object) -> bytes | None:
