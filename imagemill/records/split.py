@@ -10,12 +10,12 @@ parts being the parallelism.
 """
 
 import multiprocessing
-import pickle
 import queue
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from imagemill.core.errors import UserError
 from imagemill.core.sinks.files import JsonlSink
 from imagemill.records.retagger import RetagCounts, Retagger
 
@@ -66,7 +66,7 @@ def retag_parts(
             if what == "read":
                 advance(value)
             elif what == "failed":
-                raise value
+                raise _raised(*value)
             else:
                 results[index] = value
         for process in processes:
@@ -118,10 +118,20 @@ def _part(
         messages.put((index, "failed", _sendable(exc)))
 
 
-def _sendable(exc: BaseException) -> BaseException:
-    """`exc` itself when it can be sent to the parent (pickled), else a RuntimeError that names it."""
-    try:
-        pickle.dumps(exc)
-    except Exception:  # noqa: BLE001 -- any failure to pickle
-        return RuntimeError(f"retag: {type(exc).__name__}: {exc}")
-    return exc
+def _sendable(exc: BaseException) -> tuple[str, str]:
+    """A part's error as its kind and text (plain strings, whatever the exception holds): the parent
+    raises the same kind again (`_raised`)."""
+    if isinstance(exc, UserError):
+        return "user", str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", ""
+    return "other", f"{type(exc).__name__}: {exc}"
+
+
+def _raised(kind: str, text: str) -> BaseException:
+    """The error `_sendable` sent: a UserError stays one (one line at the CLI), an interrupt stays one."""
+    if kind == "user":
+        return UserError(text)
+    if kind == "interrupted":
+        return KeyboardInterrupt()
+    return RuntimeError(f"retag: {text}")
