@@ -199,14 +199,6 @@ class PostgresSink(SinkContext):
         RECORDS (`ReadableSink`): one server-side cursor in one read-only snapshot, so rows written
         while reading (retag's own new rows) are never read back. UserError, one line, for a
         database that cannot be read or has no such table; checked before the first batch is asked for."""
-        where = redact_url(self._url)
-        try:
-            with connect(self._conninfo, self._url) as conn:
-                found = conn.execute("SELECT to_regclass(%s)", (self._table,)).fetchone()
-        except psycopg.Error as exc:
-            raise UserError(f"RECORDS {where}: cannot read it ({_reason(exc, self._url)})") from None
-        if found == (None,):
-            raise UserError(f"RECORDS {where}: the database has no table {self._table}")
         self._check_readable()
         return self._rows(self._table if history else self.view, batch_size)
 
